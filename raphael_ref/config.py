@@ -1,0 +1,269 @@
+"""Configuration dataclasses and the preset registry (``toy``, ``small``, ``paper``).
+
+Every value of the paper's Table 2 (App. 7.1) lives in exactly one field here;
+``spec/hyperparameters.md`` maps each table row to its field, and a test checks the ``paper``
+preset against that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000  # Table 2: T
+    schedule: str = "scaled_linear"  # not stated in the paper: the latent-diffusion default (spec/errata.md)
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # --- U-Net (App. 7.3, Fig. 8a; Stable Diffusion 1.x layout) ---
+    in_channels: int = 4  # latent channels (3 for the pixel-space toy preset)
+    sample_size: int = 64  # latent height = width used to build/size-check (any multiple of 2**(levels-1) works)
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2  # per down level; up levels get num_res_blocks + 1
+    # Transformer blocks per level (down levels, middle, up levels). SD 1.x: 2 per level on the
+    # three first down levels, 1 in the middle, 3 per level on the three last up levels = 16.
+    transformer_down: tuple[int, ...] = (2, 2, 2, 0)
+    transformer_mid: int = 1
+    transformer_up: tuple[int, ...] = (0, 3, 3, 3)  # up levels listed from the deepest
+    head_dim: int = 64
+    norm_groups: int = 32
+    dropout: float = 0.0
+    # --- text conditioning (Sec. 2) ---
+    n_y: int = 77  # Table 2: n_y (text tokens)
+    d_y: int = 1024  # Table 2: d_y (text token width)
+    text_encoder: str = "ViT-g-14"  # Table 2: "OpenCLIP-g/14" text tower
+    text_encoder_weights: str | None = None  # local file; never downloaded
+    text_layer: str = "last"
+    # --- MoE (Sec. 3.1, App. 7.3) ---
+    use_space_moe: bool = True
+    use_time_moe: bool = True
+    n_space_experts: int = 6  # Table 2
+    n_time_experts: int = 4  # Table 2
+    expert_mult: int = 4  # expert FFN hidden width = expert_mult * block width
+    gate_hidden_mult: int = 1  # gate FFN hidden width = gate_hidden_mult * input width
+    mask_alpha: float = 0.2  # Table 2: alpha of the threshold eta_i = alpha * max_j M[j, i]
+    gate_noise_std: float | None = None  # None: the gates' module default (spec/errata.md)
+    gate_grad: str = "straight_through"
+    count_padding: bool = True  # n_y = 77 slots in the space-MoE mean (spec/errata.md)
+    # --- edge-supervised learning (Sec. 3.2) ---
+    use_edge: bool = True
+    edge_layers: int = 5  # N conv layers of P_theta
+    edge_width: int = 32
+    edge_t_cutoff: int = 500  # Table 2: T_c (edge loss only for t < T_c, 0-based)
+    # --- memory ---
+    checkpoint: bool = True  # Table 2: "Use checkpoint: True" (activation checkpointing per block)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4  # Table 2
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # Table 2
+    weight_decay: float = 0.0  # Table 2
+    warmup_steps: int = 20000  # Table 2
+    batch_size: int = 2000  # Table 2 (global batch)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    focal_alpha: float = 0.5  # Table 2: alpha in Focal Loss
+    focal_gamma: float = 2.0  # Table 2: gamma in Focal Loss
+    caption_dropout: float = 0.1
+    multiscale: bool = True  # Table 2: "Enable multi-scale training"
+    aesthetic_min: float = 4.7  # Sec. 4 "Dataset"
+    steps: int = 1_000_000
+    seed: int = 0
+
+
+@dataclass
+class RaphaelConfig:
+    name: str = "paper"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- derived ----
+    @property
+    def n_transformer_blocks(self) -> int:
+        m = self.model
+        return sum(m.transformer_down) + m.transformer_mid + sum(m.transformer_up)
+
+    def validate(self) -> "RaphaelConfig":
+        """Raise ValueError naming the field for any inconsistent value."""
+        m, d, t = self.model, self.diffusion, self.train
+        levels = len(m.channel_mult)
+
+        def bad(field_name: str, msg: str) -> None:
+            raise ValueError(f"config field {field_name}: {msg}")
+
+        if d.T < 1:
+            bad("diffusion.T", f"must be >= 1, got {d.T}")
+        if len(m.transformer_down) != levels:
+            bad("model.transformer_down", f"needs one entry per level ({levels}), got {m.transformer_down}")
+        if len(m.transformer_up) != levels:
+            bad("model.transformer_up", f"needs one entry per level ({levels}), got {m.transformer_up}")
+        if any(n > m.num_res_blocks for n in m.transformer_down):
+            bad("model.transformer_down", f"at most num_res_blocks={m.num_res_blocks} per level, got {m.transformer_down}")
+        if any(n > m.num_res_blocks + 1 for n in m.transformer_up):
+            bad("model.transformer_up", f"at most num_res_blocks+1={m.num_res_blocks + 1} per level, got {m.transformer_up}")
+        if m.transformer_mid not in (0, 1):
+            bad("model.transformer_mid", f"must be 0 or 1, got {m.transformer_mid}")
+        for i, mult in enumerate(m.channel_mult):
+            width = m.model_channels * mult
+            if width % m.head_dim:
+                bad("model.head_dim", f"level {i} width {width} is not a multiple of head_dim {m.head_dim}")
+            if width % m.norm_groups:
+                bad("model.norm_groups", f"level {i} width {width} is not a multiple of norm_groups {m.norm_groups}")
+        if m.sample_size % (2 ** (levels - 1)):
+            bad("model.sample_size", f"must be divisible by 2**(levels-1) = {2 ** (levels - 1)}, got {m.sample_size}")
+        if not 0.0 <= m.mask_alpha <= 1.0:
+            bad("model.mask_alpha", f"must lie in [0, 1], got {m.mask_alpha}")
+        if m.n_space_experts < 1:
+            bad("model.n_space_experts", f"must be >= 1, got {m.n_space_experts}")
+        if m.n_time_experts < 1:
+            bad("model.n_time_experts", f"must be >= 1, got {m.n_time_experts}")
+        if not 0 <= m.edge_t_cutoff <= d.T:
+            bad("model.edge_t_cutoff", f"must lie in [0, T={d.T}], got {m.edge_t_cutoff}")
+        if m.edge_layers < 1:
+            bad("model.edge_layers", f"must be >= 1, got {m.edge_layers}")
+        if m.gate_grad not in ("none", "switch", "straight_through"):
+            bad("model.gate_grad", f"must be 'none', 'switch' or 'straight_through', got {m.gate_grad!r}")
+        if m.text_layer not in ("last", "penultimate"):
+            bad("model.text_layer", f"must be 'last' or 'penultimate', got {m.text_layer!r}")
+        if t.lr <= 0:
+            bad("train.lr", f"must be > 0, got {t.lr}")
+        if not 0.0 <= t.caption_dropout < 1.0:
+            bad("train.caption_dropout", f"must lie in [0, 1), got {t.caption_dropout}")
+        if t.batch_size < 1:
+            bad("train.batch_size", f"must be >= 1, got {t.batch_size}")
+        return self
+
+    # ---- (de)serialisation ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RaphaelConfig":
+        cfg = cls()
+        apply_overrides(cfg, _flatten(d))
+        return cfg.validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RaphaelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(field_name: str, current: Any, value: Any) -> Any:
+    """Convert a JSON/CLI value to the type of the field's current value."""
+    if isinstance(value, str) and not isinstance(current, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            if current is None:
+                return value
+            raise ValueError(f"config field {field_name}: cannot parse {value!r}") from None
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config field {field_name}: expected a list, got {value!r}")
+        return tuple(value)
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config field {field_name}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"config field {field_name}: expected an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"config field {field_name}: expected a number, got {value!r}")
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: RaphaelConfig, overrides: dict[str, Any]) -> RaphaelConfig:
+    """Set dotted fields (``{"model.n_space_experts": 4}``); unknown fields are errors naming them."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        obj: Any = cfg
+        for p in parts[:-1]:
+            if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+                raise ValueError(f"unknown config field {key!r}")
+            obj = getattr(obj, p)
+        leaf = parts[-1]
+        if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+            known = sorted(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else []
+            raise ValueError(f"unknown config field {key!r}; fields here: {known}")
+        current = getattr(obj, leaf)
+        if dataclasses.is_dataclass(current):
+            raise ValueError(f"config field {key!r} is a section; set its fields, e.g. {key}.<name>")
+        setattr(obj, leaf, _coerce(key, current, value))
+    return cfg
+
+
+# ---------------------------------------------------------------- presets
+
+def paper() -> RaphaelConfig:
+    """Table 2 (App. 7.1): the 3B model. Widths chosen so the U-Net lands at ~3.0B parameters."""
+    return RaphaelConfig(name="paper").validate()
+
+
+def small() -> RaphaelConfig:
+    """One GPU: latent 32x32, width 128, the full 16-block layout with 6 + 4 experts."""
+    cfg = RaphaelConfig(name="small")
+    m = cfg.model
+    m.model_channels, m.sample_size, m.head_dim, m.d_y, m.norm_groups = 128, 32, 32, 1024, 32
+    cfg.train.warmup_steps, cfg.train.batch_size = 2000, 64
+    return cfg.validate()
+
+
+def toy() -> RaphaelConfig:
+    """Pixel space 32x32, tiny widths, all 16 transformer blocks kept; trains on 2 CPU cores."""
+    cfg = RaphaelConfig(name="toy")
+    m = cfg.model
+    m.in_channels, m.sample_size = 3, 32
+    m.model_channels, m.channel_mult, m.head_dim, m.norm_groups = 32, (1, 2, 2, 2), 16, 8
+    m.num_res_blocks = 2
+    m.d_y, m.text_encoder, m.text_layer = 32, "tiny", "last"
+    m.expert_mult, m.edge_width = 2, 8
+    m.checkpoint = False
+    t = cfg.train
+    t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.steps, t.multiscale = 1e-3, 50, 16, 0.99, 1500, False
+    return cfg.validate()
+
+
+PRESETS = {"toy": toy, "small": small, "paper": paper}
+
+
+def get_preset(name: str, overrides: dict[str, Any] | None = None) -> RaphaelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg.validate()
