@@ -48,12 +48,17 @@ class ModelConfig:
     use_time_moe: bool = True
     n_space_experts: int = 6  # Table 2
     n_time_experts: int = 4  # Table 2
-    expert_mult: int = 4  # expert FFN hidden width = expert_mult * block width
+    # Expert FFN hidden width = expert_mult * block width. The paper gives neither widths nor
+    # expert sizes, only the total (3B, abstract): with Stable Diffusion 1.x widths (320, 640,
+    # 1280, 1280) a hidden width of 9x brings the U-Net to 2.99B (spec/errata.md).
+    expert_mult: int = 9
     gate_hidden_mult: int = 1  # gate FFN hidden width = gate_hidden_mult * input width
     mask_alpha: float = 0.2  # Table 2: alpha of the threshold eta_i = alpha * max_j M[j, i]
     gate_noise_std: float | None = None  # None: the gates' module default (spec/errata.md)
     gate_grad: str = "straight_through"
     count_padding: bool = True  # n_y = 77 slots in the space-MoE mean (spec/errata.md)
+    attend_padding: bool = True  # cross-attention attends all 77 slots, as Stable Diffusion does
+    moe_impl: str = "gather"  # space-MoE fast form: "gather" (skip uncovered positions) or "dense"
     # --- edge-supervised learning (Sec. 3.2) ---
     use_edge: bool = True
     edge_layers: int = 5  # N conv layers of P_theta
@@ -134,6 +139,8 @@ class RaphaelConfig:
             bad("model.edge_layers", f"must be >= 1, got {m.edge_layers}")
         if m.gate_grad not in ("none", "switch", "straight_through"):
             bad("model.gate_grad", f"must be 'none', 'switch' or 'straight_through', got {m.gate_grad!r}")
+        if m.moe_impl not in ("dense", "gather"):
+            bad("model.moe_impl", f"must be 'dense' or 'gather', got {m.moe_impl!r}")
         if m.text_layer not in ("last", "penultimate"):
             bad("model.text_layer", f"must be 'last' or 'penultimate', got {m.text_layer!r}")
         if t.lr <= 0:
@@ -238,6 +245,7 @@ def small() -> RaphaelConfig:
     cfg = RaphaelConfig(name="small")
     m = cfg.model
     m.model_channels, m.sample_size, m.head_dim, m.d_y, m.norm_groups = 128, 32, 32, 1024, 32
+    m.expert_mult = 4
     cfg.train.warmup_steps, cfg.train.batch_size = 2000, 64
     return cfg.validate()
 

@@ -1,0 +1,175 @@
+"""Cross-attention between image tokens and text tokens, and its map M (RAPHAEL Sec. 2).
+
+The paper writes one head: ``attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V`` and defines the
+cross-attention map ``M = softmax(Q K^T / sqrt(d))`` of shape ``(n_x, n_y)``. We use ``heads``
+heads, as every latent-diffusion U-Net does, so (spec/_parts/attention_gates_errata.md):
+
+- ``d`` under the square root is the per-head width ``d_head = d / heads``;
+- the map ``M`` is the mean over heads of the per-head softmax maps (as prompt-to-prompt does);
+  each row still sums to 1 over the text tokens;
+- ``key_valid`` (optional, ``(B, n_y)`` bool) removes keys from the softmax (logit ``-inf``).
+  The default ``None`` lets all ``n_y`` slots (77 with CLIP padding) take part, as Stable
+  Diffusion does. A query row with no valid key is an error.
+
+``q`` is ``h(x_t) W_x^qry`` and ``k``, ``v`` are ``E(y) W_y^key``, ``E(y) W_y^val``: already
+projected. The projection matrices live in the model, not here.
+
+Under bf16/fp16 the logits ``Q K^T`` and the softmax run in float32 (from the upcast inputs) and
+the results are cast back to the input dtype once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["cross_attention_literal", "cross_attention", "cross_attention_map", "softmax_dtype"]
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the logits and softmax are computed in: float32 for half types, else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_qk(q: Tensor, k: Tensor, heads: int, key_valid: Tensor | None) -> None:
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} must be a floating tensor of shape (B, n, d) (already projected), got {got}"
+            )
+    if q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(
+            f"q and k must share dtype and device, got q {q.dtype} on {q.device}, k {k.dtype} on {k.device}; "
+            "cast them to one compute dtype first"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q (B, n_x, d) and k (B, n_y, d) must agree in B and d, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if k.shape[1] < 1 or q.shape[1] < 1:
+        raise ValueError(f"need at least one query and one key, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[2] % heads:
+        raise ValueError(f"the width d={q.shape[2]} must be divisible by heads={heads}; pick heads dividing d")
+    if key_valid is not None:
+        B, n_y = k.shape[0], k.shape[1]
+        if not isinstance(key_valid, Tensor) or key_valid.dtype != torch.bool or tuple(key_valid.shape) != (B, n_y):
+            got = (
+                f"{tuple(key_valid.shape)} {key_valid.dtype}"
+                if isinstance(key_valid, Tensor)
+                else type(key_valid).__name__
+            )
+            raise ValueError(f"key_valid must be a bool tensor of shape (B, n_y) = {(B, n_y)}, got {got}")
+        if key_valid.device != k.device:
+            raise ValueError(f"key_valid must be on {k.device}, got {key_valid.device}")
+        if not bool(key_valid.any(dim=1).all()):
+            bad = (~key_valid.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"key_valid has no valid key in batch rows {bad}: softmax over no key is undefined; "
+                "keep at least one token (e.g. the start token) valid per prompt"
+            )
+
+
+def _check_v(k: Tensor, v: Tensor) -> None:
+    if not isinstance(v, Tensor) or v.dim() != 3 or tuple(v.shape) != tuple(k.shape):
+        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"v must have the shape of k (B, n_y, d) = {tuple(k.shape)}, got {got}")
+    if v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(f"v must share dtype/device with k ({k.dtype}, {k.device}), got ({v.dtype}, {v.device})")
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    B, n, d = x.shape
+    return x.reshape(B, n, heads, d // heads).transpose(1, 2)  # (B, heads, n, d_head)
+
+
+def _head_maps(q: Tensor, k: Tensor, heads: int, key_valid: Tensor | None) -> Tensor:
+    """Per-head softmax(Q_h K_h^T / sqrt(d_head)) in the softmax dtype: (B, heads, n_x, n_y)."""
+    work = softmax_dtype(q.dtype)
+    d_head = q.shape[-1] // heads
+    Qh = _split_heads(q.to(work), heads)  # (B, heads, n_x, d_head)
+    Kh = _split_heads(k.to(work), heads)  # (B, heads, n_y, d_head)
+    logits = Qh @ Kh.transpose(-1, -2) / math.sqrt(d_head)  # (B, heads, n_x, n_y)
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)  # (B, heads, n_x, n_y)
+
+
+def cross_attention_literal(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, *, key_valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """RAPHAEL Sec. 2, U-Net with Text Prompts: attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V, per head.
+
+    Literal form: one plain loop over heads, explicit softmax. ``q`` (B, n_x, d), ``k``/``v``
+    (B, n_y, d) are already projected; ``d`` must be divisible by ``heads`` and ``sqrt(d)`` is
+    ``sqrt(d / heads)``. Logits, softmax and the weighted sum run in float32 when the inputs are
+    bf16/fp16 and are cast back to the input dtype at the end.
+
+    Returns ``(out, maps)``: ``out`` (B, n_x, d), heads concatenated in order; ``maps``
+    (B, heads, n_x, n_y), the per-head softmax maps (rows sum to 1).
+    """
+    _check_qk(q, k, heads, key_valid)
+    _check_v(k, v)
+    work = softmax_dtype(q.dtype)
+    d_head = q.shape[-1] // heads
+    outs, maps = [], []
+    for h in range(heads):
+        cols = slice(h * d_head, (h + 1) * d_head)
+        Q = q[..., cols].to(work)  # (B, n_x, d_head)
+        K = k[..., cols].to(work)  # (B, n_y, d_head)
+        V = v[..., cols].to(work)  # (B, n_y, d_head)
+        logits = Q @ K.transpose(1, 2) / math.sqrt(d_head)  # (B, n_x, n_y)
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))  # invalid keys leave the softmax
+        M_h = torch.softmax(logits, dim=-1)  # (B, n_x, n_y), rows sum to 1
+        maps.append(M_h)
+        outs.append(M_h @ V)  # (B, n_x, d_head)
+    out = torch.cat(outs, dim=-1).to(q.dtype)  # (B, n_x, d)
+    return out, torch.stack(maps, dim=1).to(q.dtype)  # (B, heads, n_x, n_y)
+
+
+def cross_attention_map(q: Tensor, k: Tensor, heads: int, *, key_valid: Tensor | None = None) -> Tensor:
+    """RAPHAEL Sec. 2, U-Net with Text Prompts: M = softmax(Q K^T / sqrt(d)), averaged over heads.
+
+    ``M[b, j, i]`` is the correspondence of image token ``j`` with text token ``i``:
+    ``M = (1/heads) sum_h softmax(Q_h K_h^T / sqrt(d_head))``, shape (B, n_x, n_y), entries
+    >= 0, rows summing to 1. Computed in float32 under bf16/fp16, returned in the input dtype.
+    Differentiable in ``q`` and ``k``.
+    """
+    _check_qk(q, k, heads, key_valid)
+    M = _head_maps(q, k, heads, key_valid).mean(dim=1)  # (B, n_x, n_y)
+    return M.to(q.dtype)
+
+
+def cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    *,
+    key_valid: Tensor | None = None,
+    need_map: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """RAPHAEL Sec. 2, U-Net with Text Prompts: fast attention(Q, K, V); equals ``cross_attention_literal``.
+
+    The output comes from ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels,
+    float32 accumulation). The map ``M`` (see ``cross_attention_map``) is computed only when
+    ``need_map`` is true, since the fused kernels do not return it.
+
+    Returns ``(out (B, n_x, d), M (B, n_x, n_y) or None)``.
+    """
+    _check_qk(q, k, heads, key_valid)
+    _check_v(k, v)
+    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, n_y), True = attend
+    out = F.scaled_dot_product_attention(
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=mask
+    )  # (B, heads, n_x, d_head)
+    B, _, n_x, _ = out.shape
+    out = out.transpose(1, 2).reshape(B, n_x, q.shape[-1])  # (B, n_x, d)
+    M = cross_attention_map(q, k, heads, key_valid=key_valid) if need_map else None
+    return out, M

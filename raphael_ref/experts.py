@@ -1,0 +1,126 @@
+"""Expert feed-forward networks shared by the space-MoE and the time-MoE.
+
+RAPHAEL App. 7.1, Table 2: "Architectures of experts and gate network: FFN", "Activations in
+experts and gate network: GELU". An expert maps one image token to one image token:
+
+    e(x) = GELU(x W1 + b1) W2 + b2,        x in R^d,  W1 in R^{d x h},  W2 in R^{h x d}
+
+with the exact (erf) GELU. The paper gives no hidden width; it is a constructor argument here.
+Experts act position-wise, so ``e(0) = GELU(b1) W2 + b2`` is what an expert returns on a masked
+(zeroed) position; the space-MoE needs it (see ``raphael_ref.space_moe``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["expert_ffn", "ExpertBank"]
+
+
+def _check_float(name: str, x: torch.Tensor, ndim: int, hint: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {hint}; got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor {hint}; got dtype {x.dtype}. Cast it with .float().")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {hint}; got shape {tuple(x.shape)}.")
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """RAPHAEL App. 7.1 Table 2, expert = FFN with GELU: e(x) = GELU(x w1 + b1) w2 + b2 (exact erf GELU).
+
+    x: (..., d); w1: (d, h); b1: (h,); w2: (h, d); b2: (d,). Returns (..., d). Acts on each
+    position independently (the last axis is the feature axis).
+    """
+    _check_float("w1", w1, 2, "of shape (d, hidden)")
+    d, hidden = w1.shape
+    _check_float("b1", b1, 1, f"of shape (hidden,) = ({hidden},)")
+    _check_float("w2", w2, 2, f"of shape (hidden, d) = ({hidden}, {d})")
+    _check_float("b2", b2, 1, f"of shape (d,) = ({d},)")
+    if b1.shape != (hidden,) or w2.shape != (hidden, d) or b2.shape != (d,):
+        raise ValueError(
+            f"expert parameters disagree: w1 {tuple(w1.shape)} needs b1 ({hidden},), w2 ({hidden}, {d}), "
+            f"b2 ({d},); got b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}."
+        )
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != d:
+        got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating tensor of shape (..., d) with d = {d} (rows of w1); got {got}.")
+    a = F.gelu(x @ w1 + b1, approximate="none")  # (..., h)
+    return a @ w2 + b2  # (..., d)
+
+
+class ExpertBank(nn.Module):
+    """RAPHAEL Sec. 3.1 / App. 7.3, the set of experts {e_1, ..., e_k}: k FFNs stored as stacked tensors.
+
+    Parameters (initialized like ``nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
+    and biases): w1 (k, d, h), b1 (k, h), w2 (k, h, d), b2 (k, d).
+    """
+
+    def __init__(self, n_experts: int, d: int, hidden: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        for name, v in (("n_experts", n_experts), ("d", d), ("hidden", hidden)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}.")
+        self.n_experts, self.d, self.hidden = n_experts, d, hidden
+        kw = {"device": device, "dtype": dtype}
+        self.w1 = nn.Parameter(torch.empty(n_experts, d, hidden, **kw))
+        self.b1 = nn.Parameter(torch.empty(n_experts, hidden, **kw))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d, **kw))
+        self.b2 = nn.Parameter(torch.empty(n_experts, d, **kw))
+        self.reset_parameters(generator=generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """nn.Linear's default init per expert: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for p, fan_in in ((self.w1, self.d), (self.b1, self.d), (self.w2, self.hidden), (self.b2, self.hidden)):
+            bound = 1.0 / math.sqrt(fan_in)
+            p.uniform_(-bound, bound, generator=generator)
+
+    @classmethod
+    def from_params(cls, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> "ExpertBank":
+        """A bank holding copies of the given stacked parameters (k, d, h), (k, h), (k, h, d), (k, d)."""
+        _check_float("w1", w1, 3, "of shape (k, d, hidden)")
+        k, d, hidden = w1.shape
+        for name, p, shape in (("b1", b1, (k, hidden)), ("w2", w2, (k, hidden, d)), ("b2", b2, (k, d))):
+            _check_float(name, p, len(shape), f"of shape {shape}")
+            if tuple(p.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} to match w1 {tuple(w1.shape)}; got {tuple(p.shape)}.")
+        bank = cls(k, d, hidden, device=w1.device, dtype=w1.dtype)
+        with torch.no_grad():
+            for mine, given in ((bank.w1, w1), (bank.b1, b1), (bank.w2, w2), (bank.b2, b2)):
+                mine.copy_(given)
+        return bank
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, d={self.d}, hidden={self.hidden}"
+
+    def _check_index(self, k: int) -> int:
+        if isinstance(k, torch.Tensor):
+            if k.numel() != 1 or k.is_floating_point():
+                raise ValueError(f"k must be one integer expert index; got tensor {tuple(k.shape)} {k.dtype}.")
+            k = int(k.item())
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.n_experts:
+            raise ValueError(f"k must be an expert index in [0, {self.n_experts - 1}]; got {k!r}.")
+        return k
+
+    def expert(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """e_k(x) for one expert k: x (..., d) -> (..., d)."""
+        k = self._check_index(k)
+        return expert_ffn(x, self.w1[k], self.b1[k], self.w2[k], self.b2[k])
+
+    def expert_at_zero(self) -> torch.Tensor:
+        """e_k(0) = GELU(b1_k) w2_k + b2_k for every expert: (k, d). Zero only when the biases make it so."""
+        a = F.gelu(self.b1, approximate="none")  # (k, h)
+        return torch.einsum("kh,khd->kd", a, self.w2) + self.b2  # (k, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every position: x (..., d) -> (k, ..., d), row k = e_k(x)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != self.d:
+            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating tensor of shape (..., {self.d}); got {got}.")
+        return torch.stack([self.expert(k, x) for k in range(self.n_experts)])  # (k, ..., d)

@@ -1,0 +1,206 @@
+"""Text and time gate networks (RAPHAEL Sec. 3.1 "Text Gate Network", App. 7.3 "Time Gate Network").
+
+As printed (both gates have the same form)::
+
+    route(y_i)   = argmax(softmax(G(E(y_i)) + eps))        G : R^{d_y} -> R^k
+    t_router(t)  = argmax(softmax(G'(E'(t)) + eps))        G': R^{d_t} -> R^{n_t}
+
+Counting the parentheses, the noise ``eps`` is added to the gate *logits*, inside the softmax.
+Decisions (spec/_parts/attention_gates_errata.md):
+
+- noise law: ``eps ~ N(0, noise_std^2)`` i.i.d. per logit, in logit units, drawn only in training
+  (noisy gating of Shazeer et al. 2017, the paper's MoE reference [7]); ``noise_std`` defaults to
+  ``DEFAULT_NOISE_STD = 1.0``. In eval no noise is drawn: the route is ``argmax(softmax(G(.)))
+  = argmax(G(.))``, deterministic.
+- gradient: argmax has none. ``grad_mode`` picks the expert weight that multiplies the chosen
+  expert's output, with ``p = softmax(logits + eps)`` (the vector whose argmax is the route):
+  ``"none"`` (weight 1, gate untrained: the paper literally), ``"switch"`` (weight ``p_route``,
+  Switch Transformer) or ``"straight_through"`` (weight ``p_route / p_route.detach()``: exactly 1
+  in the forward pass, as in the paper, while the backward pass carries ``d log p_route``).
+  Default ``"straight_through"``.
+- the softmax runs in float32 whatever the logits' dtype; weights are returned in the logits'
+  dtype (so they do not upcast the expert outputs they multiply).
+- ``G`` is an FFN with GELU (Table 2): Linear(d_in, hidden) -> GELU -> Linear(hidden, k), hidden
+  defaulting to ``d_in``. The text gate sees the text token representation ``E(y_i)`` (the text
+  encoder's output token, before the cross-attention key projection); the time gate sees the time
+  embedding ``E'(t)`` of the U-Net.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_NOISE_STD",
+    "GRAD_MODES",
+    "GateFFN",
+    "gate_noise",
+    "gate_softmax",
+    "route_literal",
+    "gate_route",
+    "text_route",
+    "time_route",
+]
+
+DEFAULT_NOISE_STD = 1.0  # std of the Gaussian gate noise, in logit units (training only)
+GRAD_MODES = ("none", "switch", "straight_through")
+
+
+class GateFFN(nn.Module):
+    """RAPHAEL Table 2 / Sec. 3.1: the gate G : R^{d_in} -> R^{n_experts}, an FFN with GELU.
+
+    ``Linear(d_in, hidden) -> GELU -> Linear(hidden, n_experts)``; ``hidden`` defaults to
+    ``d_in`` (not stated in the paper). Returns logits ``(..., n_experts)``.
+    """
+
+    def __init__(self, d_in: int, n_experts: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = d_in if hidden is None else hidden
+        for name, val in (("d_in", d_in), ("n_experts", n_experts), ("hidden", hidden)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"GateFFN: {name} must be a positive int, got {val!r}")
+        self.d_in, self.n_experts, self.hidden = d_in, n_experts, hidden
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, n_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"GateFFN expects inputs (..., {self.d_in}), got {tuple(x.shape)}")
+        return self.fc2(self.act(self.fc1(x)))  # (..., n_experts)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, hidden={self.hidden}, n_experts={self.n_experts}"
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() < 1 or not logits.is_floating_point() or logits.shape[-1] < 1:
+        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating tensor (..., k) with k >= 1 experts, got {got}")
+
+
+def _check_noise_std(noise_std: float) -> None:
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not 0.0 <= noise_std < float("inf"):
+        raise ValueError(f"noise_std must be a finite number >= 0 (0 disables the noise), got {noise_std!r}")
+
+
+def gate_noise(
+    shape: torch.Size | tuple[int, ...],
+    noise_std: float = DEFAULT_NOISE_STD,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """RAPHAEL Sec. 3.1, Text Gate Network: the noise eps ~ N(0, noise_std^2) added to the gate logits.
+
+    float32, drawn on the generator's device (CPU by default) and moved to ``device``.
+    """
+    _check_noise_std(noise_std)
+    draw_on = generator.device if generator is not None else (device if device is not None else "cpu")
+    eps = torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=torch.float32)
+    eps = eps * float(noise_std)
+    return eps if device is None else eps.to(device)
+
+
+def gate_softmax(logits: Tensor, eps: Tensor | None = None) -> Tensor:
+    """RAPHAEL Sec. 3.1, Text Gate Network: p = softmax(G(E(y_i)) + eps), in float32. ``(..., k)``."""
+    _check_logits(logits)
+    z = logits.float()  # (..., k)
+    if eps is not None:
+        if tuple(eps.shape) != tuple(logits.shape):
+            raise ValueError(f"eps must have the logits' shape {tuple(logits.shape)}, got {tuple(eps.shape)}")
+        z = z + eps.to(device=z.device, dtype=torch.float32)
+    return torch.softmax(z, dim=-1)  # (..., k)
+
+
+def route_literal(logits: Tensor, eps: Tensor) -> Tensor:
+    """RAPHAEL Sec. 3.1, Text Gate Network: route = argmax(softmax(G(E(y_i)) + eps)), exactly as printed.
+
+    ``logits`` = G(E(y_i)) (..., k); ``eps`` same shape (zeros for no noise). Returns torch.long
+    (...), ties to the lowest index (torch.argmax).
+    """
+    _check_logits(logits)
+    if not isinstance(eps, Tensor) or tuple(eps.shape) != tuple(logits.shape):
+        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        raise ValueError(f"eps must have the logits' shape {tuple(logits.shape)} (zeros for no noise), got {got}")
+    p = torch.softmax(logits.float() + eps.float(), dim=-1)  # (..., k)
+    return torch.argmax(p, dim=-1)  # (...)
+
+
+def gate_route(
+    logits: Tensor,
+    *,
+    training: bool,
+    noise_std: float = DEFAULT_NOISE_STD,
+    grad_mode: str = "straight_through",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RAPHAEL Sec. 3.1 / App. 7.3: (route, weight) with route = argmax(softmax(logits + eps)).
+
+    ``eps = gate_noise(logits.shape, noise_std, generator=generator)`` in training, no noise (and
+    no random draw) otherwise. ``weights`` per ``grad_mode`` (module docstring), in the logits'
+    dtype. Returns ``(routes torch.long (...), weights (...))`` for ``logits`` (..., k).
+    """
+    _check_logits(logits)
+    if not isinstance(training, bool):
+        raise ValueError(f"training must be a bool (pass module.training), got {training!r}")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    _check_noise_std(noise_std)
+    eps = gate_noise(logits.shape, noise_std, generator=generator, device=logits.device) if training else None
+    p = gate_softmax(logits, eps)  # (..., k) float32
+    routes = torch.argmax(p, dim=-1)  # (...) long
+    if grad_mode == "none":
+        weights = torch.ones(routes.shape, dtype=logits.dtype, device=logits.device)  # (...)
+    else:
+        p_route = p.gather(-1, routes.unsqueeze(-1)).squeeze(-1)  # (...), >= 1/k > 0
+        weights = p_route if grad_mode == "switch" else p_route / p_route.detach()  # (...)
+        weights = weights.to(logits.dtype)
+    return routes, weights
+
+
+def _check_gate(gate: nn.Module, x: Tensor, name: str, ndim: int, shape: str) -> None:
+    if not isinstance(gate, GateFFN):
+        raise ValueError(f"gate must be a GateFFN, got {type(gate).__name__}")
+    if not isinstance(x, Tensor) or x.dim() != ndim or x.shape[-1] != gate.d_in:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape {shape} with width {gate.d_in} (the gate's d_in), got {got}")
+
+
+def text_route(
+    gate: GateFFN,
+    y: Tensor,
+    *,
+    training: bool,
+    noise_std: float = DEFAULT_NOISE_STD,
+    grad_mode: str = "straight_through",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RAPHAEL Sec. 3.1, Text Gate Network: route(y_i) = argmax(softmax(G(E(y_i)) + eps)) for every token.
+
+    ``y`` (B, n_y, d_y): text token representations E(y). Returns ``(routes (B, n_y) long,
+    weights (B, n_y))``, one space expert per text token.
+    """
+    _check_gate(gate, y, "y", 3, "(B, n_y, d_y)")
+    logits = gate(y)  # (B, n_y, k)
+    return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator)
+
+
+def time_route(
+    gate: GateFFN,
+    t_emb: Tensor,
+    *,
+    training: bool,
+    noise_std: float = DEFAULT_NOISE_STD,
+    grad_mode: str = "straight_through",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RAPHAEL App. 7.3, Time Gate Network: t_router(t_i) = argmax(softmax(G'(E'(t_i)) + eps)).
+
+    ``t_emb`` (B, d_t): the U-Net's time embedding E'(t). Returns ``(routes (B,) long,
+    weights (B,))``, one time expert per sample.
+    """
+    _check_gate(gate, t_emb, "t_emb", 2, "(B, d_t)")
+    logits = gate(t_emb)  # (B, n_t)
+    return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator)

@@ -1,0 +1,319 @@
+"""The RAPHAEL denoiser: transformer block (Fig. 3a, Fig. 8b) and the 16-block U-Net (Fig. 8a).
+
+Each transformer block holds four pre-norm residual sublayers in the paper's order:
+
+    x <- x + SelfAttn(LN(x))
+    x <- x + CrossAttn(LN(x), E(y))                      h_c: the stream after this sublayer
+    x <- x + TimeMoE(LN(x); t_router(E'(t)))              h' : the stream after this sublayer
+    x <- x + SpaceMoE(LN(x); Mhat(M), route(E(y)))
+
+M is the same block's cross-attention map (heads averaged, ``attention.cross_attention_map``);
+the binary masks Mhat = ``masks.threshold_mask(M, alpha)`` carry no gradient, while the
+pooled-token column of M feeds the edge predictor P_theta with gradient (Sec. 3.2). Every
+equation is called from its module (attention, masks, gates, experts, space_moe, time_moe,
+edge); nothing is re-implemented here. See spec/errata.md for the readings recorded here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from raphael_ref.attention import cross_attention
+from raphael_ref.config import ModelConfig
+from raphael_ref.edge import EdgePredictor, pooled_attention_map
+from raphael_ref.experts import ExpertBank
+from raphael_ref.gates import DEFAULT_NOISE_STD, GateFFN, text_route, time_route
+from raphael_ref.masks import threshold_mask
+from raphael_ref.space_moe import space_moe
+from raphael_ref.time_moe import time_moe
+from raphael_ref.unet_parts import Downsample, GroupNorm32, LayerNorm32, ResBlock, TimestepMLP, Upsample
+
+
+@dataclasses.dataclass
+class BlockAux:
+    """What one transformer block reports: routes for path analysis, maps for the edge loss."""
+
+    index: int  # 0..15, in forward order
+    grid: tuple[int, int]  # (h, w) of the block's image tokens
+    space_routes: torch.Tensor | None  # (B, n_y) long: space expert of each text token
+    time_routes: torch.Tensor | None  # (B,) long: time expert of each sample
+    pooled_map: torch.Tensor  # (B, 1, h, w): attention map of the pooled (EOT) token, with gradient
+    edge_logits: torch.Tensor | None  # (B, 1, h, w): P_theta(pooled_map), None without edge supervision
+    masks: torch.Tensor | None = None  # (B, n_x, n_y) bool, only when asked (return_masks=True)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over image tokens with fused SDPA kernels."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # (B, H, n_x, dh) each
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, n_x, dh)
+        return self.out(rearrange(o, "b h n d -> b n (h d)"))  # (B, n_x, width)
+
+
+class TransformerBlock(nn.Module):
+    """RAPHAEL Sec. 3 / Fig. 3a: self-attention, cross-attention, time-MoE, space-MoE (+ P_theta).
+
+    With ``use_time_moe`` / ``use_space_moe`` off, a dense GELU FFN of the same hidden width
+    (a one-expert bank, so the same ``expert_ffn``) takes the MoE's place: the ablations of Fig. 6b.
+    """
+
+    def __init__(self, width: int, d_y: int, d_t: int, cfg: ModelConfig):
+        super().__init__()
+        if width % cfg.head_dim:
+            raise ValueError(f"block width {width} is not a multiple of model.head_dim {cfg.head_dim}")
+        self.cfg = cfg
+        self.heads = width // cfg.head_dim
+        hidden = cfg.expert_mult * width
+        self.norm1, self.self_attn = LayerNorm32(width), SelfAttention(width, self.heads)
+        self.norm2 = LayerNorm32(width)
+        self.to_q = nn.Linear(width, width, bias=False)  # W_x^qry
+        self.to_k = nn.Linear(d_y, width, bias=False)  # W_y^key
+        self.to_v = nn.Linear(d_y, width, bias=False)  # W_y^val
+        self.to_out = nn.Linear(width, width)
+        self.norm3 = LayerNorm32(width)
+        if cfg.use_time_moe:
+            self.time_gate = GateFFN(d_t, cfg.n_time_experts, hidden=cfg.gate_hidden_mult * d_t)  # G'
+            self.time_experts = ExpertBank(cfg.n_time_experts, width, hidden)  # te_1..te_{n_t}
+        else:
+            self.time_ffn = ExpertBank(1, width, hidden)
+        self.norm4 = LayerNorm32(width)
+        if cfg.use_space_moe:
+            self.text_gate = GateFFN(d_y, cfg.n_space_experts, hidden=cfg.gate_hidden_mult * d_y)  # G
+            self.space_experts = ExpertBank(cfg.n_space_experts, width, hidden)  # e_1..e_k
+        else:
+            self.space_ffn = ExpertBank(1, width, hidden)
+        self.edge = EdgePredictor(cfg.edge_layers, cfg.edge_width) if cfg.use_edge else None
+
+    @property
+    def noise_std(self) -> float:
+        return DEFAULT_NOISE_STD if self.cfg.gate_noise_std is None else self.cfg.gate_noise_std
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], y: torch.Tensor, y_valid: torch.Tensor,
+                pooled_index: torch.Tensor, temb: torch.Tensor, return_masks: bool = False):
+        cfg = self.cfg
+        # 1. self-attention
+        x = x + self.self_attn(self.norm1(x))  # (B, n_x, w)
+        # 2. cross-attention, with the map M (heads averaged, softmax in float32)
+        key_valid = None if cfg.attend_padding else y_valid
+        attn, M = cross_attention(self.to_q(self.norm2(x)), self.to_k(y), self.to_v(y), self.heads,
+                                  key_valid=key_valid, need_map=True)  # (B, n_x, w), (B, n_x, n_y)
+        x = x + self.to_out(attn)  # h_c
+        # 3. time-MoE: one expert per sample, chosen from the time embedding
+        h = self.norm3(x)
+        t_routes = None
+        if cfg.use_time_moe:
+            t_routes, t_w = time_route(self.time_gate, temb, training=self.training,
+                                       noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B,), (B,)
+            x = x + time_moe(h, t_routes, t_w.to(h.dtype), self.time_experts, check_values=False)  # h'
+        else:
+            x = x + self.time_ffn.expert(0, h)
+        # 4. space-MoE: token i's expert acts on the region Mhat_i of h'
+        h = self.norm4(x)
+        s_routes, masks = None, None
+        if cfg.use_space_moe:
+            with torch.no_grad():
+                masks = threshold_mask(M.detach(), cfg.mask_alpha)  # (B, n_x, n_y) bool
+            s_routes, s_w = text_route(self.text_gate, y, training=self.training,
+                                       noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B, n_y), (B, n_y)
+            x = x + space_moe(h, masks, s_routes, s_w.to(h.dtype), self.space_experts, valid=y_valid,
+                              count_padding=cfg.count_padding, impl=cfg.moe_impl, check_values=False)
+        else:
+            x = x + self.space_ffn.expert(0, h)
+        # edge supervision on the pooled-token attention map (gradient flows into to_q / to_k)
+        pooled = pooled_attention_map(M, pooled_index, *grid)  # (B, 1, h, w)
+        edge_logits = self.edge(pooled) if self.edge is not None else None
+        return x, (s_routes, t_routes, pooled, edge_logits, masks if return_masks else None)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> Linear in -> TransformerBlock -> Linear out (zero-init) -> + residual, on a (B, C, H, W) map."""
+
+    def __init__(self, channels: int, d_y: int, d_t: int, cfg: ModelConfig):
+        super().__init__()
+        self.norm = GroupNorm32(cfg.norm_groups, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.block = TransformerBlock(channels, d_y, d_t, cfg)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False):
+        B, C, H, W = x.shape
+        h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, n_x, C)
+        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks)
+        h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
+        return x + h, aux
+
+
+class RaphaelUNet(nn.Module):
+    """RAPHAEL's denoiser D_theta(x_t, t, E(y)) (App. 7.3, Fig. 8a): a latent-diffusion U-Net
+    whose 16 transformer blocks sit in the Stable Diffusion 1.x layout (2 per level on the first
+    three down levels, 1 in the middle, 3 per level on the last three up levels).
+
+    ``forward(x_t, t, y, y_valid, pooled_index)`` -> ``(eps_hat, aux)`` where aux is a list of
+    :class:`BlockAux`, one per transformer block in forward order.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        d_t = 4 * mc  # width of the time embedding E'(t) (d_t of App. 7.3)
+        self.d_t = d_t
+        self.time_embed = TimestepMLP(mc, d_t)
+        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+
+        def st(c):
+            return SpatialTransformer(c, cfg.d_y, d_t, cfg)
+
+        # down path
+        self.down = nn.ModuleList()
+        skip_ch, ch = [mc], mc
+        levels = len(cfg.channel_mult)
+        for lvl, mult in enumerate(cfg.channel_mult):
+            for i in range(cfg.num_res_blocks):
+                layer = nn.ModuleDict({"res": ResBlock(ch, mc * mult, d_t, groups, cfg.dropout)})
+                ch = mc * mult
+                if i < cfg.transformer_down[lvl]:
+                    layer["attn"] = st(ch)
+                self.down.append(layer)
+                skip_ch.append(ch)
+            if lvl < levels - 1:
+                self.down.append(nn.ModuleDict({"downsample": Downsample(ch)}))
+                skip_ch.append(ch)
+        # middle
+        self.mid_res1 = ResBlock(ch, ch, d_t, groups, cfg.dropout)
+        self.mid_attn = st(ch) if cfg.transformer_mid else None
+        self.mid_res2 = ResBlock(ch, ch, d_t, groups, cfg.dropout)
+        # up path (deepest level first)
+        self.up = nn.ModuleList()
+        for j, lvl in enumerate(reversed(range(levels))):
+            mult = cfg.channel_mult[lvl]
+            for i in range(cfg.num_res_blocks + 1):
+                layer = nn.ModuleDict({"res": ResBlock(ch + skip_ch.pop(), mc * mult, d_t, groups, cfg.dropout)})
+                ch = mc * mult
+                if i < cfg.transformer_up[j]:
+                    layer["attn"] = st(ch)
+                if lvl > 0 and i == cfg.num_res_blocks:
+                    layer["upsample"] = Upsample(ch)
+                self.up.append(layer)
+        self.norm_out = GroupNorm32(groups, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        self.gradient_checkpointing = cfg.checkpoint
+
+    # ------------------------------------------------------------------ helpers
+    def transformer_blocks(self) -> list[TransformerBlock]:
+        return [m for m in self.modules() if isinstance(m, TransformerBlock)]
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def _check_inputs(self, x, t, y, y_valid, pooled_index):
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x_t must be (B, {cfg.in_channels}, H, W); got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        f = 2 ** (len(cfg.channel_mult) - 1)
+        if H % f or W % f:
+            raise ValueError(f"x_t height and width must be multiples of {f} (U-Net depth); got {H}x{W}")
+        if t.shape != (B,) or t.is_floating_point():
+            raise ValueError(f"t must be integer timesteps of shape ({B},); got {tuple(t.shape)} {t.dtype}")
+        if y.ndim != 3 or y.shape[0] != B or y.shape[2] != cfg.d_y:
+            raise ValueError(f"y (text tokens) must be (B={B}, n_y, d_y={cfg.d_y}); got {tuple(y.shape)}")
+        if y_valid.shape != y.shape[:2] or y_valid.dtype != torch.bool:
+            raise ValueError(f"y_valid must be a bool tensor of shape {tuple(y.shape[:2])}; got {tuple(y_valid.shape)} {y_valid.dtype}")
+        if pooled_index.shape != (B,) or pooled_index.dtype != torch.long:
+            raise ValueError(f"pooled_index must be a long tensor of shape ({B},); got {tuple(pooled_index.shape)} {pooled_index.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x_t contains NaN or inf")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,
+                pooled_index: torch.Tensor, return_masks: bool = False) -> tuple[torch.Tensor, list[BlockAux]]:
+        self._check_inputs(x, t, y, y_valid, pooled_index)
+        aux: list[BlockAux] = []
+        temb = self.time_embed(t)  # (B, d_t)
+
+        def attn(module, h):
+            h2, (s_r, t_r, pooled, edge, masks) = self._run(module, h, y, y_valid, pooled_index, temb, return_masks)
+            aux.append(BlockAux(len(aux), tuple(h.shape[-2:]), s_r, t_r, pooled, edge, masks))
+            return h2
+
+        h = self.conv_in(x)  # (B, mc, H, W)
+        skips = [h]
+        for layer in self.down:
+            if "downsample" in layer:
+                h = layer["downsample"](h)
+            else:
+                h = self._run(layer["res"], h, temb)
+                if "attn" in layer:
+                    h = attn(layer["attn"], h)
+            skips.append(h)
+        h = self._run(self.mid_res1, h, temb)
+        if self.mid_attn is not None:
+            h = attn(self.mid_attn, h)
+        h = self._run(self.mid_res2, h, temb)
+        for layer in self.up:
+            h = self._run(layer["res"], torch.cat([h, skips.pop()], dim=1), temb)
+            if "attn" in layer:
+                h = attn(layer["attn"], h)
+            if "upsample" in layer:
+                h = layer["upsample"](h)
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)
+        return out, aux
+
+
+# ---------------------------------------------------------------------- parameter counts
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters per component: space experts, time experts, gates, attention, edge heads, ResBlocks, other."""
+    groups = {"space_experts": 0, "time_experts": 0, "dense_ffn": 0, "gates": 0, "attention": 0,
+              "edge_predictors": 0, "resblocks": 0, "other": 0}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if ".space_experts." in name:
+            groups["space_experts"] += n
+        elif ".time_experts." in name:
+            groups["time_experts"] += n
+        elif ".space_ffn." in name or ".time_ffn." in name:
+            groups["dense_ffn"] += n
+        elif "_gate." in name:
+            groups["gates"] += n
+        elif ".edge." in name:
+            groups["edge_predictors"] += n
+        elif any(s in name for s in (".self_attn.", ".to_q.", ".to_k.", ".to_v.", ".to_out.", ".norm1.", ".norm2.",
+                                     ".norm3.", ".norm4.", ".proj_in.", ".proj_out.", "attn.norm.")):
+            groups["attention"] += n
+        elif ".res." in name or "mid_res" in name:
+            groups["resblocks"] += n
+        else:
+            groups["other"] += n
+    groups["total"] = sum(groups.values())
+    return groups
+
+
+def build_on_meta(cfg: ModelConfig) -> RaphaelUNet:
+    """Build the U-Net on the meta device: shapes and counts without memory."""
+    with torch.device("meta"):
+        return RaphaelUNet(cfg)
+
+
+def format_count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -1,0 +1,56 @@
+"""The RAPHAEL training objective assembled from its equation modules (Sec. 2 and 3.2).
+
+    x_t    = q_sample(x_0, t, eps)                          (ddpm.q_sample, erratum E1 corrected)
+    L_den  = ||eps - D_theta(x_t, t, E(y))||^2               (ddpm.loss_eps, per sample)
+    L_edge = Focal(P_theta(M_pooled), I_edge) per block      (focal.focal_loss_per_sample)
+    L      = L_den + 1[t < T_c] L_edge                       (losses.total_loss)
+
+Nothing is re-implemented here: this module only wires the model's outputs into those functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raphael_ref.diffusion import NoiseSchedule, loss_eps, q_sample
+from raphael_ref.edge import edge_target_to_grid
+from raphael_ref.focal import focal_loss_per_sample
+from raphael_ref.losses import total_loss
+from raphael_ref.models import BlockAux, RaphaelUNet
+
+
+def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5, gamma: float = 2.0) -> torch.Tensor:
+    """Focal edge loss of every block that has an edge head: (n_blocks, B).
+
+    ``edge_map`` (B, 1, H, W) in [0, 1] is the edge map of the training image (HED or Canny),
+    resized to each block's grid by ``edge.edge_target_to_grid``.
+    """
+    rows = []
+    for a in aux:
+        if a.edge_logits is None:
+            continue
+        target = edge_target_to_grid(edge_map.to(a.edge_logits.dtype), *a.grid)  # (B, 1, h, w)
+        rows.append(focal_loss_per_sample(a.edge_logits, target, alpha=alpha, gamma=gamma))  # (B,), at least float32
+    if not rows:
+        raise ValueError("no block has an edge head (model.use_edge is False); pass edge_map=None")
+    return torch.stack(rows)  # (n_blocks, B)
+
+
+def training_losses(model: RaphaelUNet, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor, pooled_index: torch.Tensor,
+                    edge_map: torch.Tensor | None = None, *, focal_alpha: float = 0.5,
+                    focal_gamma: float = 2.0) -> dict[str, torch.Tensor]:
+    """One evaluation of L = L_denoise + L_edge on a batch; returns {total, denoise, edge, aux}.
+
+    x0 (B, C, H, W) latents (or pixels for the toy preset); t (B,) 0-based timesteps; noise like x0;
+    y (B, n_y, d_y), y_valid (B, n_y) bool, pooled_index (B,) from the text encoder; edge_map
+    (B, 1, H', W') in [0, 1] or None (no edge term).
+    """
+    x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
+    eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
+    denoise = loss_eps(eps_hat, noise, reduction="none")  # (B,), at least float32
+    use_edge = model.cfg.use_edge and edge_map is not None
+    edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if use_edge else None  # (n_blocks, B)
+    out = total_loss(denoise, edge, t, model.cfg.edge_t_cutoff)
+    out["aux"] = aux
+    return out

@@ -1,0 +1,73 @@
+"""Time-MoE layer (RAPHAEL App. 7.3): each sample's image tokens go through one time expert.
+
+Printed:  h'(x_t) = te_{t_router(t_i)}( h_c(x_t) )
+
+The route depends on the timestep only, so it is one expert per sample: all n_x tokens of sample
+b go through expert te_{r_b}. We multiply by the gate weight w_b (spec decision; w_b == 1 in
+value for the default "straight_through" gate mode). The output has the input's shape.
+
+* ``time_moe_literal``: a loop over samples, one expert call each.
+* ``time_moe``: the batch grouped by expert (index_select / index_copy), each expert run once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raphael_ref.experts import ExpertBank
+
+__all__ = ["time_moe_literal", "time_moe"]
+
+
+def _check_inputs(h, routes, weights, bank, check_values: bool = True) -> int:
+    """Validate the time-MoE arguments; returns B."""
+    if not isinstance(bank, ExpertBank):
+        raise ValueError(f"bank must be a raphael_ref.experts.ExpertBank; got {type(bank).__name__}.")
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.ndim != 3:
+        got = f"shape {tuple(h.shape)}, dtype {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ValueError(f"h must be a floating tensor of shape (B, n_x, d) (image tokens h_c); got {got}.")
+    B, _, d = h.shape
+    if d != bank.d:
+        raise ValueError(f"h has feature size d = {d} but the expert bank was built for d = {bank.d}.")
+    if not isinstance(routes, torch.Tensor) or routes.dtype != torch.long or routes.shape != (B,):
+        got = f"shape {tuple(routes.shape)}, dtype {routes.dtype}" if isinstance(routes, torch.Tensor) else type(routes).__name__
+        raise ValueError(f"routes must be a torch.long tensor of shape (B,) = ({B},), one time expert per sample; got {got}.")
+    if check_values and B and (int(routes.min()) < 0 or int(routes.max()) >= bank.n_experts):
+        raise ValueError(f"routes must lie in [0, {bank.n_experts - 1}] (the bank has {bank.n_experts} experts); "
+                         f"got values in [{int(routes.min())}, {int(routes.max())}].")
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or weights.shape != (B,):
+        got = f"shape {tuple(weights.shape)}, dtype {weights.dtype}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a floating tensor of shape (B,) = ({B},) (gate weights); got {got}. "
+                         f"Pass torch.ones(B) for the paper's plain argmax routing.")
+    if routes.device != h.device or weights.device != h.device:
+        raise ValueError(f"h, routes and weights must be on one device; h is on {h.device}.")
+    return B
+
+
+def time_moe_literal(h: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
+    """RAPHAEL App. 7.3, time-MoE: h'(x_t) = w_b te_{t_router(t_b)}(h_c(x_t)), one expert call per sample b.
+
+    h: (B, n_x, d) features h_c; routes: (B,) long; weights: (B,) gate weights. Returns (B, n_x, d).
+    """
+    B = _check_inputs(h, routes, weights, bank)
+    out = [weights[b].to(h.dtype) * bank.expert(int(routes[b]), h[b]) for b in range(B)]  # B x (n_x, d)
+    return torch.stack(out) if out else h.new_zeros(h.shape)  # (B, n_x, d)
+
+
+def time_moe(h: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor, bank: ExpertBank,
+             *, check_values: bool = True) -> torch.Tensor:
+    """RAPHAEL App. 7.3, time-MoE grouped by expert: each expert runs once on its samples; equals time_moe_literal.
+
+    Same arguments and result as :func:`time_moe_literal`; ``check_values=False`` skips the route
+    range check (a host sync).
+    """
+    B = _check_inputs(h, routes, weights, bank, check_values)
+    out = torch.zeros_like(h)  # (B, n_x, d); every row is written once below
+    for e in range(bank.n_experts):
+        rows = (routes == e).nonzero().squeeze(1)  # (B_e,)
+        if rows.numel() == 0:
+            continue
+        y = bank.expert(e, h.index_select(0, rows))  # (B_e, n_x, d)
+        w = weights.index_select(0, rows).to(h.dtype)  # (B_e,)
+        out = out.index_copy(0, rows, w[:, None, None] * y)  # (B, n_x, d)
+    return out  # (B, n_x, d)

@@ -1,0 +1,53 @@
+"""Smoke test of tools/bench.py at tiny sizes (no timing assertions: speed goals are checked by running it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("raphael_bench", ROOT / "tools" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_space_moe_tiny_run_writes_json(bench, tmp_path, capsys):
+    out = tmp_path / "smoe.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["space-moe", "--n-y", "5", "--experts", "3", "--positions", "16", "--dim", "8", "--hidden", "16",
+                         "--batch", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets a process-wide value; keep it out of other tests
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["command"] == "space-moe" and rec["threads"] == 1 and rec["torch"]
+    assert rec["sizes"] == {"batch": 2, "positions": 16, "n_y": 5, "experts": 3, "dim": 8, "hidden": 16, "alpha": 0.2}
+    assert set(rec["times_s"]) == {"literal", "dense", "gather"}
+    assert set(rec["speedup_vs_literal"]) == set(rec["max_rel_error"]) == {"dense", "gather"}
+    assert rec["equal_within_tol"] and max(rec["max_rel_error"].values()) <= rec["rel_tol"] == 1e-6
+    assert 0 < rec["mask_density"] <= 1
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_cli_lists_subcommands_and_rejects_unknown(bench, capsys):
+    assert [c.name for c in bench.COMMANDS][0] == "space-moe"
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "space-moe" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["no-such-benchmark"])

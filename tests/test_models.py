@@ -1,0 +1,260 @@
+"""The full model: transformer block, 16-block U-Net, presets, edge-supervised objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raphael_ref.config import get_preset
+from raphael_ref.diffusion import NoiseSchedule
+from raphael_ref.models import RaphaelUNet, SpatialTransformer, TransformerBlock, build_on_meta, count_parameters
+from raphael_ref.objective import training_losses
+from raphael_ref.text_encoder import TextEncoder
+
+PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle"]
+
+
+def micro_cfg(**overrides):
+    """The toy preset at 16x16 with 4-channel-per-group widths: same 16-block layout, seconds on CPU."""
+    base = {"model.sample_size": 16, "model.model_channels": 16, "model.head_dim": 8, "model.norm_groups": 4,
+            "model.expert_mult": 2, "model.edge_width": 4}
+    base.update(overrides)
+    return get_preset("toy", base).model
+
+
+def _text(d_y: int, prompts=PROMPTS):
+    enc = TextEncoder.tiny(seed=0)
+    assert enc.d_y == d_y
+    return enc(prompts)
+
+
+def _batch(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(B, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    edge = (torch.rand(B, 1, cfg.sample_size, cfg.sample_size, generator=g) > 0.8).float()
+    return x0, noise, edge
+
+
+@pytest.mark.parametrize("preset", ["toy", "small", "paper"])
+def test_sixteen_blocks_in_sd_layout(preset):
+    cfg = get_preset(preset).model
+    model = build_on_meta(cfg)
+    assert len(model.transformer_blocks()) == 16
+    # 2 per level on three down levels, 1 in the middle, 3 per level on three up levels
+    assert list(cfg.transformer_down) == [2, 2, 2, 0] and cfg.transformer_mid == 1 and list(cfg.transformer_up) == [0, 3, 3, 3]
+
+
+def test_block_grids_and_aux():
+    cfg = micro_cfg()
+    model = RaphaelUNet(cfg).eval()
+    enc = _text(cfg.d_y)
+    x0, _, _ = _batch(cfg)
+    with torch.no_grad():
+        out, aux = model(x0, torch.tensor([3, 900]), enc.hidden, enc.valid, enc.pooled_index, return_masks=True)
+    assert out.shape == x0.shape
+    s = cfg.sample_size
+    assert [a.grid for a in aux] == [(s, s)] * 2 + [(s // 2, s // 2)] * 2 + [(s // 4, s // 4)] * 2 + [(s // 8, s // 8)] \
+        + [(s // 4, s // 4)] * 3 + [(s // 2, s // 2)] * 3 + [(s, s)] * 3
+    for a in aux:
+        assert a.space_routes.shape == (2, cfg.n_y) and a.space_routes.dtype == torch.long
+        assert a.time_routes.shape == (2,)
+        assert a.edge_logits.shape == (2, 1, *a.grid)
+        assert a.masks.shape == (2, a.grid[0] * a.grid[1], cfg.n_y) and a.masks.dtype == torch.bool
+        # every text token's mask keeps at least its argmax position (Sec. 3.1 threshold)
+        assert a.masks.any(dim=1).all()
+
+
+def test_toy_preset_forward_backward_edge_loss():
+    """The toy preset itself (32x32 pixels, all 16 blocks) trains one step: finite grads everywhere."""
+    cfg = get_preset("toy").model
+    torch.manual_seed(0)
+    model = RaphaelUNet(cfg).train()
+    _randomize(model)  # zero-init proj_out would otherwise block the main path's gradient at step 0
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    t = torch.tensor([10, 700])  # one sample under T_c = 500, one above
+    out = training_losses(model, NoiseSchedule.make(T=1000), x0, t, noise, enc.hidden, enc.valid,
+                          enc.pooled_index, edge)
+    assert torch.isfinite(out["total"]) and out["edge"] > 0 and out["denoise"] > 0
+    out["total"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    blk = model.transformer_blocks()[0]
+    # edge loss reaches P_theta and, through the pooled-token map, the cross-attention projections
+    assert blk.edge.convs[0].weight.grad.abs().sum() > 0
+    assert blk.to_k.weight.grad.abs().sum() > 0
+    # straight-through gates receive gradient (the argmax alone would give none)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blk.time_gate.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blk.text_gate.parameters())
+
+
+def test_edge_loss_only_below_T_c():
+    cfg = micro_cfg()
+    model = RaphaelUNet(cfg).train()
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    sched = NoiseSchedule.make(T=1000)
+    high = training_losses(model, sched, x0, torch.tensor([600, 999]), noise, enc.hidden, enc.valid, enc.pooled_index, edge)
+    assert high["edge"].item() == 0.0
+    low = training_losses(model, sched, x0, torch.tensor([0, 499]), noise, enc.hidden, enc.valid, enc.pooled_index, edge)
+    assert low["edge"].item() > 0.0
+
+
+@pytest.mark.parametrize("switch", ["model.use_space_moe", "model.use_time_moe", "model.use_edge"])
+def test_ablation_switches(switch):
+    cfg = micro_cfg(**{switch: False})
+    model = RaphaelUNet(cfg).train()
+    blk = model.transformer_blocks()[0]
+    if switch == "model.use_space_moe":
+        assert not hasattr(blk, "space_experts") and blk.space_ffn.n_experts == 1
+    if switch == "model.use_time_moe":
+        assert not hasattr(blk, "time_experts") and blk.time_ffn.n_experts == 1
+    if switch == "model.use_edge":
+        assert blk.edge is None
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    out = training_losses(model, NoiseSchedule.make(T=1000), x0, torch.tensor([1, 2]), noise, enc.hidden,
+                          enc.valid, enc.pooled_index, edge if cfg.use_edge else None)
+    out["total"].backward()
+    assert torch.isfinite(out["total"])
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give zero-initialised output layers nonzero weights so outputs depend on every block."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_train_eval_parity_of_moe_layers():
+    """Eval routes are deterministic; with the gate noise off, train mode computes exactly eval mode."""
+    cfg = micro_cfg(**{"model.gate_noise_std": 0.0, "model.checkpoint": False})
+    model = RaphaelUNet(cfg)
+    _randomize(model)
+    enc = _text(cfg.d_y)
+    x0, _, _ = _batch(cfg)
+    t = torch.tensor([5, 800])
+    model.eval()
+    with torch.no_grad():
+        e1, a1 = model(x0, t, enc.hidden, enc.valid, enc.pooled_index)
+        e2, a2 = model(x0, t, enc.hidden, enc.valid, enc.pooled_index)
+    assert torch.equal(e1, e2)
+    assert all(torch.equal(p.space_routes, q.space_routes) and torch.equal(p.time_routes, q.time_routes) for p, q in zip(a1, a2))
+    model.train()
+    with torch.no_grad():
+        e3, a3 = model(x0, t, enc.hidden, enc.valid, enc.pooled_index)
+    torch.testing.assert_close(e3, e1, rtol=0, atol=0)
+    # and with noise on, training routes do change somewhere (the noise is real)
+    noisy = micro_cfg(**{"model.gate_noise_std": 5.0, "model.checkpoint": False})
+    model.cfg.gate_noise_std = noisy.gate_noise_std
+    with torch.no_grad():
+        _, a4 = model(x0, t, enc.hidden, enc.valid, enc.pooled_index)
+    assert any(not torch.equal(p.space_routes, q.space_routes) for p, q in zip(a1, a4))
+
+
+def test_checkpointing_gives_same_loss_and_grads():
+    cfg_ck = micro_cfg(**{"model.checkpoint": True})
+    cfg_no = micro_cfg(**{"model.checkpoint": False})
+    torch.manual_seed(0)
+    m1 = RaphaelUNet(cfg_ck).train()
+    m2 = RaphaelUNet(cfg_no).train()
+    m2.load_state_dict(m1.state_dict())
+    enc = _text(cfg_ck.d_y)
+    x0, noise, edge = _batch(cfg_ck)
+    t = torch.tensor([3, 300])
+    sched = NoiseSchedule.make(T=1000)
+    losses = []
+    for m in (m1, m2):
+        torch.manual_seed(123)  # same gate noise in both runs
+        out = training_losses(m, sched, x0, t, noise, enc.hidden, enc.valid, enc.pooled_index, edge)
+        out["total"].backward()
+        losses.append(out["total"].detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("preset", ["toy"])
+def test_bf16_autocast_forward_backward_finite(preset):
+    cfg = get_preset(preset).model
+    torch.manual_seed(0)
+    model = RaphaelUNet(cfg).train()
+    _randomize(model)
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = training_losses(model, NoiseSchedule.make(T=1000), x0, torch.tensor([10, 400]), noise, enc.hidden,
+                              enc.valid, enc.pooled_index, edge)
+    out["total"].backward()
+    assert torch.isfinite(out["total"])
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.slow
+def test_bf16_autocast_small_preset_finite():
+    cfg = get_preset("small").model
+    model = RaphaelUNet(cfg).train()
+    B = 1
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(B, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    y = torch.randn(B, cfg.n_y, cfg.d_y, generator=g)
+    valid = torch.arange(cfg.n_y)[None] < 12
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = training_losses(model, NoiseSchedule.make(T=1000), x0, torch.tensor([100]), torch.randn_like(x0), y,
+                              valid, torch.tensor([11]), torch.rand(B, 1, cfg.sample_size, cfg.sample_size))
+    out["total"].backward()
+    assert torch.isfinite(out["total"])
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_paper_preset_is_three_billion():
+    counts = count_parameters(build_on_meta(get_preset("paper").model))
+    assert abs(counts["total"] - 3.0e9) <= 0.10 * 3.0e9, counts
+    assert counts["space_experts"] > 0 and counts["time_experts"] > 0 and counts["resblocks"] > 0
+
+
+def test_bad_inputs_name_the_problem():
+    cfg = micro_cfg()
+    model = RaphaelUNet(cfg).eval()
+    enc = _text(cfg.d_y)
+    x0, _, _ = _batch(cfg)
+    t = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="x_t must be"):
+        model(x0[:, :2], t, enc.hidden, enc.valid, enc.pooled_index)
+    with pytest.raises(ValueError, match="multiples of"):
+        model(x0[..., :15, :15], t, enc.hidden, enc.valid, enc.pooled_index)
+    with pytest.raises(ValueError, match="d_y"):
+        model(x0, t, enc.hidden[..., :8], enc.valid, enc.pooled_index)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        model(x0, t.float(), enc.hidden, enc.valid, enc.pooled_index)
+    bad = x0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(bad, t, enc.hidden, enc.valid, enc.pooled_index)
+
+
+@pytest.mark.slow
+def test_overfit_one_batch():
+    """Loss on one fixed batch falls by at least half within a few hundred AdamW steps (CPU)."""
+    cfg = micro_cfg(**{"model.checkpoint": False, "model.gate_noise_std": 0.0})
+    torch.manual_seed(0)
+    model = RaphaelUNet(cfg).train()
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    t = torch.tensor([50, 300])
+    sched = NoiseSchedule.make(T=1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    first = None
+    for step in range(300):
+        out = training_losses(model, sched, x0, t, noise, enc.hidden, enc.valid, enc.pooled_index, edge)
+        opt.zero_grad()
+        out["total"].backward()
+        opt.step()
+        first = out["total"].item() if first is None else first
+    assert out["total"].item() <= 0.5 * first, (first, out["total"].item())

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Speed benchmarks of raphael_ref (speed and memory goals live here, never in timed tests).
+
+    python tools/bench.py space-moe                      # literal vs fast space-MoE, paper sizes, CPU
+    python tools/bench.py space-moe --positions 256 --repeats 5 --threads 2 --out bench_out/smoe.json
+
+Every subcommand times on the CPU in float32 under torch.no_grad(): one warm-up call, then the
+median of --repeats calls. It prints a small table, and with --out writes a JSON record (sizes,
+times, ratios, errors, torch version, threads).
+
+Adding a subcommand: write ``add_<name>_args(parser)`` and ``run_<name>(args) -> dict`` and add
+one ``Command`` to ``COMMANDS``; the shared options (--repeats, --warmup, --threads, --seed,
+--out) and the JSON metadata come for free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (a scale-free error for whole tensors)."""
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-300)).item()
+
+
+def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+
+
+# ---------------------------------------------------------------------------------------------
+# space-moe: literal (loop over the n_y tokens) vs regrouped fast forms (dense, gather)
+
+SMOE_REL_TOL = 1e-6  # float32: the fast forms regroup a sum of n_y terms; ~ sqrt(n_y) u = 5e-7 at n_y = 77
+
+
+def add_space_moe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-y", type=int, default=77, help="text tokens n_y (Table 2: 77)")
+    p.add_argument("--experts", type=int, default=6, help="space experts k (Table 2: 6)")
+    p.add_argument("--positions", type=int, default=1024, help="image tokens n_x (1024 = a 32x32 latent)")
+    p.add_argument("--dim", type=int, default=256, help="token width d")
+    p.add_argument("--hidden", type=int, default=1024, help="expert hidden width (4 d)")
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--alpha", type=float, default=0.2, help="mask threshold alpha (Table 2: 0.2)")
+
+
+def space_moe_inputs(args: argparse.Namespace, gen: torch.Generator):
+    """Realistic inputs: M = softmax over n_y of N(0, 1) logits, Mhat_i = M_{*,i} >= alpha max_j M_{j,i}."""
+    from raphael_ref.experts import ExpertBank
+
+    B, n_x, n_y, d = args.batch, args.positions, args.n_y, args.dim
+    h = torch.randn(B, n_x, d, generator=gen)  # (B, n_x, d)
+    M = torch.randn(B, n_x, n_y, generator=gen).softmax(dim=-1)  # (B, n_x, n_y)  rows sum to 1 over text tokens
+    masks = M >= args.alpha * M.amax(dim=1, keepdim=True)  # (B, n_x, n_y)  eta_i = alpha max_j M_{j,i}
+    routes = torch.randint(0, args.experts, (B, n_y), generator=gen)  # (B, n_y)  uniform over experts
+    weights = torch.ones(B, n_y)  # (B, n_y)  forward value of the default straight-through gate
+    bank = ExpertBank(args.experts, d, args.hidden, generator=gen)
+    return h, masks, routes, weights, bank
+
+
+def run_space_moe(args: argparse.Namespace) -> dict:
+    from raphael_ref.space_moe import space_moe, space_moe_literal
+
+    gen = torch.Generator().manual_seed(args.seed)
+    h, masks, routes, weights, bank = space_moe_inputs(args, gen)
+    forms = {
+        "literal": lambda: space_moe_literal(h, masks, routes, weights, bank),
+        "dense": lambda: space_moe(h, masks, routes, weights, bank, impl="dense"),
+        "gather": lambda: space_moe(h, masks, routes, weights, bank, impl="gather"),
+    }
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in forms.items()}
+        errors = {name: max_rel_error(out, outs["literal"]) for name, out in outs.items() if name != "literal"}
+        # Where the float32 differences come from: each form against the literal form in float64.
+        ref64 = space_moe_literal(h.double(), masks, routes, weights.double(), copy.deepcopy(bank).double())
+        errors64 = {name: max_rel_error(out, ref64) for name, out in outs.items()}
+        times = {name: median_seconds(fn, args.repeats, args.warmup) for name, fn in forms.items()}
+    ratios = {name: times["literal"] / times[name] for name in errors}
+    covered = (masks.float() @ torch.nn.functional.one_hot(routes, args.experts).float()).gt(0)  # (B, n_x, k)
+
+    print(f"space-MoE  B={args.batch} n_x={args.positions} n_y={args.n_y} k={args.experts} d={args.dim} "
+          f"hidden={args.hidden}  float32 CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"mask density {masks.float().mean().item():.3f}; expert-position pairs run by gather: "
+          f"{covered.float().mean().item():.3f} of n_x k")
+    print_table([(n, f"{times[n] * 1e3:.1f}", "1.0" if n == "literal" else f"{ratios[n]:.1f}",
+                  "-" if n == "literal" else f"{errors[n]:.2e}", f"{errors64[n]:.2e}") for n in forms],
+                ("form", "ms", "speed-up", "rel err vs literal", "rel err vs float64"))
+    ok = all(e <= SMOE_REL_TOL for e in errors.values())
+    print(f"fast == literal within {SMOE_REL_TOL:g} relative: {'yes' if ok else 'NO'}")
+    return {
+        "sizes": {"batch": args.batch, "positions": args.positions, "n_y": args.n_y, "experts": args.experts,
+                  "dim": args.dim, "hidden": args.hidden, "alpha": args.alpha},
+        "dtype": "float32", "device": "cpu",
+        "mask_density": masks.float().mean().item(),
+        "gather_fraction": covered.float().mean().item(),
+        "times_s": times, "speedup_vs_literal": ratios,
+        "max_rel_error": errors, "max_rel_error_vs_float64_literal": errors64, "rel_tol": SMOE_REL_TOL, "equal_within_tol": ok,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and CLI
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], dict]  # returns the JSON record; key "equal_within_tol" False -> exit 1
+
+
+COMMANDS: list[Command] = [
+    Command("space-moe", "space-MoE: literal loop over tokens vs regrouped dense/gather forms",
+            add_space_moe_args, run_space_moe),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repeats", type=int, default=3, help="timed calls per form (median reported)")
+    common.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the input generator")
+    common.add_argument("--out", type=Path, default=None, help="write the JSON record here")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, parents=[common])
+        cmd.add_args(p)
+        p.set_defaults(_command=cmd)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    record = args._command.run(args)
+    record = {
+        "command": args.command,
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        **record,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if record.get("equal_within_tol", True) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
