@@ -2,7 +2,7 @@
 
 The paper writes one head: ``attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V`` and defines the
 cross-attention map ``M = softmax(Q K^T / sqrt(d))`` of shape ``(n_x, n_y)``. We use ``heads``
-heads, as every latent-diffusion U-Net does, so (spec/_parts/attention_gates_errata.md):
+heads, as every latent-diffusion U-Net does, so (spec/errata.md):
 
 - ``d`` under the square root is the per-head width ``d_head = d / heads``;
 - the map ``M`` is the mean over heads of the per-head softmax maps (as prompt-to-prompt does);

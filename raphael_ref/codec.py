@@ -6,7 +6,7 @@ The paper's own VAE is not released, so :class:`VAECodec` adapts any diffusers `
 stored in a LOCAL directory (e.g. the ``vae`` folder of a Stable Diffusion checkpoint), and the
 toy preset uses :class:`IdentityCodec` (pixel-space diffusion).
 
-Latent normalization (decision D5 of ``spec/_parts/text_codec_errata.md``), z the posterior draw:
+Latent normalization (errata E42 of ``spec/errata.md``), z the posterior draw:
 
     latents = (z - shift) * scaling_factor / std,      z = (latents * std / scaling_factor) + shift
 
@@ -81,7 +81,7 @@ class VAECodec(nn.Module):
 
     posterior: ``"sample"`` (default) draws z = mean + std * eps from the encoder's diagonal
         Gaussian with the ``generator`` passed to :meth:`encode`, as Stable Diffusion training
-        does; ``"mode"`` returns its mean (deterministic; for evaluation and tests). D6.
+        does; ``"mode"`` returns its mean (deterministic; for evaluation and tests). E43.
     Outputs come back in the dtype of the input; the VAE itself runs in its own dtype.
     """
 

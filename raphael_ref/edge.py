@@ -6,7 +6,7 @@ spatial grid. Which map feeds it: the column of ``M`` (B, n_x, n_y) that belongs
 in CLIP"), reshaped row-major to the block's grid (h, w) with n_x = h * w. The ground-truth edge
 map I_edge (HED, Fig. 7b) is resized to the same grid with :func:`edge_target_to_grid`.
 
-Decisions (spec/_parts/edge_data_errata.md):
+Decisions (spec/errata.md):
 - N = 5 conv layers (Sec. 3.2, "e.g., N = 5"), 3x3 kernels, padding 1, ``width`` channels,
   GELU between layers (the activation Table 2 names for experts and gates), none after the last
   layer: the output is logits for the sigmoid focal loss.

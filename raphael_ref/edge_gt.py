@@ -11,7 +11,7 @@ The paper obtains I_edge "by the holistically-nested edge detection algorithm [1
 
 Both map RGB images (B, 3, H, W) in [-1, 1] to edge maps (B, 1, H, W) in [0, 1] at
 the image's own resolution; resizing to each block's attention grid is the edge module's business.
-Decisions: ``spec/_parts/edge_gt_errata.md``.
+Decisions: ``spec/errata.md``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ As printed (both gates have the same form)::
     t_router(t)  = argmax(softmax(G'(E'(t)) + eps))        G': R^{d_t} -> R^{n_t}
 
 Counting the parentheses, the noise ``eps`` is added to the gate *logits*, inside the softmax.
-Decisions (spec/_parts/attention_gates_errata.md):
+Decisions (spec/errata.md):
 
 - noise law: ``eps ~ N(0, noise_std^2)`` i.i.d. per logit, in logit units, drawn only in training
   (noisy gating of Shazeer et al. 2017, the paper's MoE reference [7]); ``noise_std`` defaults to

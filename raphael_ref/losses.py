@@ -1,6 +1,6 @@
 """RAPHAEL Sec. 3.2: the training loss L = L_denoise + L_edge, edge term paused for large t.
 
-Decision (spec/_parts/edge_data_errata.md): with 0-based timesteps t in [0, T-1],
+Decision (spec/errata.md): with 0-based timesteps t in [0, T-1],
 
     L = (1/B) sum_b [ L_denoise,b + 1[t_b < T_c] * (1/K) sum_k L_edge,k,b ]
 

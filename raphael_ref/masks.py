@@ -7,7 +7,7 @@ space-MoE output is differentiable only through the features it masks and the ex
 
 The comparison runs in the dtype of ``M``: ``eta_i`` is ``alpha * max`` rounded to that dtype, so
 under bf16/fp16 entries within about one rounding unit of ``eta_i`` may fall either side compared
-with a float32 map (see spec/_parts/attention_gates_errata.md).
+with a float32 map (see spec/errata.md).
 """
 
 from __future__ import annotations

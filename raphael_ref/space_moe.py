@@ -5,7 +5,7 @@ Printed:  (1/n_y) sum_{i=1}^{n_y} e_{route(y_i)}( h'(x_t) o Mhat_i )
 with h' (n_x, d) the image tokens, Mhat_i (n_x,) the binary region of text token i (column i of
 the thresholded cross-attention map), o the Hadamard product broadcast over the feature axis,
 and e_1..e_k FFN experts. We multiply each term by the gate weight w_i (spec decision, see
-``spec/_parts/moe_errata.md``): in the default "straight_through" gate mode w_i == 1 in value.
+``spec/errata.md``): in the default "straight_through" gate mode w_i == 1 in value.
 
 Two forms, equal on every input (tests/test_space_moe.py):
 
@@ -18,11 +18,11 @@ Two forms, equal on every input (tests/test_space_moe.py):
       Cbar_k[j] = sum_{i: r_i = k} w_i (1 - Mhat_i[j])     (= n_k - C_k[j], n_k = sum_{i: r_i=k} w_i),
 
   so each expert runs at most once per position instead of once per token (n_y = 77 tokens vs
-  k = 6 experts in the paper). ``impl="dense"`` runs every expert on every position (no host
-  sync, compile-friendly); ``impl="gather"`` runs expert k only on the positions some token
+  k = 6 experts in the paper). ``impl="dense"`` runs every expert on every position (no data-
+  dependent shapes, compile-friendly); ``impl="gather"`` runs expert k only on the positions some token
   routed to k covers (exact: C_k is zero elsewhere), which is the fastest on the CPU.
 
-Padding (decision D, ``count_padding``): the paper fixes n_y = 77, the CLIP context length, so
+Padding (``count_padding``; errata "padding tokens and n_y"): the paper fixes n_y = 77, the CLIP context length, so
 by default all n_y slots, padding included, are summed and the sum is divided by n_y. With
 ``count_padding=False`` only tokens with ``valid`` True are summed and the sum is divided by
 their number per sample (a sample with no valid token gets 0).
@@ -94,7 +94,7 @@ def space_moe_literal(h: torch.Tensor, masks: torch.Tensor, routes: torch.Tensor
 
     h: (B, n_x, d) image tokens h'; masks: (B, n_x, n_y) bool, column i = Mhat_i; routes: (B, n_y)
     long expert index of each text token; weights: (B, n_y) gate weights w_i; valid: (B, n_y) bool
-    text tokens that are not padding (used only with ``count_padding=False``). Returns (B, n_x, d)
+    text tokens that are not padding (used only with ``count_padding=False``; None: all are valid). Returns (B, n_x, d)
     in h's dtype; the n_y terms are accumulated in at least float32 (float32 for bf16/fp16/fp32 h).
     """
     B, n_x, n_y = _check_inputs(h, masks, routes, weights, bank, valid)

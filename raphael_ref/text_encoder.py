@@ -3,14 +3,14 @@
 RAPHAEL Sec. 2 feeds the text tokens E_theta(y) (n_y x d_y) into every cross-attention layer;
 App. 7.1 Table 2 fixes the encoder to OpenCLIP-g/14 with n_y = 77 and d_y = 1024. This module
 wraps open_clip's causal text transformer *without* its vision tower and without the final text
-projection (decision D1 of ``spec/_parts/text_codec_errata.md``):
+projection (errata E38 of ``spec/errata.md``):
 
     ids    = [SOT, bpe(prompt)[:n_y - 2], EOT, 0, ..., 0]                 # (B, n_y) long
     hidden = ln_final(block_k(... block_1(tok_emb[ids] + pos_emb)))       # (B, n_y, d_y)
 
 with k = all blocks (``layer="last"``, default) or all but the last (``layer="penultimate"``,
 the Stable Diffusion 2 convention). The pooled token is the end-of-text token, found as the argmax
-of the ids as in CLIP (D2); the valid mask marks the positions up to and including it (D3).
+of the ids as in CLIP (E39); the valid mask marks the positions up to and including it (E40).
 
 Weights never download: ``TextEncoder.from_config("ViT-g-14", weights=<local file>)`` reads the
 text-tower keys of a full open_clip CLIP checkpoint (safetensors, or .bin/.pt through
@@ -220,7 +220,7 @@ class LayerNormFloat32(nn.LayerNorm):
 
 
 def _build_tower(cfg: TextEncoderConfig) -> nn.Module:
-    """open_clip's TextTransformer for ``cfg``, with no final text projection (D1)."""
+    """open_clip's TextTransformer for ``cfg``, with no final text projection (E38)."""
     from open_clip.transformer import QuickGELU, TextTransformer
 
     return TextTransformer(
@@ -275,7 +275,7 @@ def text_tower_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     """Text-tower tensors of a full open_clip CLIP state dict, keyed as open_clip's TextTransformer.
 
     Strips a DDP ``module.`` prefix and a CustomTextCLIP ``text.`` prefix; drops the vision tower
-    (``visual.*``), ``logit_scale``/``logit_bias``, the final ``text_projection`` (unused, D1) and
+    (``visual.*``), ``logit_scale``/``logit_bias``, the final ``text_projection`` (unused, E38) and
     legacy ``attn_mask`` buffers. What remains must match the tower exactly (checked on load).
     """
     return {new: state_dict[old] for new, old in _text_key_map(list(state_dict)).items()}
@@ -344,8 +344,8 @@ class TextEncoding:
     """Output of :class:`TextEncoder`: the text tokens y and their bookkeeping.
 
     hidden:       (B, n_y, d_y) token states E_theta(y), all n_y positions (padding included).
-    pooled_index: (B,) long, position of the end-of-text token (= argmax of ids, D2).
-    valid:        (B, n_y) bool, True at positions 0..pooled_index (SOT, prompt tokens, EOT; D3).
+    pooled_index: (B,) long, position of the end-of-text token (= argmax of ids, E39).
+    valid:        (B, n_y) bool, True at positions 0..pooled_index (SOT, prompt tokens, EOT; E40).
     pooled:       (B, d_y) hidden state at pooled_index (before any projection).
     ids:          (B, n_y) long token ids that were encoded.
     """
@@ -487,7 +487,7 @@ class TextEncoder(nn.Module):
     # --- tokenization --------------------------------------------------------------------
 
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """CLIP BPE ids (B, n_y) long: [SOT, tokens, EOT, 0-padding]; long prompts truncated (D4).
+        """CLIP BPE ids (B, n_y) long: [SOT, tokens, EOT, 0-padding]; long prompts truncated (E41).
 
         A prompt with more than n_y - 2 BPE tokens keeps its first n_y - 2 tokens (EOT stays
         last) and raises a :class:`PromptTruncatedWarning` naming the prompt and the drop count.

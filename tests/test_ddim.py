@@ -150,7 +150,8 @@ def test_sigma_and_injected_noise(kind, eta, seed, data):
     ap = 1.0 if t_prev < 0 else s.alphas_cumprod[t_prev].item()
     expected = eta * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
     assert ddim_sigma(t, t_prev, s, xt, eta).item() == pytest.approx(expected, rel=1e-10, abs=1e-15)
-    added = ddim_step(xt, t, t_prev, eps, s, eta=eta, noise=z) - ddim_step(xt, t, t_prev, eps, s, eta=eta, noise=torch.zeros_like(z))
+    with_z = ddim_step(xt, t, t_prev, eps, s, eta=eta, noise=z)
+    added = with_z - ddim_step(xt, t, t_prev, eps, s, eta=eta, noise=torch.zeros_like(z))
     torch.testing.assert_close(added, expected * z, rtol=1e-9, atol=1e-12)
     # Eq. 12 with Python floats
     x0_hat = (xt - math.sqrt(1 - a) * eps) / math.sqrt(a)

@@ -187,7 +187,8 @@ def test_posterior_step_injects_sigma_z_except_at_t0(kind, B, seed, variance):
     xt, eps, z = _draw(gen, B, 3, 2), _draw(gen, B, 3, 2), _draw(gen, B, 3, 2)
     t = _per_sample_t(gen, B)
     t[0] = 0  # always one sample at the last step
-    added = posterior_step(xt, t, eps, s, variance=variance, noise=z) - posterior_step(xt, t, eps, s, variance=variance, noise=torch.zeros_like(z))
+    with_z = posterior_step(xt, t, eps, s, variance=variance, noise=z)
+    added = with_z - posterior_step(xt, t, eps, s, variance=variance, noise=torch.zeros_like(z))
     table = s.posterior_variance if variance == "fixed_small" else s.betas
     for b in range(B):
         sigma = 0.0 if int(t[b]) == 0 else math.sqrt(table[int(t[b])].item())

@@ -45,6 +45,7 @@ def test_sixteen_blocks_in_sd_layout(preset):
     assert list(cfg.transformer_down) == [2, 2, 2, 0] and cfg.transformer_mid == 1 and list(cfg.transformer_up) == [0, 3, 3, 3]
 
 
+@pytest.mark.spec_id("model.unet")
 def test_block_grids_and_aux():
     cfg = micro_cfg()
     model = RaphaelUNet(cfg).eval()
@@ -65,6 +66,7 @@ def test_block_grids_and_aux():
         assert a.masks.any(dim=1).all()
 
 
+@pytest.mark.spec_id("model.unet")
 def test_toy_preset_forward_backward_edge_loss():
     """The toy preset itself (32x32 pixels, all 16 blocks) trains one step: finite grads everywhere."""
     cfg = get_preset("toy").model
@@ -89,6 +91,7 @@ def test_toy_preset_forward_backward_edge_loss():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blk.text_gate.parameters())
 
 
+@pytest.mark.spec_id("model.unet")
 def test_edge_loss_only_below_T_c():
     cfg = micro_cfg()
     model = RaphaelUNet(cfg).train()
@@ -129,6 +132,7 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+@pytest.mark.spec_id("model.unet")
 def test_train_eval_parity_of_moe_layers():
     """Eval routes are deterministic; with the gate noise off, train mode computes exactly eval mode."""
     cfg = micro_cfg(**{"model.gate_noise_std": 0.0, "model.checkpoint": False})

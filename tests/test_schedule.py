@@ -57,7 +57,8 @@ def test_linear_and_scaled_linear_definitions(T, b0, span):
 @pytest.mark.spec_id("schedule.betas")
 def test_default_endpoints():
     torch.testing.assert_close(make_betas("linear")[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64), rtol=1e-14, atol=0)
-    torch.testing.assert_close(make_betas("scaled_linear")[[0, -1]], torch.tensor([0.00085, 0.012], dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(make_betas("scaled_linear")[[0, -1]], torch.tensor([0.00085, 0.012], dtype=torch.float64),
+                               rtol=1e-14, atol=0)
     assert DEFAULT_KIND == "scaled_linear"
     torch.testing.assert_close(make_betas(), make_betas("scaled_linear", 1000), rtol=0, atol=0)
 
@@ -118,7 +119,8 @@ def test_schedule_tables_follow_their_formulas(kind, T, zsnr):
     torch.testing.assert_close(s.alphas, 1 - s.betas, rtol=0, atol=0)
     assert s.alphas_cumprod_prev[0].item() == 1.0
     torch.testing.assert_close(s.alphas_cumprod_prev[1:], s.alphas_cumprod[:-1], rtol=0, atol=0)
-    torch.testing.assert_close(s.sqrt_alphas_cumprod**2 + s.sqrt_one_minus_alphas_cumprod**2, torch.ones(T, dtype=torch.float64), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(s.sqrt_alphas_cumprod**2 + s.sqrt_one_minus_alphas_cumprod**2, torch.ones(T, dtype=torch.float64),
+                               rtol=1e-14, atol=1e-14)
     # posterior variance as the inverse of the summed precisions (DDPM Eq. 7 derived from Bayes):
     # 1/beta~_t = alpha_t / beta_t + 1 / (1 - abar_{t-1}), t >= 1
     prec = s.alphas[1:] / s.betas[1:] + 1 / (1 - s.alphas_cumprod_prev[1:])
@@ -133,8 +135,8 @@ def test_schedule_tables_follow_their_formulas(kind, T, zsnr):
 
 @pytest.mark.spec_id("schedule.alphas_cumprod")
 @settings(max_examples=20)
-@given(B=st.integers(1, 4), extra=st.integers(0, 3), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
-       data=st.data())
+@given(B=st.integers(1, 4), extra=st.integers(0, 3),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]), data=st.data())
 def test_lookup_casts_and_broadcasts(B, extra, dtype, data):
     s = NoiseSchedule.make("linear", 50)
     x = torch.zeros((B,) + (2,) * extra, dtype=dtype)

@@ -99,7 +99,7 @@ def test_penultimate_layer_skips_the_last_block():
 
 
 def test_valid_positions_ignore_padding_ids(enc):
-    # Valid-mask semantics (D3): the causal tower makes positions <= EOT blind to what follows.
+    # Valid-mask semantics (E40): the causal tower makes positions <= EOT blind to what follows.
     ids = enc.tokenize(["a furry bear", "sky"])
     out = enc(ids)
     noisy = ids.clone()
@@ -222,7 +222,7 @@ def test_vit_g14_text_tower_on_meta_device():
     assert all(p.is_meta for p in enc.parameters())
     w, L = cfg.width, cfg.layers
     # token + positional embeddings; per block: 2 LNs (4w), qkv (3w^2+3w), out (w^2+w),
-    # MLP (4w^2+4w, 4w^2+w); final LN (2w). No text projection (D1).
+    # MLP (4w^2+4w, 4w^2+w); final LN (2w). No text projection (E38).
     expected = CLIP_VOCAB_SIZE * w + N_Y * w + L * (12 * w * w + 13 * w) + 2 * w
     assert enc.num_parameters() == expected == 352_984_064
 

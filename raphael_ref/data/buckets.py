@@ -5,7 +5,7 @@
 [640, 576], [704, 512], [768, 512], [832, 448]; "the GPU resources will be automatically allocated
 to each bucket depending on the number of images it contains".
 
-Decisions (spec/_parts/edge_data_errata.md):
+Decisions (spec/errata.md):
 - nearest = smallest |log(h / w) - log(H_b / W_b)| (aspect ratio in log space, so h:w and w:h are
   equally far from 1:1); evaluated exactly with integer arithmetic. Ties (an image ratio exactly
   at the geometric mean of two bucket ratios): the larger bucket area wins, then the lower index.

@@ -1,7 +1,7 @@
 """RAPHAEL Sec. 4, "Dataset": caption cleaning ("removing useless information such as URLs, HTML tags,
 and email addresses").
 
-Decisions (spec/_parts/edge_data_errata.md), applied in this order and repeated until nothing
+Decisions (spec/errata.md), applied in this order and repeated until nothing
 changes (each pass only shortens the text or normalises whitespace, so this terminates; the
 result is a fixed point, hence clean_caption is idempotent):
 

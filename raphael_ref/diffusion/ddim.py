@@ -32,7 +32,8 @@ def _round_half_even_div(num: Tensor, den: int) -> Tensor:
 
 def ddim_timesteps(num_inference_steps: int, T: int = 1000, spacing: str = DEFAULT_SPACING,
                    steps_offset: int | None = None) -> Tensor:
-    """DDIM sub-sequence of 0-based timesteps, descending, long tensor of shape (n,).
+    """RAPHAEL Sec. 4.2 ("DDIM [33] steps"), the DDIM timestep sub-sequence: n descending 0-based
+    timesteps, a long tensor of shape (n,).
 
     With n = ``num_inference_steps`` and i = 0..n-1 (definitions of Lin et al. 2024, Table 2, and
     diffusers' ``DDIMScheduler.set_timesteps``):
@@ -85,7 +86,8 @@ def _abar_prev(schedule: NoiseSchedule, t_prev, like: Tensor) -> Tensor:
 
 
 def ddim_sigma(t, t_prev, schedule: NoiseSchedule, like: Tensor, eta: float = 0.0) -> Tensor:
-    """DDIM Eq. 16: sigma_t(eta) = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev).
+    """RAPHAEL Sec. 4.2 (DDIM [33] sampler), DDIM Eq. 16:
+    sigma_t(eta) = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev).
 
     eta = 1 with t_prev = t - 1 gives the DDPM posterior std sqrt(beta~_t). Float64 (B or 1, 1, ...).
     """
@@ -104,7 +106,7 @@ def ddim_sigma(t, t_prev, schedule: NoiseSchedule, like: Tensor, eta: float = 0.
 def ddim_step(x_t: Tensor, t, t_prev, eps_pred: Tensor, schedule: NoiseSchedule, *, eta: float = 0.0,
               noise: Tensor | None = None, generator: torch.Generator | None = None,
               clip_x0: float | None = None) -> Tensor:
-    """DDIM Eq. 12 (Song et al. 2021), one step t -> t_prev:
+    """RAPHAEL Sec. 4.2 (DDIM [33] sampler), DDIM Eq. 12 (Song et al. 2021), one step t -> t_prev:
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps_pred + sigma_t z,
     x0_hat = (x_t - sqrt(1 - abar_t) eps_pred) / sqrt(abar_t), sigma_t = :func:`ddim_sigma`.
 

@@ -1,6 +1,6 @@
 """DDPM forward noising, denoising loss and ancestral posterior step (RAPHAEL Sec. 2).
 
-RAPHAEL Sec. 2 prints two of these equations with errors (spec/_parts/diffusion_errata.md):
+RAPHAEL Sec. 2 prints two of these equations with errors (spec/errata.md):
 the forward sample with the square roots swapped, and the posterior step with sqrt(1 - alpha_t)
 where DDPM (Ho et al. 2020, Eq. 11 / Algorithm 2) has sqrt(1 - abar_t). We implement DDPM.
 

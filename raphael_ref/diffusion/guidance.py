@@ -1,7 +1,7 @@
 """Classifier-free guidance (Ho & Salimans 2022), used by RAPHAEL Sec. 4.2 ("guidance weights"
 1.5, 3.0, 4.5, 6.0, 7.5, 9.0).
 
-Convention (spec/_parts/diffusion_errata.md): the scale s multiplies the difference
+Convention (spec/errata.md): the scale s multiplies the difference
 eps_cond - eps_uncond, so s = 0 is unconditional and s = 1 plain conditional sampling; Ho &
 Salimans' weight w is s - 1. The paper's weights are read as s (7.5 is Stable Diffusion's default).
 """
@@ -24,7 +24,8 @@ def cfg_combine(eps_uncond: Tensor, eps_cond: Tensor, scale: float | Tensor) -> 
     """
     for name, x in (("eps_uncond", eps_uncond), ("eps_cond", eps_cond)):
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a floating tensor, got {got}")
     if eps_uncond.shape != eps_cond.shape or eps_uncond.dtype != eps_cond.dtype or eps_uncond.device != eps_cond.device:
         raise ValueError(
             f"eps_uncond and eps_cond must share shape, dtype and device, got {tuple(eps_uncond.shape)} {eps_uncond.dtype} "

@@ -2,7 +2,7 @@
 
 The paper states T = 1000 (Table 2) but no beta schedule. We default to ``"scaled_linear"``, the
 latent-diffusion / Stable Diffusion schedule RAPHAEL builds on (Sec. 4 "Implementations";
-spec/_parts/diffusion_errata.md). Index convention: timesteps are 0-based, ``t in [0, T-1]``;
+spec/errata.md). Index convention: timesteps are 0-based, ``t in [0, T-1]``;
 the paper's t = 1..T is our t + 1, so ``alphas_cumprod[0]`` is the paper's abar_1.
 
 Every table is computed once, in float64, outside autocast, and named after its formula
@@ -94,7 +94,8 @@ def alphas_cumprod(betas: Tensor) -> Tensor:
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Zero terminal SNR (Lin et al. 2024, Algorithm 1): shift and scale sqrt(abar) so that
+    """RAPHAEL Sec. 2 noise schedule, optional zero terminal SNR (Lin et al. 2024, Algorithm 1; not in
+    the paper): shift and scale sqrt(abar) so that
     sqrt(abar_{T-1}) = 0 while sqrt(abar_0) is kept; returns the new betas (float64, (T,)).
 
     sqrt(abar)' = (sqrt(abar) - sqrt(abar_{T-1})) * sqrt(abar_0) / (sqrt(abar_0) - sqrt(abar_{T-1})).

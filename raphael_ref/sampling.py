@@ -1,0 +1,115 @@
+"""Sampling with classifier-free guidance, and collection of diffusion paths (Sec. 3.1, Fig. 4/9).
+
+``sample(...)`` runs DDIM (``ddim.ddim_step``) or ancestral DDPM (``ddpm.posterior_step``) from
+pure noise, combining conditional and unconditional predictions with ``guidance.cfg_combine``.
+With ``collect_paths=True`` it also returns, per step and per transformer block, the space
+expert chosen for every text token and the time expert chosen for every sample (of the
+conditional branch): the diffusion paths the paper analyses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from raphael_ref.diffusion import NoiseSchedule, cfg_combine, ddim_step, ddim_timesteps, posterior_step
+from raphael_ref.models import RaphaelUNet
+
+
+@dataclasses.dataclass
+class DiffusionPaths:
+    """Routes taken while sampling. Shapes: S steps, K blocks, B samples, n_y text tokens.
+
+    timesteps:    (S,) long, the model timestep of each step (descending).
+    space_routes: (S, K, B, n_y) long, -1 where the block has no space-MoE.
+    time_routes:  (S, K, B) long, -1 where the block has no time-MoE.
+    valid:        (B, n_y) bool, which text tokens are real (not padding).
+    masks:        optional list over steps of lists over blocks of (B, n_x, n_y) bool masks.
+    """
+
+    timesteps: torch.Tensor
+    space_routes: torch.Tensor
+    time_routes: torch.Tensor
+    valid: torch.Tensor
+    masks: list | None = None
+
+    def path_of_token(self, step: int, sample: int, token: int) -> list[int]:
+        """The space experts token ``token`` of sample ``sample`` went through at ``step``, block by block."""
+        return self.space_routes[step, :, sample, token].tolist()
+
+
+def _routes(aux, B, n_y):
+    s = torch.stack([a.space_routes if a.space_routes is not None else torch.full((B, n_y), -1) for a in aux])
+    t = torch.stack([a.time_routes if a.time_routes is not None else torch.full((B,), -1) for a in aux])
+    return s.cpu(), t.cpu()
+
+
+@torch.no_grad()
+def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+           uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, shape: tuple[int, ...],
+           steps: int = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
+           spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
+           collect_masks: bool = False, progress: Callable | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+    """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
+    of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
+
+    Noise is drawn on the CPU from ``generator`` (so a seed gives the same samples on any device)
+    and moved to the model's device. Returns ``(x_0, paths or None)``.
+    """
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, C, H, W), got {shape}")
+    B = shape[0]
+    device = next(model.parameters()).device
+    hidden, valid, pooled = (c.to(device) for c in cond)
+    if hidden.shape[0] != B:
+        raise ValueError(f"cond has batch {hidden.shape[0]} but shape asks for {B} samples")
+    use_cfg = uncond is not None and guidance != 1.0
+    if use_cfg:
+        u_hidden, u_valid, u_pooled = (c.to(device) for c in uncond)
+        if u_hidden.shape[0] == 1:
+            u_hidden, u_valid, u_pooled = u_hidden.expand(B, -1, -1), u_valid.expand(B, -1), u_pooled.expand(B)
+        hidden2, valid2, pooled2 = (torch.cat(p) for p in ((hidden, u_hidden), (valid, u_valid), (pooled, u_pooled)))
+    T = schedule.T
+    if sampler == "ddim":
+        ts = ddim_timesteps(steps, T, spacing)
+    else:
+        ts = torch.arange(T - 1, -1, -1)
+    model.eval()
+    x = torch.randn(shape, generator=generator).to(device)
+    n_y = hidden.shape[1]
+    s_all, t_all, m_all = [], [], []
+    iterator = range(len(ts))
+    if progress is not None:
+        iterator = progress(iterator)
+    for i in iterator:
+        t = int(ts[i])
+        tb = torch.full((B,), t, dtype=torch.long, device=device)
+        if use_cfg:
+            eps2, aux = model(torch.cat([x, x]), torch.cat([tb, tb]), hidden2, valid2, pooled2, return_masks=collect_masks)
+            eps_c, eps_u = eps2.chunk(2)
+            eps = cfg_combine(eps_u, eps_c, guidance)
+        else:
+            eps, aux = model(x, tb, hidden, valid, pooled, return_masks=collect_masks)
+        if collect_paths:
+            s, tt = _routes(aux, 2 * B if use_cfg else B, n_y)
+            s_all.append(s[:, :B])
+            t_all.append(tt[:, :B])
+            if collect_masks:
+                m_all.append([a.masks[:B].cpu() for a in aux])
+        eps = eps.to(x.dtype)
+        if sampler == "ddim":
+            t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
+            noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
+            x = ddim_step(x, t, t_prev, eps, schedule, eta=eta, noise=noise)
+        else:
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = posterior_step(x, tb, eps, schedule, noise=noise)
+    paths = None
+    if collect_paths:
+        paths = DiffusionPaths(ts.clone(), torch.stack(s_all), torch.stack(t_all), valid.cpu(),
+                               m_all if collect_masks else None)
+    return x, paths
