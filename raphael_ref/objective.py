@@ -29,8 +29,9 @@ def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5,
     for a in aux:
         if a.edge_logits is None:
             continue
-        target = edge_target_to_grid(edge_map.to(a.edge_logits.dtype), *a.grid)  # (B, 1, h, w)
-        rows.append(focal_loss_per_sample(a.edge_logits, target, alpha=alpha, gamma=gamma))  # (B,), at least float32
+        acc = torch.promote_types(a.edge_logits.dtype, torch.float32)  # bf16/fp16 logits -> float32 loss
+        target = edge_target_to_grid(edge_map.to(acc), *a.grid)  # (B, 1, h, w)
+        rows.append(focal_loss_per_sample(a.edge_logits.to(acc), target, alpha=alpha, gamma=gamma))  # (B,)
     if not rows:
         raise ValueError("no block has an edge head (model.use_edge is False); pass edge_map=None")
     return torch.stack(rows)  # (n_blocks, B)
@@ -48,7 +49,8 @@ def training_losses(model: RaphaelUNet, schedule: NoiseSchedule, x0: torch.Tenso
     """
     x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
     eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
-    denoise = loss_eps(eps_hat, noise, reduction="none")  # (B,), at least float32
+    acc = torch.promote_types(eps_hat.dtype, torch.float32)  # the loss of a bf16/fp16 model in float32
+    denoise = loss_eps(eps_hat.to(acc), noise.to(acc), reduction="none")  # (B,)
     use_edge = model.cfg.use_edge and edge_map is not None
     edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if use_edge else None  # (n_blocks, B)
     out = total_loss(denoise, edge, t, model.cfg.edge_t_cutoff)
