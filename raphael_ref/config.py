@@ -58,7 +58,9 @@ class ModelConfig:
     gate_grad: str = "straight_through"
     count_padding: bool = True  # n_y = 77 slots in the space-MoE mean (spec/errata.md)
     attend_padding: bool = True  # cross-attention attends all 77 slots, as Stable Diffusion does
-    moe_impl: str = "gather"  # space-MoE fast form: "gather" (skip uncovered positions) or "dense"
+    # space-MoE fast form: "dense" (every expert on every position: no host sync, cost bounded by
+    # the number of experts as Sec. 4.2 states) or "gather" (only covered positions; faster on CPU)
+    moe_impl: str = "dense"
     # --- edge-supervised learning (Sec. 3.2) ---
     use_edge: bool = True
     edge_layers: int = 5  # N conv layers of P_theta
