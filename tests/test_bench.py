@@ -51,3 +51,23 @@ def test_cli_lists_subcommands_and_rejects_unknown(bench, capsys):
     assert "space-moe" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["no-such-benchmark"])
+
+
+def test_block_tiny_run_writes_json(bench, tmp_path):
+    out = tmp_path / "block.json"
+    rc = bench.main(["block", "--latent", "4", "--width", "64", "--expert-mult", "2", "--repeats", "1", "--warmup", "0",
+                     "--out", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["sizes"]["width"] == 64 and rec["sizes"]["latent"] == 4 and rec["sizes"]["space_experts"] == 6
+    assert set(rec["times_s"]) == {"moe", "dense"} and rec["moe_over_dense"] > 0
+    assert rec["params"]["moe"] > rec["params"]["dense"]
+
+
+def test_params_counts_the_paper_preset(bench, tmp_path, capsys):
+    out = tmp_path / "params.json"
+    assert bench.main(["params", "--preset", "paper", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert abs(rec["unet"]["total"] - 3.0e9) <= 0.1 * 3.0e9
+    assert rec["text_tower"] > 3e8  # the ViT-g-14 text tower, listed separately
+    assert "space_experts" in capsys.readouterr().out

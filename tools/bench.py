@@ -3,9 +3,12 @@
 
     python tools/bench.py space-moe                      # literal vs fast space-MoE, paper sizes, CPU
     python tools/bench.py space-moe --positions 256 --repeats 5 --threads 2 --out bench_out/smoe.json
+    python tools/bench.py block                          # MoE block vs dense block, CPU float32
+    python tools/bench.py block --device cuda            # bf16, 64x64 latents, width 1280, 40 valid tokens
+    python tools/bench.py params --preset paper          # parameter count per component
 
-Every subcommand times on the CPU in float32 under torch.no_grad(): one warm-up call, then the
-median of --repeats calls. It prints a small table, and with --out writes a JSON record (sizes,
+Timing subcommands report the median of --repeats calls after --warmup untimed calls
+(space-moe: CPU float32 under torch.no_grad(); block: CPU float32 or CUDA bf16). It prints a small table, and with --out writes a JSON record (sizes,
 times, ratios, errors, torch version, threads).
 
 Adding a subcommand: write ``add_<name>_args(parser)`` and ``run_<name>(args) -> dict`` and add
@@ -129,6 +132,116 @@ def run_space_moe(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# block: one transformer block with MoE (k space + n_t time experts) vs the same block with dense FFNs
+
+
+def add_block_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 autocast on CUDA)")
+    p.add_argument("--latent", type=int, default=None, help="latent side (image tokens = side^2); default 16 CPU, 64 CUDA")
+    p.add_argument("--width", type=int, default=None, help="block width; default 320 CPU, 1280 CUDA (the paper preset's deepest width)")
+    p.add_argument("--batch", type=int, default=None, help="batch size; default 1 CPU, 2 CUDA")
+    p.add_argument("--valid-tokens", type=int, default=40, help="valid text tokens of the 77 (Fig. 6c uses 40)")
+    p.add_argument("--expert-mult", type=int, default=None, help="expert hidden width / width (default: the paper preset's)")
+    p.add_argument("--impl", default="dense", choices=["dense", "gather"], help="space-MoE fast form")
+    p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward only")
+
+
+def run_block(args: argparse.Namespace) -> dict:
+    import contextlib
+
+    from raphael_ref.config import get_preset
+    from raphael_ref.models import TransformerBlock
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no GPU")
+    latent = args.latent or (64 if cuda else 16)
+    width = args.width or (1280 if cuda else 320)
+    B = args.batch or (2 if cuda else 1)
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    paper = get_preset("paper").model
+    mult = args.expert_mult or paper.expert_mult
+    gen = torch.Generator().manual_seed(args.seed)
+    n_y, d_y, d_t = paper.n_y, paper.d_y, 4 * paper.model_channels
+    y = torch.randn(B, n_y, d_y, generator=gen).to(args.device)
+    valid = (torch.arange(n_y)[None] < args.valid_tokens).expand(B, n_y).to(args.device)
+    pooled = torch.full((B,), args.valid_tokens - 1, dtype=torch.long, device=args.device)
+    temb = torch.randn(B, d_t, generator=gen).to(args.device)
+    x = torch.randn(B, latent * latent, width, generator=gen).to(args.device)
+    blocks = {}
+    for name, moe in (("moe", True), ("dense", False)):
+        cfg = get_preset("paper", {"model.use_space_moe": moe, "model.use_time_moe": moe, "model.expert_mult": mult,
+                                   "model.moe_impl": args.impl}).model
+        torch.manual_seed(args.seed)
+        blocks[name] = TransformerBlock(width, d_y, d_t, cfg).to(args.device).eval()
+    amp = (torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16)
+           if dtype == "bfloat16" else contextlib.nullcontext())
+
+    def call(block):
+        def fn():
+            with amp:
+                if args.backward:
+                    xx = x.detach().requires_grad_(True)
+                    out, _ = block(xx, (latent, latent), y, valid, pooled, temb)
+                    out.float().sum().backward()
+                else:
+                    with torch.no_grad():
+                        block(x, (latent, latent), y, valid, pooled, temb)
+            if cuda:
+                torch.cuda.synchronize()
+        return fn
+
+    times = {name: median_seconds(call(b), args.repeats, args.warmup) for name, b in blocks.items()}
+    ratio = times["moe"] / times["dense"]
+    params = {name: sum(p.numel() for p in b.parameters()) for name, b in blocks.items()}
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"transformer block  B={B} tokens={latent}x{latent} width={width} expert hidden={mult}x "
+          f"valid text tokens={args.valid_tokens}/{n_y}  {dtype} on {device_name}, "
+          f"{'fwd+bwd' if args.backward else 'forward'}, median of {args.repeats}")
+    print_table([(n, f"{times[n] * 1e3:.1f}", f"{params[n] / 1e6:.1f}M") for n in blocks], ("block", "ms", "params"))
+    print(f"MoE block / dense block time ratio: {ratio:.2f}  (6 space + 4 time experts vs one dense FFN each)")
+    return {
+        "sizes": {"batch": B, "latent": latent, "width": width, "expert_mult": mult, "valid_tokens": args.valid_tokens,
+                  "n_y": n_y, "d_y": d_y, "space_experts": paper.n_space_experts, "time_experts": paper.n_time_experts},
+        "dtype": dtype, "device": args.device, "device_name": device_name, "impl": args.impl,
+        "mode": "fwd+bwd" if args.backward else "forward",
+        "times_s": times, "moe_over_dense": ratio, "params": params,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# params: parameter count per component of a preset (built on the meta device: no memory)
+
+
+def add_params_args(p: argparse.ArgumentParser) -> None:
+    from raphael_ref.config import PRESETS
+
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--no-text", action="store_true", help="skip counting the text tower")
+
+
+def run_params(args: argparse.Namespace) -> dict:
+    from raphael_ref.config import get_preset
+    from raphael_ref.models import build_on_meta, count_parameters, format_count
+
+    cfg = get_preset(args.preset)
+    counts = count_parameters(build_on_meta(cfg.model))
+    text = None
+    if not args.no_text:
+        from raphael_ref.text_encoder import TextEncoder
+
+        text = TextEncoder.from_config(cfg.model.text_encoder, device="meta").num_parameters()
+    rows = [(k, f"{v:,}", format_count(v), f"{100 * v / counts['total']:.1f}%") for k, v in counts.items()]
+    print(f"preset {cfg.name}: U-Net parameters per component (meta device)")
+    print_table(rows, ("component", "parameters", "", "share"))
+    if text is not None:
+        print(f"text tower {cfg.model.text_encoder} (frozen, not in the U-Net total): {text:,} ({format_count(text)})")
+    return {"preset": cfg.name, "unet": counts, "text_tower": text}
+
+
+# ---------------------------------------------------------------------------------------------
 # registry and CLI
 
 
@@ -143,6 +256,9 @@ class Command:
 COMMANDS: list[Command] = [
     Command("space-moe", "space-MoE: literal loop over tokens vs regrouped dense/gather forms",
             add_space_moe_args, run_space_moe),
+    Command("block", "one transformer block: MoE (6 space + 4 time experts) vs dense FFNs",
+            add_block_args, run_block),
+    Command("params", "parameter count per component of a preset (meta device)", add_params_args, run_params),
 ]
 
 
