@@ -10,3 +10,23 @@ from raphael_ref.data.buckets import (
 from raphael_ref.data.captions import clean_caption
 
 __all__ = ["BUCKETS", "bucket_nearest", "resize_crop_plan", "scaled_buckets", "bucket_batch_shares", "clean_caption"]
+
+# Synthetic compositional data set (not in the paper; for end-to-end training and evaluation).
+from raphael_ref.data.synthetic import (  # noqa: E402
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    SyntheticShapes,
+    collate_synthetic,
+    export_shards,
+    make_scene,
+    render,
+    sample_scene,
+)
+
+__all__ += [
+    "SHAPES", "COLORS", "POSITIONS", "SceneObject", "Scene", "sample_scene", "make_scene", "render",
+    "SyntheticShapes", "collate_synthetic", "export_shards",
+]
