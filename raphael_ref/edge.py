@@ -61,7 +61,8 @@ def attention_to_grid(m_col: torch.Tensor, height: int, width: int) -> torch.Ten
     return m_col.reshape(m_col.shape[0], 1, height, width)  # (B, 1, h, w)
 
 
-def pooled_attention_map(m: torch.Tensor, pooled_index: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def pooled_attention_map(m: torch.Tensor, pooled_index: torch.Tensor, height: int, width: int, *,
+                         check_values: bool = True) -> torch.Tensor:
     """RAPHAEL App. 7.2, Fig. 7a: the attention map of the pooled (EOT) text token, (B, 1, h, w).
 
     m:            cross-attention map M (B, n_x, n_y), heads already averaged.
@@ -76,7 +77,7 @@ def pooled_attention_map(m: torch.Tensor, pooled_index: torch.Tensor, height: in
             f"pooled_attention_map expects pooled_index of shape ({B},) and dtype torch.long; got "
             f"{tuple(pooled_index.shape)} {pooled_index.dtype}. Pass the EOT position of each prompt."
         )
-    if pooled_index.numel() and (pooled_index.min() < 0 or pooled_index.max() >= n_y):
+    if check_values and pooled_index.numel() and (pooled_index.min() < 0 or pooled_index.max() >= n_y):
         raise ValueError(f"pooled_attention_map: pooled_index must lie in [0, {n_y - 1}], got {pooled_index.tolist()}.")
     idx = pooled_index.to(m.device).view(B, 1, 1).expand(B, n_x, 1)  # (B, n_x, 1)
     col = m.gather(2, idx).squeeze(2)  # (B, n_x)

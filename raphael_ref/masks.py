@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = ["threshold_mask_literal", "threshold_mask"]
 
 
-def _check(M: Tensor, alpha: float) -> None:
+def _check(M: Tensor, alpha: float, check_values: bool = True) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
         raise ValueError(
             f"alpha must be a number in [0, 1] (Table 2 uses 0.2), got {alpha!r}; "
@@ -29,6 +29,8 @@ def _check(M: Tensor, alpha: float) -> None:
         raise ValueError(f"M must be a floating cross-attention map of shape (B, n_x, n_y), got {got}")
     if M.shape[1] < 1:
         raise ValueError(f"M needs at least one image token (n_x >= 1), got shape {tuple(M.shape)}")
+    if not check_values:
+        return  # the caller vouches for the values (e.g. the model: M comes from a softmax)
     with torch.no_grad():
         if bool(torch.isnan(M).any()) or bool((M < 0).any()):
             raise ValueError(
@@ -55,12 +57,13 @@ def threshold_mask_literal(M: Tensor, alpha: float = 0.2) -> Tensor:
     return Mhat
 
 
-def threshold_mask(M: Tensor, alpha: float = 0.2) -> Tensor:
+def threshold_mask(M: Tensor, alpha: float = 0.2, *, check_values: bool = True) -> Tensor:
     """RAPHAEL Sec. 3.1, From Text to Image Region: vectorised ``threshold_mask_literal`` (equal, bit for bit).
 
-    ``M`` (B, n_x, n_y) -> torch.bool (B, n_x, n_y); no gradient.
+    ``M`` (B, n_x, n_y) -> torch.bool (B, n_x, n_y); no gradient. ``check_values=False`` skips the
+    NaN / negative-entry check (a host sync) for callers whose M is a softmax output.
     """
-    _check(M, alpha)
+    _check(M, alpha, check_values)
     with torch.no_grad():
         eta = alpha * M.amax(dim=1, keepdim=True)  # (B, 1, n_y)
         return M >= eta  # (B, n_x, n_y)

@@ -125,7 +125,7 @@ class TransformerBlock(nn.Module):
         s_routes, masks = None, None
         if cfg.use_space_moe:
             with torch.no_grad():
-                masks = threshold_mask(M.detach(), cfg.mask_alpha)  # (B, n_x, n_y) bool
+                masks = threshold_mask(M.detach(), cfg.mask_alpha, check_values=False)  # (B, n_x, n_y) bool
             s_routes, s_w = text_route(self.text_gate, y, training=self.training,
                                        noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B, n_y), (B, n_y)
             x = x + space_moe(h, masks, s_routes, s_w.to(h.dtype), self.space_experts, valid=y_valid,
@@ -133,7 +133,7 @@ class TransformerBlock(nn.Module):
         else:
             x = x + self.space_ffn.expert(0, h)
         # edge supervision on the pooled-token attention map (gradient flows into to_q / to_k)
-        pooled = pooled_attention_map(M, pooled_index, *grid)  # (B, 1, h, w)
+        pooled = pooled_attention_map(M, pooled_index, *grid, check_values=False)  # (B, 1, h, w)
         edge_logits = self.edge(pooled) if self.edge is not None else None
         return x, (s_routes, t_routes, pooled, edge_logits, masks if return_masks else None)
 
@@ -241,8 +241,11 @@ class RaphaelUNet(nn.Module):
             raise ValueError(f"y_valid must be a bool tensor of shape {tuple(y.shape[:2])}; got {tuple(y_valid.shape)} {y_valid.dtype}")
         if pooled_index.shape != (B,) or pooled_index.dtype != torch.long:
             raise ValueError(f"pooled_index must be a long tensor of shape ({B},); got {tuple(pooled_index.shape)} {pooled_index.dtype}")
+        # the only value checks of a forward (host syncs): inner layers run with check_values=False
         if not torch.isfinite(x).all():
             raise ValueError("x_t contains NaN or inf")
+        if pooled_index.numel() and (pooled_index.min() < 0 or pooled_index.max() >= y.shape[1]):
+            raise ValueError(f"pooled_index must lie in [0, n_y - 1 = {y.shape[1] - 1}]; got {pooled_index.tolist()}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,

@@ -124,3 +124,16 @@ def test_invalid_inputs_raise():
         threshold_mask_literal(-M, 0.2)
     with pytest.raises(ValueError, match="floating"):
         threshold_mask(torch.ones(1, 2, 2, dtype=torch.long), 0.2)
+
+
+@pytest.mark.spec_id("smoe.threshold_mask")
+def test_check_values_false_skips_only_the_value_check():
+    M = torch.softmax(torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(threshold_mask(M, 0.2, check_values=False), threshold_mask(M, 0.2))
+    bad = M.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_mask(bad, 0.2)
+    threshold_mask(bad, 0.2, check_values=False)  # the caller vouched: no host sync, no error
+    with pytest.raises(ValueError, match="alpha"):
+        threshold_mask(M, 1.5, check_values=False)  # argument checks stay

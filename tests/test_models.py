@@ -237,6 +237,8 @@ def test_bad_inputs_name_the_problem():
         model(x0, t, enc.hidden[..., :8], enc.valid, enc.pooled_index)
     with pytest.raises(ValueError, match="integer timesteps"):
         model(x0, t.float(), enc.hidden, enc.valid, enc.pooled_index)
+    with pytest.raises(ValueError, match="pooled_index"):
+        model(x0, t, enc.hidden, enc.valid, torch.tensor([0, 77]))
     bad = x0.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
