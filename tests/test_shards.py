@@ -109,7 +109,9 @@ def test_mixed_shards_are_read_with_every_bad_case_counted(tmp_path):
     ])
     full = _write_tar(tmp_path / "00001.tar", [*_sample("100", "first"), *_sample("101", "second")])
     truncated = tmp_path / "00002.tar"
-    truncated.write_bytes(full.read_bytes()[: 512 + 1024 + 512 + 600])  # ends inside sample 101
+    with tarfile.open(full) as tar:
+        cut = tar.getmember("101.jpg").offset_data + 50
+    truncated.write_bytes(full.read_bytes()[:cut])  # ends inside the image of sample 101
     garbage = tmp_path / "00003.tar"
     garbage.write_bytes(b"this is not a tar file" * 40)
     missing = tmp_path / "00004.tar"
@@ -124,7 +126,7 @@ def test_mixed_shards_are_read_with_every_bad_case_counted(tmp_path):
     expected = dict(filtered_aesthetic=1, filtered_watermark=1, missing_caption=1, empty_caption=1, missing_image=1,
                     corrupt=1, bad_meta=1, broken_shard=3)
     assert {k: v for k, v in stats.as_dict().items() if k in expected} == expected
-    # truncated shard: sample 100 complete, 101 cut inside its image (corrupt or missing, but never raised)
+    # truncated shard: sample 100 complete, 101 cut inside its image: the shard ends there, counted
     assert stats.kept == 7 and stats.seen == stats.kept + stats.dropped
     # one warning per kind, however many occurrences
     kinds = sorted(str(w.message).split("(")[1].split(")")[0] for w in caught)
