@@ -7,11 +7,12 @@ preset against that table.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ModelConfig:
     edge_t_cutoff: int = 500  # Table 2: T_c (edge loss only for t < T_c, 0-based)
     # --- memory ---
     checkpoint: bool = True  # Table 2: "Use checkpoint: True" (activation checkpointing per block)
+    # --- image codec (Sec. 4 "Implementations": a pre-trained VAE, as in latent diffusion) ---
+    codec: str = "vae"  # "vae": a diffusers AutoencoderKL read from vae_path; "identity": pixel space (toy)
+    vae_path: str | None = None  # local AutoencoderKL folder (config.json + safetensors); never downloaded
 
 
 @dataclass
@@ -85,7 +89,53 @@ class TrainConfig:
     multiscale: bool = True  # Table 2: "Enable multi-scale training"
     aesthetic_min: float = 4.7  # Sec. 4 "Dataset"
     steps: int = 1_000_000
+    seed: int = 0  # rank r of a world of size W draws from seed * W + r (DiT)
+    # --- the run (tools/train.py): data, frozen parts, logging, checkpoints ---
+    source: str = "synthetic"  # "synthetic", a folder/glob of tar shards, or an image folder (data.loader)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    edge_detector: str = "canny"  # I_edge (Sec. 3.2): "hed" as printed (needs hed_weights) or "canny" (offline)
+    hed_weights: str | None = None  # converted HED safetensors (tools/convert_hed.py)
+    mixed_precision: str = "bf16"  # autocast dtype on CUDA: "bf16" or "no"; the CPU always runs float32
+    fsdp: bool = False  # shard with FSDP2 (fully_shard per transformer block + root) instead of DDP
+    log_every: int = 100  # steps per JSONL line (each line holds the mean over its window)
+    ckpt_every: int = 5000  # steps between checkpoints (one is always written at the end)
+    keep_ckpts: int = 3  # newest checkpoints kept on disk; 0 keeps all
+
+
+# Prompts of the sample grids written while training: the synthetic data's caption template
+# (raphael_ref.data.synthetic), so a toy run's grid can be checked by eye: colour, shape, place.
+SYNTHETIC_PROMPTS: tuple[str, ...] = (
+    "a red circle on the left",
+    "a blue square on the right",
+    "a green triangle at the top",
+    "a yellow circle in the center",
+    "a white square at the bottom",
+    "a purple triangle on the left and a red square on the right",
+    "two blue circles at the top and at the bottom",
+    "a green square in the center and a yellow triangle at the top",
+)
+NATURAL_PROMPTS: tuple[str, ...] = (
+    "a red apple on a wooden table",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "two cats sleeping on a blue sofa",
+    "a bowl of ramen, studio photograph",
+    "a castle on a hill in the style of a Japanese comic",
+    "an astronaut riding a horse on the moon",
+    "a watercolor of purple hydrangeas",
+    "a cyberpunk street at night in the rain",
+)
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids written while training: EMA weights, fixed prompts, fixed seed."""
+
+    every: int = 5000  # steps between grids (one is always written at the end); 0: only at the end
+    sampler: str = "ddim"
+    steps: int = 50  # sampler steps
+    guidance: float = 4.5  # classifier-free guidance weight; Sec. 4.2 / Fig. 6b: best for the full model
     seed: int = 0
+    prompts: tuple[str, ...] = NATURAL_PROMPTS
 
 
 @dataclass
@@ -94,6 +144,7 @@ class RaphaelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     # ---- derived ----
     @property
@@ -103,7 +154,7 @@ class RaphaelConfig:
 
     def validate(self) -> "RaphaelConfig":
         """Raise ValueError naming the field for any inconsistent value."""
-        m, d, t = self.model, self.diffusion, self.train
+        m, d, t, s = self.model, self.diffusion, self.train, self.sample
         levels = len(m.channel_mult)
 
         def bad(field_name: str, msg: str) -> None:
@@ -151,6 +202,37 @@ class RaphaelConfig:
             bad("train.caption_dropout", f"must lie in [0, 1), got {t.caption_dropout}")
         if t.batch_size < 1:
             bad("train.batch_size", f"must be >= 1, got {t.batch_size}")
+        if m.codec not in ("vae", "identity"):
+            bad("model.codec", f"must be 'vae' or 'identity', got {m.codec!r}")
+        if m.codec == "identity" and m.in_channels != 3:
+            bad("model.in_channels", f"the identity codec (pixel space) needs 3 channels, got {m.in_channels}")
+        if not all(0.0 <= b < 1.0 for b in t.adam_betas) or len(t.adam_betas) != 2:
+            bad("train.adam_betas", f"must be two numbers in [0, 1), got {t.adam_betas}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(t, name) < 0:
+                bad(f"train.{name}", f"must be >= 0 (0 switches it off), got {getattr(t, name)}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            bad("train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}")
+        for name in ("warmup_steps", "steps", "num_workers", "keep_ckpts", "seed"):
+            if getattr(t, name) < 0:
+                bad(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(t, name) < 1:
+                bad(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+        if t.edge_detector not in ("canny", "hed"):
+            bad("train.edge_detector", f"must be 'canny' or 'hed', got {t.edge_detector!r}")
+        if t.mixed_precision not in ("bf16", "no"):
+            bad("train.mixed_precision", f"must be 'bf16' or 'no', got {t.mixed_precision!r}")
+        if s.every < 0:
+            bad("sample.every", f"must be >= 0 (0: only at the end), got {s.every}")
+        if s.sampler not in ("ddim", "ddpm"):
+            bad("sample.sampler", f"must be 'ddim' or 'ddpm', got {s.sampler!r}")
+        if not 1 <= s.steps <= d.T:
+            bad("sample.steps", f"must lie in [1, T={d.T}], got {s.steps}")
+        if s.guidance < 0:
+            bad("sample.guidance", f"must be >= 0, got {s.guidance}")
+        if not s.prompts or not all(isinstance(p, str) for p in s.prompts):
+            bad("sample.prompts", f"must be a non-empty list of strings, got {s.prompts!r}")
         return self
 
     # ---- (de)serialisation ----
@@ -185,8 +267,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _coerce(field_name: str, current: Any, value: Any) -> Any:
-    """Convert a JSON/CLI value to the type of the field's current value."""
+def _coerce(field_name: str, current: Any, value: Any, optional: bool = False) -> Any:
+    """Convert a JSON/CLI value to the type of the field's current value (``None`` only for optional fields)."""
+    if optional and (value is None or value == "null"):
+        return None
     if isinstance(value, str) and not isinstance(current, str):
         try:
             value = json.loads(value)
@@ -197,7 +281,13 @@ def _coerce(field_name: str, current: Any, value: Any) -> Any:
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config field {field_name}: expected a list, got {value!r}")
+        kinds = {type(v) for v in current}
+        if kinds and not all(type(v) in kinds or (float in kinds and type(v) is int) for v in value):
+            raise ValueError(f"config field {field_name}: expected a list of {sorted(k.__name__ for k in kinds)}, "
+                             f"got {value!r}")
         return tuple(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ValueError(f"config field {field_name}: expected a string, got {value!r}")
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"config field {field_name}: expected true/false, got {value!r}")
@@ -231,7 +321,9 @@ def apply_overrides(cfg: RaphaelConfig, overrides: dict[str, Any]) -> RaphaelCon
         current = getattr(obj, leaf)
         if dataclasses.is_dataclass(current):
             raise ValueError(f"config field {key!r} is a section; set its fields, e.g. {key}.<name>")
-        setattr(obj, leaf, _coerce(key, current, value))
+        declared = next(f.type for f in dataclasses.fields(obj) if f.name == leaf)
+        optional = "None" in str(declared)  # annotations are strings here (``from __future__ import annotations``)
+        setattr(obj, leaf, _coerce(key, current, value, optional))
     return cfg
 
 
@@ -264,6 +356,10 @@ def toy() -> RaphaelConfig:
     m.checkpoint = False
     t = cfg.train
     t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.steps, t.multiscale = 1e-3, 50, 16, 0.99, 1500, False
+    m.codec = "identity"
+    t.log_every, t.ckpt_every = 10, 200
+    s = cfg.sample
+    s.every, s.steps, s.guidance, s.prompts = 200, 20, 3.0, SYNTHETIC_PROMPTS
     return cfg.validate()
 
 
@@ -276,4 +372,51 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> RaphaelCon
     cfg = PRESETS[name]()
     if overrides:
         apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, str]:
+    """``["model.d_y=32", "train.lr=1e-3"]`` -> ``{"model.d_y": "32", "train.lr": "1e-3"}`` (values parsed later)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form section.field=value (e.g. train.lr=1e-3)")
+        out[key.strip()] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or TOML file of fields, nested (``{"train": {"lr": 1e-3}}``) or dotted (``{"train.lr": 1e-3}``),
+    flattened to dotted keys. A ``config.json`` written by :meth:`RaphaelConfig.to_json` is such a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib
+        data = tomllib.loads(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON ({e}); use .json or .toml") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold an object of fields, got {type(data).__name__}")
+    return _flatten(data)
+
+
+def load_config(preset: str = "toy", files: Sequence[str | Path] = (), overrides: Sequence[str] | dict[str, Any] = (),
+                base: RaphaelConfig | None = None) -> RaphaelConfig:
+    """The config of a run: ``base`` (or the preset), then each file, then ``key=value`` overrides; validated.
+
+    Every unknown or ill-typed field raises ``ValueError`` naming it.
+    """
+    cfg = copy.deepcopy(base) if base is not None else get_preset(preset)
+    for f in files:
+        apply_overrides(cfg, read_config_file(f))
+    apply_overrides(cfg, overrides if isinstance(overrides, dict) else parse_assignments(overrides))
     return cfg.validate()

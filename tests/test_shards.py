@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from raphael_ref.data import shards as SH
 from raphael_ref.data.shards import (
     AESTHETIC_MIN,
     PWATERMARK_MAX,
@@ -63,12 +62,13 @@ def _read(paths, **kw):
     return samples, stats, [w for w in caught if issubclass(w.category, DataWarning)]
 
 
-@pytest.mark.spec_id("data.filters")
+@pytest.mark.spec_id("data.filter_aesthetic")
+@pytest.mark.spec_id("data.filter_watermark")
 def test_paper_thresholds():
     assert AESTHETIC_MIN == 4.7 and PWATERMARK_MAX == 0.5
 
 
-@pytest.mark.spec_id("data.filters")
+@pytest.mark.spec_id("data.filter_aesthetic")
 @given(score=st.floats(0, 10, allow_nan=False), key=st.sampled_from(["aesthetic", "AESTHETIC_SCORE", "aesthetic_score"]))
 @settings(max_examples=50)
 def test_aesthetic_filter_removes_scores_smaller_than_4_7(score, key):
@@ -77,7 +77,7 @@ def test_aesthetic_filter_removes_scores_smaller_than_4_7(score, key):
     assert passes_aesthetic({key: score}, threshold=None)
 
 
-@pytest.mark.spec_id("data.filters")
+@pytest.mark.spec_id("data.filter_watermark")
 @given(p=st.floats(0, 1, allow_nan=False), key=st.sampled_from(["pwatermark", "PWATERMARK"]))
 @settings(max_examples=50)
 def test_watermark_filter_removes_probable_watermarks(p, key):
@@ -85,13 +85,15 @@ def test_watermark_filter_removes_probable_watermarks(p, key):
     assert passes_watermark({key: p}, threshold=None)
 
 
-@pytest.mark.spec_id("data.filters")
+@pytest.mark.spec_id("data.filter_aesthetic")
+@pytest.mark.spec_id("data.filter_watermark")
 def test_missing_or_null_scores_keep_the_pair():
     for meta in ({}, {"aesthetic": None, "pwatermark": None}, {"aesthetic": float("nan")}, {"aesthetic": "n/a"}):
         assert passes_aesthetic(meta) and passes_watermark(meta)
 
 
-@pytest.mark.spec_id("data.filters")
+@pytest.mark.spec_id("data.filter_aesthetic")
+@pytest.mark.spec_id("data.filter_watermark")
 def test_mixed_shards_are_read_with_every_bad_case_counted(tmp_path):
     good = _write_tar(tmp_path / "00000.tar", [
         *_sample("000", "a <b>red</b> car http://x.com/a.jpg", {"aesthetic": 5.1, "pwatermark": 0.1}),
@@ -112,22 +114,24 @@ def test_mixed_shards_are_read_with_every_bad_case_counted(tmp_path):
     with tarfile.open(full) as tar:
         cut = tar.getmember("101.jpg").offset_data + 50
     truncated.write_bytes(full.read_bytes()[:cut])  # ends inside the image of sample 101
+    cut_at_header = tmp_path / "00002b.tar"
+    cut_at_header.write_bytes(full.read_bytes()[: cut - 50 - 512])  # ends just before the header of 101.jpg
     garbage = tmp_path / "00003.tar"
     garbage.write_bytes(b"this is not a tar file" * 40)
     missing = tmp_path / "00004.tar"
 
-    samples, stats, caught = _read([good, full, truncated, garbage, missing])
+    samples, stats, caught = _read([good, full, truncated, cut_at_header, garbage, missing])
     keys = [s["key"] for s in samples]
-    assert keys == ["000", "004", "008", "009", "100", "101", "100"]
+    assert keys == ["000", "004", "008", "009", "100", "101", "100", "100"]
     assert samples[0]["caption"] == "a red car"  # clean_caption applied
     assert samples[1]["caption"] == "from json"
     assert all(s["image"].mode == "RGB" for s in samples)
     assert samples[0]["meta"]["pwatermark"] == 0.1 and samples[3]["meta"] == {}
     expected = dict(filtered_aesthetic=1, filtered_watermark=1, missing_caption=1, empty_caption=1, missing_image=1,
-                    corrupt=1, bad_meta=1, broken_shard=3)
+                    corrupt=1, bad_meta=1, broken_shard=4)
     assert {k: v for k, v in stats.as_dict().items() if k in expected} == expected
     # truncated shard: sample 100 complete, 101 cut inside its image: the shard ends there, counted
-    assert stats.kept == 7 and stats.seen == stats.kept + stats.dropped
+    assert stats.kept == 8 and stats.seen == stats.kept + stats.dropped
     # one warning per kind, however many occurrences
     kinds = sorted(str(w.message).split("(")[1].split(")")[0] for w in caught)
     assert kinds == sorted(k for k, v in stats.as_dict().items() if v and k not in ("seen", "kept"))

@@ -30,3 +30,24 @@ __all__ += [
     "SHAPES", "COLORS", "POSITIONS", "SceneObject", "Scene", "sample_scene", "make_scene", "render",
     "SyntheticShapes", "collate_synthetic", "export_shards",
 ]
+
+# Real-data readers with the Sec. 4 "Dataset" filters.
+from raphael_ref.data.shards import (  # noqa: E402
+    AESTHETIC_MIN,
+    PWATERMARK_MAX,
+    DataStats,
+    DataWarning,
+    iter_image_folder,
+    iter_tar_samples,
+    list_shards,
+)
+
+__all__ += [
+    "AESTHETIC_MIN", "PWATERMARK_MAX", "DataStats", "DataWarning", "iter_tar_samples", "iter_image_folder",
+    "list_shards",
+]
+
+# Training batches (synthetic or real, single- or multi-scale).
+from raphael_ref.data.loader import SYNTHETIC, make_train_loader  # noqa: E402
+
+__all__ += ["SYNTHETIC", "make_train_loader"]

@@ -228,6 +228,11 @@ def _iter_tar_members(path: Path, stats: DataStats) -> Iterator[tuple[str, str, 
                 data = f.read()
                 key, ext = _split_name(member.name)
                 yield key, ext, data
+            end = tar.offset  # just past the last member
+        # tarfile stops silently when a file is cut at a header boundary; a complete archive
+        # ends with two zero blocks (1024 bytes) after its last member.
+        if path.stat().st_size - end < 2 * tarfile.BLOCKSIZE:
+            stats.count("broken_shard", f"{path}: no end-of-archive marker (truncated shard?)")
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         stats.count("broken_shard", f"{path}: {type(e).__name__}: {e}")
 

@@ -70,7 +70,9 @@ POSITION_PHRASES: dict[str, str] = {
 }
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four", 5: "five"}
 # (row, column) of each position in the 3 x 3 grid.
-_CELLS: dict[str, tuple[int, int]] = {"left": (1, 0), "right": (1, 2), "top": (0, 1), "bottom": (2, 1), "center": (1, 1)}
+_CELLS: dict[str, tuple[int, int]] = {
+    "left": (1, 0), "right": (1, 2), "top": (0, 1), "bottom": (2, 1), "center": (1, 1)
+}
 MIN_IMAGE_SIZE = 16
 # Probability that a scene with max_objects >= 2 is a count scene ("two red circles ...").
 COUNT_SCENE_PROB = 0.2
@@ -242,7 +244,10 @@ def scene_to_dict(scene: Scene) -> dict[str, Any]:
         "caption": scene.caption,
         "image_size": scene.image_size,
         "objects": [
-            {"shape": o.shape, "color": o.color, "rgb": list(COLORS[o.color]), "position": o.position, "box": list(o.box)}
+            {
+                "shape": o.shape, "color": o.color, "rgb": list(COLORS[o.color]),
+                "position": o.position, "box": list(o.box),
+            }
             for o in scene.objects
         ],
     }

@@ -1,0 +1,209 @@
+"""Evaluation prompt sets by category and GenEval-style scoring on the synthetic domain.
+
+Not in the paper: RAPHAEL Sec. 4 judges text-image alignment by human raters (ViLG-300) and the
+CLIP score. Here the ground truth is programmatic (:mod:`raphael_ref.data.synthetic`), so each
+prompt carries the objects it asks for and an image is scored by reading objects back with
+:mod:`raphael_ref.evaluation.detector`, as GenEval (Ghosh et al., 2023) does with a detector on
+real images: one binary verdict per image, accuracy per category.
+
+Categories (GenEval's names, our shapes are its "classes"; every prompt is written in the
+training caption template ``caption_for``, so it names colour, shape and position of each object):
+
+    single_object      "a red circle on the left"            -> a circle is present
+    two_objects        two objects of different shapes        -> both shapes present
+    counting           "two green triangles on the left ..."  -> exactly N triangles (GenEval rule)
+    colors             one object                             -> the shape in the named colour
+    position           two objects of different shapes        -> each shape at its named position
+    color_attribution  two objects, different shapes/colours  -> each shape in its own colour
+                                                                 (a swapped binding fails)
+
+Extra objects are tolerated except where the count is the question (counting), as in GenEval.
+
+"Held-out": the training generator samples from the same templates and the combinatorial space
+is small (3 shapes x 6 colours x 5 positions), so most evaluation prompts also occur as training
+captions. Held out here means a *fixed* evaluation set drawn with its own seed (EVAL_SEED, never a
+training seed) and scored by the detector, not by the training loss. For a compositional split,
+``holdout_pairs`` restricts prompts to ones naming at least one held-out (colour, shape) pair;
+training must then drop scenes for which :func:`uses_pair` is true (the data pipeline's job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from raphael_ref.data.synthetic import COLORS, COUNT_WORDS, POSITIONS, SHAPES, Scene, make_scene
+from raphael_ref.evaluation.detector import DetectedObject
+
+__all__ = [
+    "CATEGORIES",
+    "EVAL_SEED",
+    "HELDOUT_PAIRS",
+    "PromptSpec",
+    "Requirement",
+    "evaluation_prompts",
+    "match_requirements",
+    "prompt_set",
+    "score",
+    "uses_pair",
+]
+
+CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
+EVAL_SEED = 20230531  # the evaluation set's own seed; training seeds are small integers
+# A default compositional split: one pair per shape, colours all different.
+HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "circle"), ("blue", "square"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """One object a prompt asks for; ``None`` fields are not checked."""
+
+    shape: str
+    color: str | None = None
+    position: str | None = None
+
+    def matches(self, obj: DetectedObject) -> bool:
+        return (obj.shape == self.shape and (self.color is None or obj.color == self.color)
+                and (self.position is None or obj.position == self.position))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """A prompt, the scene it describes (renderable ground truth) and what a correct image shows.
+
+    exact_count: the number of detected objects of the required shape must equal the number of
+    requirements (counting); otherwise extra objects are tolerated.
+    """
+
+    category: str
+    index: int
+    prompt: str
+    scene: Scene
+    requirements: tuple[Requirement, ...]
+    exact_count: bool = False
+
+    @property
+    def uid(self) -> str:
+        return f"{self.category}-{self.index:03d}"
+
+
+def match_requirements(requirements: Sequence[Requirement], objects: Sequence[DetectedObject]) -> list[int] | None:
+    """Assign each requirement a distinct matching object (index list), or ``None`` if impossible.
+
+    Depth-first search over assignments: at most 5 requirements and a handful of objects.
+    """
+    used: list[int] = []
+
+    def search(k: int) -> bool:
+        if k == len(requirements):
+            return True
+        for j, obj in enumerate(objects):
+            if j not in used and requirements[k].matches(obj):
+                used.append(j)
+                if search(k + 1):
+                    return True
+                used.pop()
+        return False
+
+    return list(used) if search(0) else None
+
+
+def score(spec: PromptSpec, objects: Sequence[DetectedObject]) -> bool:
+    """GenEval-style verdict: every requirement met by a distinct object (and the exact count, if asked)."""
+    if not isinstance(spec, PromptSpec):
+        raise ValueError(f"score expects a PromptSpec; got {type(spec).__name__}")
+    if match_requirements(spec.requirements, objects) is None:
+        return False
+    if spec.exact_count:
+        shapes = {r.shape for r in spec.requirements}
+        return sum(o.shape in shapes for o in objects) == len(spec.requirements)
+    return True
+
+
+def uses_pair(scene: Scene, pairs: Iterable[tuple[str, str]] = HELDOUT_PAIRS) -> bool:
+    """Whether the scene contains an object with a (colour, shape) pair in ``pairs`` (a training filter)."""
+    pairs = set(pairs)
+    return any((o.color, o.shape) in pairs for o in scene.objects)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt generation
+# ---------------------------------------------------------------------------------------------
+
+
+def _draw_objects(rng: np.random.Generator, category: str, max_count: int) -> list[tuple[str, str, str]]:
+    colors = tuple(COLORS)
+    if category in ("single_object", "colors"):
+        n_obj, distinct_shapes, distinct_colors = 1, True, False
+    elif category == "counting":
+        k = int(rng.integers(2, max_count + 1))
+        shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
+        pos = [POSITIONS[j] for j in rng.choice(len(POSITIONS), size=k, replace=False)]
+        return [(shape, color, p) for p in pos]
+    else:
+        n_obj, distinct_shapes, distinct_colors = 2, True, category == "color_attribution"
+    shapes = [SHAPES[j] for j in rng.choice(len(SHAPES), size=n_obj, replace=not distinct_shapes)]
+    cols = [colors[j] for j in rng.choice(len(colors), size=n_obj, replace=not distinct_colors)]
+    pos = [POSITIONS[j] for j in rng.choice(len(POSITIONS), size=n_obj, replace=False)]
+    return list(zip(shapes, cols, pos))
+
+
+def _requirements(category: str, objects: Sequence[tuple[str, str, str]]) -> tuple[tuple[Requirement, ...], bool]:
+    if category in ("single_object", "two_objects", "counting"):
+        return tuple(Requirement(s) for s, _, _ in objects), category == "counting"
+    if category in ("colors", "color_attribution"):
+        return tuple(Requirement(s, color=c) for s, c, _ in objects), False
+    if category == "position":
+        return tuple(Requirement(s, position=p) for s, _, p in objects), False
+    raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
+
+
+def prompt_set(category: str, n: int, *, seed: int = EVAL_SEED, image_size: int = 32, max_count: int = 3,
+               holdout_pairs: Sequence[tuple[str, str]] | None = None) -> list[PromptSpec]:
+    """``n`` distinct prompts of one category, a pure function of (category, n, seed, options).
+
+    max_count: largest count in "counting" prompts (2..5; keep it within the training scenes'
+    ``max_objects``). holdout_pairs: if given, every prompt names at least one of these
+    (colour, shape) pairs (a compositional split; see the module docstring).
+    """
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"prompt_set: n must be an int >= 1; got {n!r}")
+    if not 2 <= max_count <= max(COUNT_WORDS):
+        raise ValueError(f"prompt_set: max_count must lie in [2, {max(COUNT_WORDS)}]; got {max_count}")
+    if holdout_pairs is not None:
+        bad = [p for p in holdout_pairs if p[0] not in COLORS or p[1] not in SHAPES]
+        if bad or not holdout_pairs:
+            raise ValueError(f"prompt_set: holdout_pairs must be non-empty (colour, shape) pairs with colours "
+                             f"{tuple(COLORS)} and shapes {SHAPES}; got {list(holdout_pairs)!r}")
+    rng = np.random.default_rng([seed, CATEGORIES.index(category)])
+    specs: list[PromptSpec] = []
+    seen: set[frozenset] = set()
+    attempts = 0
+    while len(specs) < n:
+        attempts += 1
+        if attempts > 10_000 + 100 * n:
+            raise ValueError(f"prompt_set: could not draw {n} distinct {category} prompts (only {len(specs)} "
+                             f"exist under these options); ask for fewer")
+        objects = _draw_objects(rng, category, max_count)
+        if holdout_pairs is not None and not any((c, s) in set(holdout_pairs) for s, c, _ in objects):
+            continue
+        key = frozenset(objects)  # the same objects named in another order are the same prompt
+        if key in seen:
+            continue
+        seen.add(key)
+        scene = make_scene(objects, image_size)
+        reqs, exact = _requirements(category, objects)
+        specs.append(PromptSpec(category, len(specs), scene.caption, scene, reqs, exact))
+    return specs
+
+
+def evaluation_prompts(categories: Sequence[str] = CATEGORIES, n_per_category: int = 24, **kwargs) -> dict[str, list[PromptSpec]]:
+    """The evaluation set: ``{category: prompt_set(category, n_per_category, **kwargs)}``."""
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; choose from {CATEGORIES}")
+    return {c: prompt_set(c, n_per_category, **kwargs) for c in categories}

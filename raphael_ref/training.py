@@ -1,0 +1,449 @@
+"""Helpers of ``tools/train.py``: learning-rate warm-up, EMA, the frozen parts of a step, the run
+folder, the JSONL log, training-state checkpoints (atomic, resumable), loss-curve and sample-grid PNGs.
+
+Run folder (``runs/<time>-<preset>/`` or ``--out DIR``)::
+
+    config.json                    the run's config
+    log.jsonl                      one JSON object per line: {"step", "loss", "denoise", "edge", "lr", ...}
+    loss.png                       the loss curve, redrawn at every checkpoint
+    samples/step_000200.png        sample grids (EMA weights, fixed prompts and seed); prompts.txt
+    checkpoints/step_000200/       model.safetensors, ema.safetensors, config.json (checkpoint.load_model
+                                   reads them), optimizer.safetensors + optimizer.json, rng.safetensors,
+                                   state.json (step, data position, log window)
+    checkpoints/latest             name of the newest complete checkpoint
+
+A checkpoint is written into ``step_XXXXXX.tmp/`` and renamed when complete, then ``latest`` is
+replaced atomically: a run killed while writing loses only that checkpoint. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raphael_ref.checkpoint import save_model
+from raphael_ref.config import RaphaelConfig
+
+__all__ = [
+    "warmup_lr", "make_ema", "update_ema", "build_text_encoder", "build_codec", "build_edge_detector",
+    "make_run_dir", "JsonlLog", "read_log", "truncate_log", "save_checkpoint", "load_checkpoint",
+    "latest_checkpoint", "resolve_checkpoint", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
+    "generate_images", "to_uint8", "save_image_grid", "plot_loss_curve",
+]
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """RAPHAEL Table 2 (learning rate 1e-4, 20000 warm-up steps): linear warm-up, then constant.
+
+    ``step`` counts optimizer steps from 0; the learning rate of step s is lr * min(1, (s + 1) / warmup),
+    so the first step already moves the weights and step warmup - 1 reaches lr.
+    """
+    if step < 0 or warmup_steps < 0 or lr <= 0:
+        raise ValueError(f"warmup_lr: need step >= 0, warmup_steps >= 0, lr > 0; got {step}, {warmup_steps}, {lr}")
+    if warmup_steps == 0:
+        return lr
+    return lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """An exact copy of ``model`` (same weights, frozen, eval mode) to hold the moving average."""
+    import copy
+
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema.eval()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter (names must match)."""
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        ema_params[name].lerp_(p.detach(), 1.0 - decay)
+    ema_buffers = dict(ema.named_buffers())
+    for name, b in model.named_buffers():
+        ema_buffers[name].copy_(b)
+
+
+# --------------------------------------------------------------------------------------------
+# the frozen parts of a training step, built from the config
+
+
+def build_text_encoder(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
+    """E_theta of the config: ``model.text_encoder`` + ``model.text_encoder_weights`` (local), frozen.
+
+    Without weights the tower is random but seeded (seed 0), so training and sampling see the
+    same encoder: the ``tiny`` toy tower is random by design; a real tower without weights warns.
+    """
+    from raphael_ref.text_encoder import TextEncoder
+
+    m = cfg.model
+    enc = TextEncoder.from_config(m.text_encoder, m.text_encoder_weights, layer=m.text_layer, seed=0, device=device)
+    if enc.d_y != m.d_y or enc.n_y != m.n_y:
+        raise ValueError(f"config field model.d_y / model.n_y: the text encoder {m.text_encoder!r} gives tokens "
+                         f"of width {enc.d_y} and length {enc.n_y}, the config says d_y={m.d_y}, n_y={m.n_y}; "
+                         f"set model.d_y={enc.d_y} model.n_y={enc.n_y}")
+    return enc
+
+
+def build_codec(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
+    """The image codec of the config: pixel space (``identity``) or a local VAE (``model.vae_path``)."""
+    from raphael_ref.codec import IdentityCodec, VAECodec
+
+    m = cfg.model
+    if m.codec == "identity":
+        return IdentityCodec().to(device)
+    if m.vae_path is None:
+        raise ValueError("config field model.vae_path: model.codec='vae' needs a local diffusers AutoencoderKL "
+                         "folder (e.g. the 'vae' folder of a Stable Diffusion checkpoint); set "
+                         "model.vae_path=DIR, or model.codec=identity with model.in_channels=3 for pixel space")
+    codec = VAECodec.from_pretrained(m.vae_path, device=device)
+    if codec.latent_channels != m.in_channels:
+        raise ValueError(f"config field model.in_channels: the VAE in {m.vae_path} has {codec.latent_channels} "
+                         f"latent channels, the config says {m.in_channels}")
+    return codec
+
+
+def build_edge_detector(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
+    """I_edge of Sec. 3.2: HED when ``train.hed_weights`` is set (and ``train.edge_detector='hed'``), else Canny."""
+    from raphael_ref.edge_gt import make_edge_detector
+
+    t = cfg.train
+    if t.edge_detector == "hed":
+        return make_edge_detector("hed", hed_weights=t.hed_weights, device=device)
+    if t.hed_weights is not None:
+        raise ValueError("config field train.hed_weights is set but train.edge_detector is 'canny'; "
+                         "set train.edge_detector=hed to use HED")
+    return make_edge_detector("canny")
+
+
+# --------------------------------------------------------------------------------------------
+# run folder and log
+
+
+def make_run_dir(out: str | Path | None, name: str, root: str | Path = "runs") -> Path:
+    """``out`` (created if needed) or a fresh ``root/<YYYYmmdd-HHMMSS>-<name>`` (suffixed if taken)."""
+    if out is not None:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        path = Path(root) / (f"{stamp}-{name}" + (f"-{i}" if i else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run folder under {root}")
+
+
+class JsonlLog:
+    """Append-only JSON-lines log; each ``write`` is one line, flushed at once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log (a torn last line, from a kill mid-write, is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_log(path: str | Path, step: int) -> None:
+    """Drop the records after ``step`` (written by a run that went on past its last checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_log(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# training-state checkpoints (safetensors + JSON; no pickles)
+
+
+def optimizer_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a name-keyed optimizer state dict (``get_optimizer_state_dict``) into tensors and JSON.
+
+    Tensors are named ``<param name>/<slot>`` (``/`` never occurs in a module path); the JSON part holds
+    the param groups and every non-tensor slot.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pname, slots in state["state"].items():
+        for slot, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pname}/{slot}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(pname, {})[slot] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_state_to_tensors`."""
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pname, _, slot = key.rpartition("/")
+        state.setdefault(pname, {})[slot] = value
+    for pname, slots in meta.get("scalars", {}).items():
+        state.setdefault(pname, {}).update(slots)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], cfg: RaphaelConfig,
+                    state: dict[str, Any], rng: dict[str, torch.Tensor], keep: int = 0) -> Path:
+    """Write ``run_dir/checkpoints/step_<step>/`` atomically and point ``latest`` at it.
+
+    ``model_state`` / ``ema_state``: full state dicts (``get_model_state_dict``, so FSDP shards are
+    gathered); ``optimizer_state``: name-keyed (``get_optimizer_state_dict``); ``state``: JSON (step,
+    data position, log window, ...); ``rng``: RNG states as uint8 tensors. ``keep`` > 0 deletes all
+    but the newest ``keep`` checkpoints. The files are written into ``step_<step>.tmp/``, which is
+    renamed when complete: a kill while writing leaves the previous checkpoints intact.
+    """
+    ckpts = Path(run_dir) / CKPT_DIR
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"step_{step:07d}"
+    tmp = ckpts / f"step_{step:07d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(tmp, _StateHolder(model_state), cfg)
+    save_model(tmp, _StateHolder(ema_state), cfg, weights_name="ema.safetensors")
+    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer_state)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    if final.exists():  # the same step written again (a resumed run stopped at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # the checkpoint appears complete or not at all
+    _atomic_text(ckpts / LATEST, final.name + "\n")
+    if keep > 0:
+        done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class _StateHolder(nn.Module):
+    """Wraps a plain state dict so :func:`checkpoint.save_model` can write it."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102
+        return self._state
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names in ``run_dir/checkpoints`` (None when the run has none)."""
+    ckpts = Path(run_dir) / CKPT_DIR
+    pointer = ckpts / LATEST
+    if pointer.exists():
+        path = ckpts / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder (its latest checkpoint) or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors", "ema.safetensors")):
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (config.json + model.safetensors) nor a "
+                                f"run folder with {CKPT_DIR}/; pass the --out folder of tools/train.py")
+    return found
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder: {"dir", "cfg", "model", "ema", "optimizer", "state", "rng"} (CPU tensors)."""
+    path = resolve_checkpoint(path)
+    missing = [n for n in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
+                           "rng.safetensors", "state.json", "config.json") if not (path / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} lacks {missing}; it was not written by tools/train.py")
+    return {
+        "dir": path,
+        "cfg": RaphaelConfig.from_json(path / "config.json"),
+        "model": load_file(str(path / "model.safetensors")),
+        "ema": load_file(str(path / "ema.safetensors")),
+        "optimizer": optimizer_state_from_tensors(load_file(str(path / "optimizer.safetensors")),
+                                                  json.loads((path / "optimizer.json").read_text())),
+        "state": json.loads((path / "state.json").read_text()),
+        "rng": load_file(str(path / "rng.safetensors")),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# sampling and images
+
+
+@torch.no_grad()
+def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequence[str], *, size: tuple[int, int],
+                    sampler: str = "ddim", steps: int = 50, guidance: float = 4.5, eta: float = 0.0,
+                    generator: torch.Generator | None = None, collect_paths: bool = False,
+                    collect_masks: bool = False):
+    """Prompts -> images (B, 3, H, W) in [-1, 1] on the CPU, and the diffusion paths (or None).
+
+    Classifier-free guidance against the empty prompt (the captions dropped in training);
+    ``size`` is the latent (h, w); noise comes from ``generator`` on the CPU (``sampling.sample``).
+    """
+    from raphael_ref.sampling import sample
+
+    if len(prompts) == 0:
+        raise ValueError("generate_images: no prompts given")
+    c = encoder(list(prompts))
+    u = encoder([""]) if guidance != 1.0 else None
+    shape = (len(prompts), model.cfg.in_channels, *size)
+    x, paths = sample(model, schedule, (c.hidden, c.valid, c.pooled_index),
+                      None if u is None else (u.hidden, u.valid, u.pooled_index), shape=shape, steps=steps,
+                      guidance=guidance, sampler=sampler, eta=eta, generator=generator,
+                      collect_paths=collect_paths or collect_masks, collect_masks=collect_masks)
+    images = codec.decode(x.float())  # (B, 3, H, W)
+    return images.float().cpu(), paths
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded to nearest (values outside are clamped)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) RGB in [-1, 1], got {tuple(images.shape)}")
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
+    return x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, 3)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 4, min_tile: int = 128, pad: int = 2):
+    """Write a PNG grid of ``images`` (B, 3, H, W) in [-1, 1]; small tiles are enlarged (nearest) to ``min_tile``."""
+    from PIL import Image
+
+    pix = to_uint8(images)  # (B, H, W, 3)
+    B, H, W, _ = pix.shape
+    k = max(1, math.ceil(min_tile / max(H, W)))
+    h, w = H * k, W * k
+    ncol = min(nrow, B)
+    nrows = math.ceil(B / ncol)
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrows * (h + pad) + pad), (128, 128, 128))
+    for i in range(B):
+        tile = Image.fromarray(pix[i].numpy()).resize((w, h), Image.NEAREST)
+        grid.paste(tile, (pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path, format="PNG")
+    return grid
+
+
+def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | Path,
+                    keys: Iterable[str] = ("loss", "denoise", "edge"), size: tuple[int, int] = (720, 420)) -> None:
+    """Draw the logged losses against the step (log-scale y axis) into a PNG with Pillow.
+
+    Pillow rather than matplotlib: it is already needed for the sample grids and keeps the
+    training dependencies small; a loss curve needs only lines, ticks and a legend.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    colors = {"loss": (20, 20, 20), "denoise": (31, 119, 180), "edge": (214, 39, 40)}
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r[k] > 0]
+              for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    W, H = size
+    left, right, top, bottom = 64, 16, 28, 40
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((left, 8), "training loss (log scale) vs step", fill=(0, 0, 0), font=font)
+    draw.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
+    if not series:
+        img.save(path, format="PNG")
+        return
+    steps = [s for v in series.values() for s, _ in v]
+    vals = [y for v in series.values() for _, y in v]
+    s0, s1 = min(steps), max(steps)
+    if s1 == s0:
+        s1 = s0 + 1
+    ly0, ly1 = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+    if ly1 == ly0:
+        ly1 = ly0 + 1
+
+    def xy(s: float, y: float) -> tuple[float, float]:
+        px = left + (s - s0) / (s1 - s0) * (W - right - left)
+        py = H - bottom - (math.log10(y) - ly0) / (ly1 - ly0) * (H - bottom - top)
+        return px, py
+
+    for e in range(ly0, ly1 + 1):  # decades and their labels
+        _, py = xy(s0, 10.0 ** e)
+        draw.line([left, py, W - right, py], fill=(225, 225, 225))
+        draw.text((6, py - 6), f"1e{e}", fill=(0, 0, 0), font=font)
+    for i in range(6):  # step ticks
+        s = s0 + (s1 - s0) * i / 5
+        px, _ = xy(s, 10.0 ** ly0)
+        draw.line([px, H - bottom, px, H - bottom + 4], fill=(0, 0, 0))
+        draw.text((px - 12, H - bottom + 8), f"{int(round(s))}", fill=(0, 0, 0), font=font)
+    draw.text((W // 2 - 12, H - 16), "step", fill=(0, 0, 0), font=font)
+    for j, (k, pts) in enumerate(series.items()):
+        line = [xy(s, y) for s, y in pts]
+        if len(line) > 1:
+            draw.line(line, fill=colors.get(k, (0, 150, 0)), width=2)
+        else:
+            x, y = line[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors.get(k, (0, 150, 0)))
+        lx = W - right - 110
+        ly = top + 8 + 14 * j
+        draw.line([lx, ly + 6, lx + 20, ly + 6], fill=colors.get(k, (0, 150, 0)), width=2)
+        draw.text((lx + 26, ly), k, fill=(0, 0, 0), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)

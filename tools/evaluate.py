@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Evaluate a RAPHAEL checkpoint on the synthetic compositional benchmark (and optionally FID/KID, CLIP score).
+
+    python tools/evaluate.py runs/toy --out runs/toy/eval                  # latest checkpoint, EMA weights
+    python tools/evaluate.py runs/toy/checkpoints/step_0001500 --out eval --steps 50 --guidance 3 --seeds 0 1
+    python tools/evaluate.py runs/toy --out eval_uncond --unconditional     # empty prompts: the floor
+    python tools/evaluate.py runs/toy --out eval --fid --inception-weights weights-inception-2015-12-05-6726825d.pth
+    python tools/evaluate.py runs/toy --out eval --clip ~/clip/ViT-B-32-dir   # open_clip folder (local)
+
+For every prompt of the fixed evaluation set (``raphael_ref.evaluation.prompts``; categories
+single_object, two_objects, counting, colors, position, color_attribution) and every seed, draws
+``--per-prompt`` images with ``raphael_ref.sampling.sample`` (classifier-free guidance against the
+empty prompt), reads the objects back with the programmatic detector and scores each image
+GenEval-style (one binary verdict). Noise for (seed, prompt) comes from its own generator, so an
+image does not depend on the other prompts, categories or batch sizes.
+
+Writes to --out:
+    results.json        settings, accuracy per category, every image's verdict and detections
+    results.md          the table (accuracy, correct / n per category; FID/KID/CLIP when asked)
+    grids/<cat>.png     per category: ground-truth render, then the images (green: correct, red: not)
+    images/<cat>/...    every generated image (PNG)
+    attention/...       per-token masks and pooled-token maps of the first prompts (--attention N)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from raphael_ref.checkpoint import load_model  # noqa: E402
+from raphael_ref.data.synthetic import render  # noqa: E402
+from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+from raphael_ref.evaluation import attention_views as AV  # noqa: E402
+from raphael_ref.evaluation import metrics as M  # noqa: E402
+from raphael_ref.evaluation.detector import DetectedObject, detect_batch, to_uint8  # noqa: E402
+from raphael_ref.evaluation.prompts import CATEGORIES, HELDOUT_PAIRS, PromptSpec, evaluation_prompts, score  # noqa: E402
+
+GenerateFn = Callable[[PromptSpec, int, int], torch.Tensor]  # (spec, seed, n) -> uint8 (n, 3, S, S)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, grids/, images/)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (ddim; ddpm always runs all T)")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance weight (Fig. 6b)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image set per seed")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt and seed")
+    p.add_argument("--prompts-per-category", type=int, default=24)
+    p.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
+    p.add_argument("--max-count", type=int, default=3, help="largest count in counting prompts (<= training max_objects)")
+    p.add_argument("--holdout-pairs", action="store_true",
+                   help=f"only prompts naming a held-out (colour, shape) pair {HELDOUT_PAIRS} (train without them)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--ema", dest="weights", action="store_const", const="ema", help="EMA weights (default when present)")
+    w.add_argument("--raw", dest="weights", action="store_const", const="raw", help="the raw (non-EMA) weights")
+    p.add_argument("--unconditional", action="store_true",
+                   help="generate from the empty prompt (no guidance) and score against the prompts: the chance floor")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--fid", action="store_true", help="FID/KID of all images against ground-truth renders of their prompts")
+    p.add_argument("--inception-weights", default=None, help=f"local {M.INCEPTION_FILE} (needed by --fid)")
+    p.add_argument("--fid-extractor", default=M.INCEPTION_EXTRACTOR,
+                   help=f"torch-fidelity feature extractor; {M.TINY_EXTRACTOR!r} is a random stand-in for smoke tests")
+    p.add_argument("--clip", default=None, help="CLIP score with this open_clip folder or model name (local weights)")
+    p.add_argument("--clip-weights", default=None, help="local checkpoint file when --clip is a model name")
+    p.add_argument("--attention", type=int, default=1, help="attention views for the first N prompts per category")
+    p.add_argument("--attention-step", type=int, default=None, help="sampler step of the views (default: middle)")
+    p.add_argument("--attention-block", type=int, default=None,
+                   help="transformer block of the views, 0..15 in forward order (default: first finest-grid block)")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown per category grid")
+    args = p.parse_args(argv)
+    args.weights = args.weights or "auto"
+    for name in ("steps", "per_prompt", "prompts_per_category"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.fid and args.fid_extractor == M.INCEPTION_EXTRACTOR and args.inception_weights is None:
+        p.error(f"--fid needs --inception-weights PATH (a local {M.INCEPTION_FILE}; nothing is downloaded)")
+    return args
+
+
+# ------------------------------------------------------------------------------ the model side
+
+
+def weights_file(ckpt_dir: Path, choice: str) -> str:
+    """``ema.safetensors`` or ``model.safetensors`` of a checkpoint folder, per --ema / --raw / auto."""
+    has_ema = (ckpt_dir / "ema.safetensors").exists()
+    if choice == "ema" and not has_ema:
+        raise FileNotFoundError(f"--ema: {ckpt_dir} has no ema.safetensors (use --raw for model.safetensors)")
+    if choice == "ema" or (choice == "auto" and has_ema):
+        return "ema.safetensors"
+    return "model.safetensors"
+
+
+def image_seed(seed: int, spec: PromptSpec) -> int:
+    """The noise seed of (seed, prompt): independent of which other prompts are evaluated."""
+    return zlib.crc32(f"{seed}/{spec.uid}/{spec.prompt}".encode())
+
+
+class ModelGenerator:
+    """Images of a checkpoint for a prompt spec, with attention recorded on request."""
+
+    def __init__(self, ckpt: Path, args: argparse.Namespace, device: torch.device):
+        from raphael_ref import training as T
+
+        self.ckpt = T.resolve_checkpoint(ckpt)
+        self.weights = weights_file(self.ckpt, args.weights)
+        self.model, self.cfg = load_model(self.ckpt, weights_name=self.weights, map_location="cpu")
+        self.model = self.model.to(device).eval()
+        self.encoder = T.build_text_encoder(self.cfg, device)
+        self.codec = T.build_codec(self.cfg, device)
+        d = self.cfg.diffusion
+        self.schedule = NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
+        self.size = self.cfg.model.sample_size
+        self.image_size = self.size * self.codec.downsample_factor
+        self.args = args
+        self.empty = self.encoder([""])
+
+    def __call__(self, spec: PromptSpec, seed: int, n: int, record_step: int | None = None):
+        a = self.args
+        enc = self.encoder([""] * n if a.unconditional else [spec.prompt] * n)
+        cond = (enc.hidden, enc.valid, enc.pooled_index)
+        uncond = None if a.unconditional else (self.empty.hidden, self.empty.valid, self.empty.pooled_index)
+        kw = dict(shape=(n, self.cfg.model.in_channels, self.size, self.size), steps=a.steps,
+                  guidance=1.0 if a.unconditional else a.guidance, sampler=a.sampler, eta=a.eta,
+                  generator=torch.Generator().manual_seed(image_seed(seed, spec)))
+        if record_step is None:
+            from raphael_ref.sampling import sample
+
+            x, _ = sample(self.model, self.schedule, cond, uncond, **kw)
+            rec = None
+        else:
+            x, rec = AV.collect_attention(self.model, self.schedule, cond, uncond, record_steps=[record_step], **kw)
+        images = to_uint8(self.codec.decode(x.float()).cpu())  # (n, 3, S, S)
+        return (images, rec, enc) if record_step is not None else images
+
+
+# ------------------------------------------------------------------------------ scoring and reports
+
+
+def evaluate_specs(specs: dict[str, list[PromptSpec]], generate: GenerateFn, seeds: Sequence[int], per_prompt: int,
+                   out: Path, log: Callable[[str], None] = print) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Generate, detect, score. Returns the per-image records and the images per category."""
+    records, by_cat = [], {}
+    for cat, cat_specs in specs.items():
+        imgs_cat = []
+        t0 = time.time()
+        for spec in cat_specs:
+            for seed in seeds:
+                images = generate(spec, seed, per_prompt)  # (n, 3, S, S) uint8
+                M.save_images(images, out / "images" / cat, prefix=f"{spec.uid}_s{seed}_")
+                for j, objs in enumerate(detect_batch(images)):
+                    records.append(_record(spec, seed, j, objs))
+                imgs_cat.append(images)
+        by_cat[cat] = torch.cat(imgs_cat)
+        acc = _accuracy([r for r in records if r["category"] == cat])
+        log(f"{cat:>18}: accuracy {acc['accuracy']:.3f} ({acc['correct']}/{acc['n']}) in {time.time() - t0:.1f}s")
+    return records, by_cat
+
+
+def _record(spec: PromptSpec, seed: int, j: int, objs: Sequence[DetectedObject]) -> dict:
+    return {"uid": spec.uid, "category": spec.category, "prompt": spec.prompt, "seed": seed, "sample": j,
+            "image": f"images/{spec.category}/{spec.uid}_s{seed}_{j:06d}.png", "correct": score(spec, objs),
+            "detected": [[o.shape, o.color, o.position] for o in objs]}
+
+
+def _accuracy(recs: Sequence[dict]) -> dict:
+    n = len(recs)
+    correct = sum(r["correct"] for r in recs)
+    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "n": n,
+            "n_prompts": len({r["uid"] for r in recs})}
+
+
+def summarize(records: Sequence[dict], categories: Sequence[str]) -> dict:
+    """Accuracy per category and overall (GenEval: the mean of the category accuracies)."""
+    cats = {c: _accuracy([r for r in records if r["category"] == c]) for c in categories}
+    overall = sum(v["accuracy"] for v in cats.values()) / len(cats) if cats else float("nan")
+    return {"categories": cats, "overall": overall}
+
+
+def markdown_table(summary: dict, header: Sequence[str], extra: dict | None = None) -> str:
+    lines = [*header, "", "| category | accuracy | correct / n | prompts |", "|---|---:|---:|---:|"]
+    for cat, v in summary["categories"].items():
+        lines.append(f"| {cat} | {v['accuracy']:.3f} | {v['correct']} / {v['n']} | {v['n_prompts']} |")
+    lines.append(f"| **overall** (mean of categories) | **{summary['overall']:.3f}** | | |")
+    for k, v in (extra or {}).items():
+        lines.append("")
+        lines.append(f"**{k}**: " + ", ".join(f"{a} = {b:.4g}" if isinstance(b, float) else f"{a} = {b}"
+                                               for a, b in v.items()))
+    return "\n".join(lines) + "\n"
+
+
+def write_grid(path: Path, specs: Sequence[PromptSpec], images: torch.Tensor, records: Sequence[dict],
+               per_row: int, scale: int = 4) -> None:
+    """Rows: the prompt, its ground-truth render, then its images with a green (correct) / red border."""
+    from PIL import Image, ImageDraw
+
+    S = images.shape[-1]
+    tile = S * scale
+    pad, text_h = 4, 12
+    n_cols = 1 + per_row
+    width = n_cols * (tile + 2 * pad)
+    canvas = Image.new("RGB", (width, len(specs) * (tile + 2 * pad + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, spec in enumerate(specs):
+        y = r * (tile + 2 * pad + text_h)
+        draw.text((pad, y), spec.prompt, fill=(0, 0, 0))
+        tiles = [(render(spec.scene), None)]
+        recs = [rec for rec in records if rec["uid"] == spec.uid][:per_row]
+        start = r * per_row
+        tiles += [(images[start + k], rec["correct"]) for k, rec in enumerate(recs)]
+        for c, (img, ok) in enumerate(tiles):
+            x = c * (tile + 2 * pad)
+            color = (200, 200, 200) if ok is None else ((0, 170, 0) if ok else (220, 0, 0))
+            draw.rectangle([x, y + text_h, x + tile + 2 * pad - 1, y + text_h + tile + 2 * pad - 1], fill=color)
+            arr = img.permute(1, 2, 0).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+            canvas.paste(Image.fromarray(arr.numpy()), (x + pad, y + text_h + pad))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = ModelGenerator(Path(args.checkpoint), args, device)
+    print(f"checkpoint {gen.ckpt} ({gen.weights}), preset {gen.cfg.name}, {args.sampler} {args.steps} steps, "
+          f"guidance {args.guidance}{' (unconditional)' if args.unconditional else ''}, seeds {args.seeds}, "
+          f"{args.per_prompt} images per prompt, device {device}", flush=True)
+    specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=gen.image_size,
+                               max_count=args.max_count, holdout_pairs=HELDOUT_PAIRS if args.holdout_pairs else None)
+
+    # attention views: the first prompts of each category are generated with hooks on (same images)
+    att_step = AV.middle_step(args.steps if args.sampler == "ddim" else gen.cfg.diffusion.T) \
+        if args.attention_step is None else args.attention_step
+    wanted = {s.uid for c in specs.values() for s in c[:args.attention]}
+    views: list[str] = []
+
+    def generate(spec: PromptSpec, seed: int, n: int) -> torch.Tensor:
+        if spec.uid not in wanted or seed != args.seeds[0]:
+            return gen(spec, seed, n)
+        images, rec, enc = gen(spec, seed, n, record_step=att_step)
+        block = AV.default_view_block(rec) if args.attention_block is None else args.attention_block
+        paths = AV.write_attention_views(out / "attention", images[:1], rec, enc.ids[:1].cpu(), enc.valid[:1].cpu(),
+                                         step=att_step, block=block, names=[spec.uid])
+        views.extend(str(p.relative_to(out)) for p in paths)
+        return images
+
+    records, by_cat = evaluate_specs(specs, generate, args.seeds, args.per_prompt, out)
+    summary = summarize(records, args.categories)
+    extra: dict[str, dict] = {}
+    all_images = torch.cat(list(by_cat.values()))
+    if args.fid:
+        if args.fid_extractor == M.TINY_EXTRACTOR:
+            M.register_tiny_feature_extractor()
+        spec_of = {s.uid: s for c in specs.values() for s in c}
+        reference = torch.stack([render(spec_of[r["uid"]].scene) for r in records])  # (N, 3, S, S)
+        extra["FID/KID vs ground-truth renders"] = M.fid_kid(all_images, reference, device=device,
+                                                             inception_weights=args.inception_weights,
+                                                             feature_extractor=args.fid_extractor)
+    if args.clip:
+        scorer = M.load_clip(args.clip, args.clip_weights, device=device)
+        texts = [r["prompt"] for r in records]
+        s = M.clip_score(all_images, texts, scorer)
+        extra["CLIP score"] = {"mean": float(s.mean()), "n": int(s.numel())}
+        for r, v in zip(records, s.tolist()):
+            r["clip_score"] = v
+    for cat, cat_specs in specs.items():
+        shown = cat_specs[:args.grid_prompts]
+        per_row = min(args.per_prompt, 8)
+        # images of the first seed, per_prompt per spec, in evaluation order
+        imgs, recs = [], []
+        for s in shown:
+            rs = [r for r in records if r["uid"] == s.uid and r["seed"] == args.seeds[0]][:per_row]
+            recs += rs
+            k = cat_specs.index(s) * len(args.seeds) * args.per_prompt
+            imgs.append(by_cat[cat][k:k + per_row])
+        write_grid(out / "grids" / f"{cat}.png", shown, torch.cat(imgs), recs, per_row)
+    settings = {k: v for k, v in vars(args).items()}
+    result = {"checkpoint": str(gen.ckpt), "weights": gen.weights, "preset": gen.cfg.name, "settings": settings,
+              "summary": summary, **{k: v for k, v in extra.items()}, "attention_views": views, "records": records}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    header = [f"# Compositional evaluation of `{gen.ckpt}` ({gen.weights})", "",
+              f"{args.sampler}, {args.steps} steps, guidance {args.guidance}"
+              f"{', unconditional (empty prompts)' if args.unconditional else ''}, seeds {args.seeds}, "
+              f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
+              f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
+              f"(one binary verdict per image)."]
+    (out / "results.md").write_text(markdown_table(summary, header, extra))
+    print((out / "results.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""Train RAPHAEL (Xue et al., 2023): L = L_denoise + 1[t < T_c] L_edge (Sec. 2, 3.2) with AdamW (Table 2).
+
+    python tools/train.py                                  # toy preset, synthetic data, CPU, < 10 min
+    python tools/train.py --set train.steps=2000 --out runs/toy2
+    python tools/train.py --out runs/toy2 --resume --set train.steps=4000   # go on from the latest checkpoint
+    python tools/train.py --preset small --config my_run.toml --set train.source=/data/shards
+    torchrun --standalone --nproc_per_node=8 tools/train.py --preset paper --config paper_local.toml --fsdp
+
+One process trains on one device; under ``torchrun`` every rank trains with DDP (or FSDP2 with
+``--fsdp`` / ``train.fsdp``), on CUDA with NCCL or on CPU with gloo. The run folder layout is in
+``raphael_ref/training.py``. Ctrl-C (SIGINT) or SIGTERM: the current step finishes, a checkpoint
+is written and the process exits with code 130. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+from raphael_ref import training as T  # noqa: E402
+from raphael_ref.config import PRESETS, load_config  # noqa: E402
+from raphael_ref.data.loader import make_train_loader  # noqa: E402
+from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count  # noqa: E402
+from raphael_ref.objective import training_losses  # noqa: E402
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a run stopped by Ctrl-C
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy", help="config preset (default: toy)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="JSON/TOML file of fields, nested or dotted, applied over the preset (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="one field, e.g. --set train.steps=200 --set model.sample_size=16 (repeatable; last wins)")
+    p.add_argument("--out", default=None, help="run folder (default: a fresh runs/<time>-<preset>)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="go on from a checkpoint: its folder, or (no value) the latest one in --out")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (same as train.fsdp=true)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (RANK in the environment) joins the process group."""
+    want_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if want_cuda else (device_arg or "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if want_cuda else "gloo")
+    return rank, world, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, rank: int):
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+              f"(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def say(rank: int, *msg) -> None:
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    # ---- config: preset (or the checkpoint's config when resuming) + files + --set
+    resume_from = None
+    try:
+        if args.resume is not None:
+            if args.resume == "latest":
+                if args.out is None:
+                    raise ValueError("--resume without a checkpoint needs --out RUN_DIR (the run to continue)")
+                resume_from = T.latest_checkpoint(args.out)
+                if resume_from is None:
+                    raise ValueError(f"--resume: {args.out} has no checkpoint in {args.out}/{T.CKPT_DIR}")
+            else:
+                resume_from = T.resolve_checkpoint(args.resume)
+            base = load_config(files=[resume_from / "config.json"])
+            cfg = load_config(base=base, files=args.config, overrides=args.set)
+        else:
+            cfg = load_config(args.preset, args.config, args.set)
+        if args.fsdp:
+            cfg.train.fsdp = True
+        if cfg.train.batch_size % world:
+            raise ValueError(f"config field train.batch_size: the global batch {cfg.train.batch_size} must be "
+                             f"divisible by the world size {world}")
+    except (ValueError, FileNotFoundError) as e:
+        say(rank, f"error: {e}")
+        return 2
+    tc, mc = cfg.train, cfg.model
+
+    # ---- run folder (rank 0 decides its name)
+    if resume_from is not None and args.out is None:
+        args.out = str(resume_from.parent.parent)
+    run_dir = Path(broadcast_object(str(T.make_run_dir(args.out, cfg.name)) if rank == 0 else None, rank))
+    if resume_from is None and T.latest_checkpoint(run_dir) is not None:
+        say(rank, f"error: {run_dir} already holds checkpoints; pass --resume to continue that run, or another --out")
+        return 2
+
+    # ---- seeds: one model init for all ranks, then per-rank streams seed * world + rank (DiT)
+    torch.manual_seed(tc.seed)
+    model = RaphaelUNet(mc)
+    ema = T.make_ema(model)  # an exact copy; updated after every step, used for the sample grids
+    rank_seed = tc.seed * world + rank
+    torch.manual_seed(rank_seed)  # the model's own draws (gate noise; dropout)
+    gen = torch.Generator().manual_seed(rank_seed)  # t, noise and the VAE posterior, drawn on the CPU
+
+    # ---- model on device, wrapped for data parallelism
+    model.to(device)
+    ema.to(device)
+    if tc.fsdp and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for net in (model, ema):  # one unit per transformer block, then the root (ResBlocks, embeddings)
+            for block in [m for m in net.modules() if isinstance(m, SpatialTransformer)]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+        net_for_loss = model
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # the time-MoE runs only the experts some sample was routed to: the others get no gradient
+        net_for_loss = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                           find_unused_parameters=True)
+        net_for_loss.cfg = mc  # objective.training_losses reads model.cfg
+    else:
+        net_for_loss = model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    # ---- frozen parts: text encoder, image codec, edge detector; the noise schedule
+    encoder = T.build_text_encoder(cfg, device)
+    codec = T.build_codec(cfg, device)
+    edge_detector = T.build_edge_detector(cfg, device) if mc.use_edge else None
+    schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T, cfg.diffusion.zero_terminal_snr)
+    image_size = mc.sample_size * codec.downsample_factor
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.mixed_precision == "bf16"
+           else nullcontext())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- resume: weights, EMA, optimizer, RNG streams, data position, log window
+    step = 0
+    window = torch.zeros(4, dtype=torch.float64)  # sums of (loss, denoise, edge) over the log window, count
+    if resume_from is not None:
+        ck = T.load_checkpoint(resume_from)
+        set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(ema, ck["ema"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
+        st = ck["state"]
+        step = int(st["step"])
+        window = torch.tensor(st["window"], dtype=torch.float64)
+        if st["world_size"] == world:
+            torch.set_rng_state(ck["rng"][f"rank{rank}.torch"])
+            gen.set_state(ck["rng"][f"rank{rank}.gen"])
+            if device.type == "cuda" and f"rank{rank}.cuda" in ck["rng"]:
+                torch.cuda.set_rng_state(ck["rng"][f"rank{rank}.cuda"])
+        else:  # new world size: fresh per-rank streams, still a function of (seed, rank, step)
+            say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: "
+                      f"RNG streams reseeded; the run goes on but is not bit-identical to an uninterrupted one")
+            torch.manual_seed(rank_seed + 1_000_003 * step)
+            gen.manual_seed(rank_seed + 1_000_003 * step)
+        del ck
+        if rank == 0:
+            T.truncate_log(run_dir / "log.jsonl", step)
+    if rank == 0:
+        cfg.to_json(run_dir / "config.json")
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "samples" / "prompts.txt").write_text("\n".join(cfg.sample.prompts) + "\n")
+
+    loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
+                               world_size=world, seed=tc.seed, multiscale=tc.multiscale,
+                               caption_dropout=tc.caption_dropout, num_workers=tc.num_workers, start_step=step)
+    data = iter(loader)
+
+    counts = count_parameters(model)
+    say(rank, f"run folder: {run_dir}")
+    say(rank, f"preset {cfg.name}: U-Net {format_count(counts['total'])} parameters "
+              f"({format_count(counts['space_experts'])} space experts, {format_count(counts['time_experts'])} "
+              f"time experts), {cfg.n_transformer_blocks} transformer blocks")
+    say(rank, f"device {device} x {world} rank(s), {'FSDP2' if tc.fsdp and world > 1 else 'DDP' if world > 1 else 'single process'}"
+              f"{', bf16 autocast' if not isinstance(amp, nullcontext) else ', float32'}; "
+              f"global batch {tc.batch_size}, steps {step} -> {tc.steps}")
+    say(rank, f"data: {tc.source} at {image_size}px{' (multi-scale buckets)' if tc.multiscale else ''}; "
+              f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'random, seed 0'}); "
+              f"codec {mc.codec}")
+    say(rank, f"edge ground truth I_edge: {edge_detector.describe() if edge_detector else 'off (model.use_edge = false)'}")
+    if resume_from is not None:
+        say(rank, f"resumed from {resume_from} at step {step}")
+    if step >= tc.steps:
+        say(rank, f"nothing to do: step {step} >= train.steps {tc.steps}")
+        return 0
+
+    # ---- helpers that touch every rank (collectives) and write on rank 0
+    log = T.JsonlLog(run_dir / "log.jsonl") if rank == 0 else None
+
+    def save_checkpoint() -> None:
+        model_sd = get_model_state_dict(model, options=full)
+        ema_sd = get_model_state_dict(ema, options=full)
+        opt_sd = get_optimizer_state_dict(model, opt, options=full)
+        mine = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+        if device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state()
+        states = [mine]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, mine)
+        if rank == 0:
+            rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
+            state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
+                     "seed": tc.seed}
+            path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
+                                     optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
+            T.plot_loss_curve(T.read_log(run_dir / "log.jsonl"), run_dir / "loss.png")
+            print(f"saved {path}", flush=True)
+        barrier()
+
+    def sample_grid() -> None:
+        if rank == 0 or (tc.fsdp and world > 1):  # FSDP: every rank takes part in the sharded forward
+            sc = cfg.sample
+            with amp:
+                images, _ = T.generate_images(ema, schedule, encoder, codec, list(sc.prompts), sampler=sc.sampler,
+                                              steps=sc.steps, guidance=sc.guidance,
+                                              generator=torch.Generator().manual_seed(sc.seed),
+                                              size=(mc.sample_size, mc.sample_size))
+            if rank == 0:
+                T.save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
+        barrier()
+
+    # ---- the loop
+    stop = StopFlag()
+    bar = None
+    if rank == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
+    busy, busy_steps = 0.0, 0  # time in training steps since the last log line (not sampling, not saving)
+    try:
+        while step < tc.steps:
+            t_step = time.perf_counter()
+            batch = next(data)
+            lr = T.warmup_lr(step, tc.lr, tc.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.no_grad():
+                if "latent" in batch:  # pre-extracted latents (data.loader); images only for the edge maps
+                    x0 = batch["latent"].to(device)  # (B, C, h, w)
+                    images = codec.decode(x0).clamp(-1, 1) if edge_detector is not None else None
+                else:
+                    images = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
+                    x0 = codec.encode(images, generator=gen)  # (B, C, h, w)
+                text = encoder(batch["caption"])  # hidden (B, n_y, d_y), valid (B, n_y), pooled_index (B,)
+                edges = edge_detector(images) if edge_detector is not None else None  # (B, 1, H, W) in [0, 1]
+            B = x0.shape[0]
+            t = torch.randint(0, schedule.T, (B,), generator=gen).to(device)  # (B,) uniform over 0..T-1
+            noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, h, w)
+            with amp:
+                out = training_losses(net_for_loss, schedule, x0, t, noise, text.hidden, text.valid,
+                                      text.pooled_index, edges, focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma)
+            opt.zero_grad(set_to_none=True)
+            out["total"].backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            T.update_ema(ema, model, tc.ema_decay)
+            step += 1
+
+            # losses of all ranks (and whether any rank was asked to stop), once per step
+            stats = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach(),
+                                 torch.tensor(float(stop.requested), device=device)]).double()
+            if world > 1:
+                dist.all_reduce(stats)
+                stats[:3] /= world
+            stats = stats.cpu()
+            window += torch.cat([stats[:3], torch.ones(1, dtype=torch.float64)])
+            stopping = bool(stats[3] > 0)
+            busy, busy_steps = busy + time.perf_counter() - t_step, busy_steps + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step % tc.log_every == 0 or step == tc.steps:
+                n = int(window[3])
+                mean = (window[:3] / n).tolist()
+                dt = busy / max(1, busy_steps)
+                record = {"step": step, "loss": mean[0], "denoise": mean[1], "edge": mean[2], "lr": lr,
+                          "sec_per_step": round(dt, 4), "images_per_sec": round(tc.batch_size / dt, 2)}
+                if log is not None:
+                    log.write(record)
+                    if bar is None:
+                        print(f"step {step}/{tc.steps}  loss {mean[0]:.4f}  denoise {mean[1]:.4f}  edge {mean[2]:.4f}  "
+                              f"lr {lr:.2e}  {dt:.2f} s/step", flush=True)
+                window.zero_()
+                busy, busy_steps = 0.0, 0
+            if (cfg.sample.every and step % cfg.sample.every == 0) or step == tc.steps:
+                sample_grid()
+            if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
+                save_checkpoint()
+            if stopping:
+                say(rank, f"stopped at step {step}; resume with: python tools/train.py --out {run_dir} --resume")
+                return EXIT_INTERRUPTED
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    say(rank, f"done: {step} steps; run folder {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
