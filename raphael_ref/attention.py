@@ -89,15 +89,20 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
 
 
 def _head_maps(q: Tensor, k: Tensor, heads: int, key_valid: Tensor | None) -> Tensor:
-    """Per-head softmax(Q_h K_h^T / sqrt(d_head)) in the softmax dtype: (B, heads, n_x, n_y)."""
+    """Per-head softmax(Q_h K_h^T / sqrt(d_head)) in the softmax dtype: (B, heads, n_x, n_y).
+
+    Autocast is switched off here: under a bf16/fp16 autocast region the logits matmul would
+    otherwise be recast to half precision even though its inputs were upcast.
+    """
     work = softmax_dtype(q.dtype)
     d_head = q.shape[-1] // heads
-    Qh = _split_heads(q.to(work), heads)  # (B, heads, n_x, d_head)
-    Kh = _split_heads(k.to(work), heads)  # (B, heads, n_y, d_head)
-    logits = Qh @ Kh.transpose(-1, -2) / math.sqrt(d_head)  # (B, heads, n_x, n_y)
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1)  # (B, heads, n_x, n_y)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        Qh = _split_heads(q.to(work), heads)  # (B, heads, n_x, d_head)
+        Kh = _split_heads(k.to(work), heads)  # (B, heads, n_y, d_head)
+        logits = Qh @ Kh.transpose(-1, -2) / math.sqrt(d_head)  # (B, heads, n_x, n_y)
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+        return torch.softmax(logits, dim=-1)  # (B, heads, n_x, n_y)
 
 
 def cross_attention_literal(
@@ -118,32 +123,35 @@ def cross_attention_literal(
     work = softmax_dtype(q.dtype)
     d_head = q.shape[-1] // heads
     outs, maps = [], []
-    for h in range(heads):
-        cols = slice(h * d_head, (h + 1) * d_head)
-        Q = q[..., cols].to(work)  # (B, n_x, d_head)
-        K = k[..., cols].to(work)  # (B, n_y, d_head)
-        V = v[..., cols].to(work)  # (B, n_y, d_head)
-        logits = Q @ K.transpose(1, 2) / math.sqrt(d_head)  # (B, n_x, n_y)
-        if key_valid is not None:
-            logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))  # invalid keys leave the softmax
-        M_h = torch.softmax(logits, dim=-1)  # (B, n_x, n_y), rows sum to 1
-        maps.append(M_h)
-        outs.append(M_h @ V)  # (B, n_x, d_head)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # keep logits and softmax in `work`
+        for h in range(heads):
+            cols = slice(h * d_head, (h + 1) * d_head)
+            Q = q[..., cols].to(work)  # (B, n_x, d_head)
+            K = k[..., cols].to(work)  # (B, n_y, d_head)
+            V = v[..., cols].to(work)  # (B, n_y, d_head)
+            logits = Q @ K.transpose(1, 2) / math.sqrt(d_head)  # (B, n_x, n_y)
+            if key_valid is not None:
+                logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))  # invalid keys leave the softmax
+            M_h = torch.softmax(logits, dim=-1)  # (B, n_x, n_y), rows sum to 1
+            maps.append(M_h)
+            outs.append(M_h @ V)  # (B, n_x, d_head)
     out = torch.cat(outs, dim=-1).to(q.dtype)  # (B, n_x, d)
     return out, torch.stack(maps, dim=1).to(q.dtype)  # (B, heads, n_x, n_y)
 
 
-def cross_attention_map(q: Tensor, k: Tensor, heads: int, *, key_valid: Tensor | None = None) -> Tensor:
+def cross_attention_map(q: Tensor, k: Tensor, heads: int, *, key_valid: Tensor | None = None,
+                        map_dtype: torch.dtype | None = None) -> Tensor:
     """RAPHAEL Sec. 2, U-Net with Text Prompts: M = softmax(Q K^T / sqrt(d)), averaged over heads.
 
     ``M[b, j, i]`` is the correspondence of image token ``j`` with text token ``i``:
     ``M = (1/heads) sum_h softmax(Q_h K_h^T / sqrt(d_head))``, shape (B, n_x, n_y), entries
-    >= 0, rows summing to 1. Computed in float32 under bf16/fp16, returned in the input dtype.
-    Differentiable in ``q`` and ``k``.
+    >= 0, rows summing to 1. Computed in float32 under bf16/fp16 (autocast included), returned in
+    ``map_dtype`` (default: the input dtype; the model asks for float32 so that its threshold
+    masks are not taken on a half-precision map). Differentiable in ``q`` and ``k``.
     """
     _check_qk(q, k, heads, key_valid)
     M = _head_maps(q, k, heads, key_valid).mean(dim=1)  # (B, n_x, n_y)
-    return M.to(q.dtype)
+    return M.to(q.dtype if map_dtype is None else map_dtype)
 
 
 def cross_attention(
@@ -154,6 +162,7 @@ def cross_attention(
     *,
     key_valid: Tensor | None = None,
     need_map: bool = False,
+    map_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """RAPHAEL Sec. 2, U-Net with Text Prompts: fast attention(Q, K, V); equals ``cross_attention_literal``.
 
@@ -171,5 +180,5 @@ def cross_attention(
     )  # (B, heads, n_x, d_head)
     B, _, n_x, _ = out.shape
     out = out.transpose(1, 2).reshape(B, n_x, q.shape[-1])  # (B, n_x, d)
-    M = cross_attention_map(q, k, heads, key_valid=key_valid) if need_map else None
+    M = cross_attention_map(q, k, heads, key_valid=key_valid, map_dtype=map_dtype) if need_map else None
     return out, M

@@ -192,6 +192,10 @@ class RaphaelConfig:
             bad("model.edge_layers", f"must be >= 1, got {m.edge_layers}")
         if m.gate_grad not in ("none", "switch", "straight_through"):
             bad("model.gate_grad", f"must be 'none', 'switch' or 'straight_through', got {m.gate_grad!r}")
+        if not m.attend_padding and m.count_padding:
+            bad("model.count_padding", "must be false when model.attend_padding is false: padding tokens that the "
+                "cross-attention ignores have an all-zero map column, and their threshold mask would cover the "
+                "whole image (spec/errata.md, padding keys)")
         if m.moe_impl not in ("dense", "gather"):
             bad("model.moe_impl", f"must be 'dense' or 'gather', got {m.moe_impl!r}")
         if m.text_layer not in ("last", "penultimate"):

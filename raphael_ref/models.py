@@ -109,7 +109,8 @@ class TransformerBlock(nn.Module):
         # 2. cross-attention, with the map M (heads averaged, softmax in float32)
         key_valid = None if cfg.attend_padding else y_valid
         attn, M = cross_attention(self.to_q(self.norm2(x)), self.to_k(y), self.to_v(y), self.heads,
-                                  key_valid=key_valid, need_map=True)  # (B, n_x, w), (B, n_x, n_y)
+                                  key_valid=key_valid, need_map=True,
+                                  map_dtype=torch.promote_types(x.dtype, torch.float32))  # (B, n_x, w), (B, n_x, n_y)
         x = x + self.to_out(attn)  # h_c
         # 3. time-MoE: one expert per sample, chosen from the time embedding
         h = self.norm3(x)

@@ -25,13 +25,16 @@ def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5,
     ``edge_map`` (B, 1, H, W) in [0, 1] is the edge map of the training image (HED or Canny),
     resized to each block's grid by ``edge.edge_target_to_grid``.
     """
+    if not bool(((edge_map >= 0) & (edge_map <= 1)).all()):  # checked once here, not per block
+        raise ValueError("edge_map must hold edge probabilities in [0, 1] (NaN or out-of-range values found)")
     rows = []
     for a in aux:
         if a.edge_logits is None:
             continue
         acc = torch.promote_types(a.edge_logits.dtype, torch.float32)  # bf16/fp16 logits -> float32 loss
         target = edge_target_to_grid(edge_map.to(acc), *a.grid)  # (B, 1, h, w)
-        rows.append(focal_loss_per_sample(a.edge_logits.to(acc), target, alpha=alpha, gamma=gamma))  # (B,)
+        rows.append(focal_loss_per_sample(a.edge_logits.to(acc), target, alpha=alpha, gamma=gamma,
+                                          check_values=False))  # (B,)
     if not rows:
         raise ValueError("no block has an edge head (model.use_edge is False); pass edge_map=None")
     return torch.stack(rows)  # (n_blocks, B)
@@ -45,14 +48,16 @@ def training_losses(model: RaphaelUNet, schedule: NoiseSchedule, x0: torch.Tenso
 
     x0 (B, C, H, W) latents (or pixels for the toy preset); t (B,) 0-based timesteps; noise like x0;
     y (B, n_y, d_y), y_valid (B, n_y) bool, pooled_index (B,) from the text encoder; edge_map
-    (B, 1, H', W') in [0, 1] or None (no edge term).
+    (B, 1, H', W') in [0, 1], required when ``model.cfg.use_edge`` (None otherwise).
     """
     x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
     eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
     acc = torch.promote_types(eps_hat.dtype, torch.float32)  # the loss of a bf16/fp16 model in float32
     denoise = loss_eps(eps_hat.to(acc), noise.to(acc), reduction="none")  # (B,)
-    use_edge = model.cfg.use_edge and edge_map is not None
-    edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if use_edge else None  # (n_blocks, B)
+    if model.cfg.use_edge and edge_map is None:
+        raise ValueError("the model has edge supervision on (model.use_edge) but no edge_map was given: "
+                         "pass the batch's edge maps (raphael_ref.edge_gt.make_edge_detector) or set model.use_edge=false")
+    edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if model.cfg.use_edge else None  # (n_blocks, B)
     out = total_loss(denoise, edge, t, model.cfg.edge_t_cutoff)
     out["aux"] = aux
     return out

@@ -49,14 +49,16 @@ def _routes(aux, B, n_y):
 @torch.no_grad()
 def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
            uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, shape: tuple[int, ...],
-           steps: int = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
+           steps: int | None = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
            collect_masks: bool = False, progress: Callable | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
-    Noise is drawn on the CPU from ``generator`` (so a seed gives the same samples on any device)
-    and moved to the model's device. Returns ``(x_0, paths or None)``.
+    ``steps``: DDIM steps; DDPM always runs all T steps (``steps`` None or T). Noise is drawn on
+    the CPU from ``generator`` (so a seed gives the same samples on any device) and moved to the
+    model's device. The model is run in eval mode (deterministic routes) and its previous mode is
+    restored afterwards. Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -75,10 +77,30 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         hidden2, valid2, pooled2 = (torch.cat(p) for p in ((hidden, u_hidden), (valid, u_valid), (pooled, u_pooled)))
     T = schedule.T
     if sampler == "ddim":
-        ts = ddim_timesteps(steps, T, spacing)
+        ts = ddim_timesteps(50 if steps is None else steps, T, spacing)
     else:
+        if steps not in (None, T):
+            raise ValueError(f"DDPM sampling runs all T = {T} steps; got steps={steps}. Use sampler='ddim' for fewer.")
         ts = torch.arange(T - 1, -1, -1)
+    was_training = model.training
     model.eval()
+    try:
+        return _sample_loop(model, schedule, ts, shape, cond=(hidden, valid, pooled),
+                            cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
+                            sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
+                            collect_masks=collect_masks, progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, eta, generator, collect_paths,
+                 collect_masks, progress):
+    B = shape[0]
+    device = next(model.parameters()).device
+    hidden, valid, pooled = cond
+    use_cfg = cond2 is not None
+    if use_cfg:
+        hidden2, valid2, pooled2 = cond2
     x = torch.randn(shape, generator=generator).to(device)
     n_y = hidden.shape[1]
     s_all, t_all, m_all = [], [], []

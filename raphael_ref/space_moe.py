@@ -145,12 +145,16 @@ def space_moe(h: torch.Tensor, masks: torch.Tensor, routes: torch.Tensor, weight
     k, d = bank.n_experts, bank.d
     counted, n_counted = _counted(valid, count_padding, B, n_y, h.device)
     acc = torch.promote_types(h.dtype, torch.float32)  # sums in >= float32, like the literal form
-    C, Cbar = token_weights(masks, routes, weights, counted, k, acc)  # (B, k, n_x) each
-    e0 = bank.expert_at_zero()  # (k, d)
-    at_zero = torch.einsum("bkj,kd->bjd", Cbar, e0.to(acc))  # (B, n_x, d)  sum_k Cbar_k e_k(0)
+    # The experts may run in half precision under autocast; the regrouped sums never do.
+    no_autocast = torch.autocast(device_type=h.device.type, enabled=False)
+    with no_autocast:
+        C, Cbar = token_weights(masks, routes, weights, counted, k, acc)  # (B, k, n_x) each
+        e0 = bank.expert_at_zero()  # (k, d)
+        at_zero = torch.einsum("bkj,kd->bjd", Cbar, e0.to(acc))  # (B, n_x, d)  sum_k Cbar_k e_k(0)
     if impl == "dense":
         every = bank(h)  # (k, B, n_x, d)  e_k(h_j) for all k, j
-        at_h = torch.einsum("bkj,kbjd->bjd", C.to(h.dtype), every).to(acc)  # (B, n_x, d)  sum_k C_k o e_k(h)
+        with no_autocast:
+            at_h = torch.einsum("bkj,kbjd->bjd", C, every.to(acc))  # (B, n_x, d)  sum_k C_k o e_k(h)
     else:
         hits = torch.einsum("bji,bik->bkj", masks.float(),
                             (torch.nn.functional.one_hot(routes, k) * counted[..., None]).float())  # (B, k, n_x)

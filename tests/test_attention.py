@@ -244,3 +244,31 @@ def test_invalid_inputs_raise():
         cross_attention_map(q, k.double(), 2)
     with pytest.raises(ValueError, match="heads"):
         cross_attention_map(q, k, 0)
+
+
+@pytest.mark.spec_id("attn.cross_map")
+def test_map_stays_float32_under_autocast():
+    """Under a bf16 autocast region the logits and softmax must still run in float32."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 64, 32, generator=g) * 3
+    k = torch.randn(2, 77, 32, generator=g) * 3
+    ref = cross_attention_map(q.double(), k.double(), 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        M = cross_attention_map(q, k, 4)
+        _, M_lit = cross_attention_literal(q, k, k, 4)
+    assert M.dtype == torch.float32
+    # float32 logits of O(10) magnitude: ~1e-6 relative; a bf16 matmul would be off by ~1e-2.
+    torch.testing.assert_close(M.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(M_lit.mean(1).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.spec_id("attn.cross_output")
+def test_fast_gradients_equal_literal():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 16, generator=g, dtype=torch.float64, requires_grad=True) for n in (12, 7, 7))
+    out_f, M_f = cross_attention(q, k, v, 2, need_map=True)
+    grads_f = torch.autograd.grad((out_f.sum() + (M_f ** 2).sum()), (q, k, v))
+    out_l, maps_l = cross_attention_literal(q, k, v, 2)
+    grads_l = torch.autograd.grad((out_l.sum() + (maps_l.mean(1) ** 2).sum()), (q, k, v))
+    for a, b in zip(grads_f, grads_l):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -94,3 +94,12 @@ def test_clean_captions_are_left_unchanged(words):
 def test_rejects_non_strings():
     with pytest.raises(ValueError, match="str"):
         clean_caption(b"bytes caption")
+
+
+@pytest.mark.parametrize("text", ["Painting of St.Louis/Missouri skyline", "oil.on/canvas 1890", "Mr.Smith/artist portrait"])
+def test_dotted_words_with_slashes_are_not_urls(text):
+    assert clean_caption(text) == text
+
+
+def test_bare_domains_with_common_tlds_and_a_path_are_removed():
+    assert clean_caption("shop at foo.co.uk/x today") == "shop at today"

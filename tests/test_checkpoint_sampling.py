@@ -20,9 +20,16 @@ MICRO = {"model.sample_size": 16, "model.model_channels": 16, "model.head_dim": 
 
 
 def _model(seed=0):
+    """A micro model whose zero-initialised output layers get random weights (so eps != 0)."""
     cfg = get_preset("toy", MICRO)
     torch.manual_seed(seed)
-    return RaphaelUNet(cfg.model).eval(), cfg
+    model = RaphaelUNet(cfg.model).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model, cfg
 
 
 def test_save_load_round_trip(tmp_path):
@@ -62,7 +69,8 @@ def test_sampling_is_seeded_and_collects_paths(sampler):
     c = enc(["a red circle", "two blue squares"])
     u = enc([""])
     sched = NoiseSchedule.make(T=20 if sampler == "ddpm" else 1000)
-    kw = dict(shape=(2, 3, 16, 16), steps=4, guidance=3.0, sampler=sampler, collect_paths=True)
+    kw = dict(shape=(2, 3, 16, 16), steps=4 if sampler == "ddim" else None, guidance=3.0, sampler=sampler,
+              collect_paths=True)
     x1, p1 = sample(model, sched, (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index),
                     generator=torch.Generator().manual_seed(5), **kw)
     x2, p2 = sample(model, sched, (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index),
@@ -77,3 +85,41 @@ def test_sampling_is_seeded_and_collects_paths(sampler):
     x3, _ = sample(model, sched, (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index),
                    generator=torch.Generator().manual_seed(6), **kw)
     assert not torch.equal(x1, x3)
+
+
+def test_sample_equals_a_hand_written_guided_ddim_loop():
+    """CFG batching, chunk order and the DDIM update, against separate cond/uncond model calls."""
+    from raphael_ref.diffusion import cfg_combine, ddim_step, ddim_timesteps
+
+    model, cfg = _model()
+    model.train()  # sample() must switch to eval and restore this afterwards
+    enc = TextEncoder.tiny(seed=0)
+    c, u = enc(["a red circle", "two blue squares"]), enc(["", ""])
+    sched = NoiseSchedule.make(T=1000)
+    x, paths = sample(model, sched, (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index),
+                      shape=(2, 3, 16, 16), steps=3, guidance=4.0, generator=torch.Generator().manual_seed(9),
+                      collect_paths=True)
+    assert model.training
+    model.eval()
+    ref = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(9))
+    ts = ddim_timesteps(3, 1000, "leading")
+    routes = []
+    with torch.no_grad():
+        for i, t in enumerate(ts.tolist()):
+            tb = torch.full((2,), t)
+            e_c, aux = model(ref, tb, c.hidden, c.valid, c.pooled_index)
+            e_u, _ = model(ref, tb, u.hidden, u.valid, u.pooled_index)
+            routes.append(torch.stack([a.space_routes for a in aux]))
+            ref = ddim_step(ref, t, ts[i + 1].item() if i + 1 < len(ts) else -1, cfg_combine(e_u, e_c, 4.0), sched)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(paths.space_routes, torch.stack(routes))  # the conditional half's routes
+    assert (x - ref).abs().max() < 1e-4 < (ref.abs().max())
+
+
+def test_ddpm_runs_all_steps_only():
+    model, _ = _model()
+    enc = TextEncoder.tiny(seed=0)
+    c = enc(["a"])
+    with pytest.raises(ValueError, match="DDPM"):
+        sample(model, NoiseSchedule.make(T=20), (c.hidden, c.valid, c.pooled_index), None, shape=(1, 3, 16, 16),
+               steps=4, sampler="ddpm")

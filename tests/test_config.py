@@ -72,3 +72,10 @@ def test_bad_fields_are_named(overrides, match):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="toy"):
         C.get_preset("huge")
+
+
+def test_ignored_padding_cannot_be_counted_in_the_space_moe():
+    with pytest.raises(ValueError, match="model.count_padding"):
+        C.get_preset("toy", {"model.attend_padding": False})
+    cfg = C.get_preset("toy", {"model.attend_padding": False, "model.count_padding": False})
+    assert not cfg.model.attend_padding

@@ -244,3 +244,16 @@ def test_ddpm_validation():
         q_sample(x, torch.tensor([1, 2, 3]), x, s)
     with pytest.raises(ValueError, match="same shape"):
         posterior_step(x, 5, x, s, noise=torch.zeros(3))
+
+
+@pytest.mark.spec_id("ddpm.posterior_step")
+def test_zero_terminal_snr_last_step_is_a_clear_error():
+    from raphael_ref.diffusion import NoiseSchedule, ddim_step, posterior_step
+
+    sched = NoiseSchedule.make("scaled_linear", T=50, zero_terminal_snr=True)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        posterior_step(x, 49, torch.randn(2, 3), sched)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        ddim_step(x, 49, 30, torch.randn(2, 3), sched)
+    assert torch.isfinite(ddim_step(x, 48, 30, torch.randn(2, 3), sched)).all()

@@ -160,10 +160,12 @@ def test_train_eval_parity_of_moe_layers():
 
 
 def test_checkpointing_gives_same_loss_and_grads():
-    cfg_ck = micro_cfg(**{"model.checkpoint": True})
-    cfg_no = micro_cfg(**{"model.checkpoint": False})
+    """Recomputation under activation checkpointing replays the same gate noise, routes and grads."""
+    cfg_ck = micro_cfg(**{"model.checkpoint": True, "model.gate_noise_std": 5.0})
+    cfg_no = micro_cfg(**{"model.checkpoint": False, "model.gate_noise_std": 5.0})
     torch.manual_seed(0)
     m1 = RaphaelUNet(cfg_ck).train()
+    _randomize(m1)  # otherwise zero-init proj_out leaves experts and gates without gradient
     m2 = RaphaelUNet(cfg_no).train()
     m2.load_state_dict(m1.state_dict())
     enc = _text(cfg_ck.d_y)
@@ -177,6 +179,8 @@ def test_checkpointing_gives_same_loss_and_grads():
         out["total"].backward()
         losses.append(out["total"].detach())
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    blk = m1.transformer_blocks()[0]
+    assert blk.space_experts.w1.grad.abs().sum() > 0 and any(p.grad.abs().sum() > 0 for p in blk.text_gate.parameters())
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
@@ -264,3 +268,48 @@ def test_overfit_one_batch():
         opt.step()
         first = out["total"].item() if first is None else first
     assert out["total"].item() <= 0.5 * first, (first, out["total"].item())
+
+
+@pytest.mark.spec_id("model.unet")
+def test_block_equals_composition_of_literal_forms():
+    """TransformerBlock (fast forms, SDPA) == the paper's block composed by hand from the literal
+    equation functions, in float64: values and gradients (order, residuals, norms, mask source)."""
+    from raphael_ref.attention import cross_attention_literal
+    from raphael_ref.gates import text_route, time_route
+    from raphael_ref.masks import threshold_mask_literal
+    from raphael_ref.space_moe import space_moe_literal
+    from raphael_ref.time_moe import time_moe_literal
+
+    cfg = micro_cfg()
+    torch.manual_seed(0)
+    blk = TransformerBlock(16, cfg.d_y, 64, cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    B, side = 2, 4
+    x = torch.randn(B, side * side, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(B, cfg.n_y, cfg.d_y, generator=g, dtype=torch.float64, requires_grad=True)
+    valid = torch.arange(cfg.n_y)[None] <= torch.tensor([[5], [9]])
+    pooled = torch.tensor([5, 9])
+    temb = torch.randn(B, 64, generator=g, dtype=torch.float64)
+
+    out, (s_r, t_r, pooled_map, edge_logits, _) = blk(x, (side, side), y, valid, pooled, temb)
+
+    h = x + blk.self_attn(blk.norm1(x))  # self-attention sublayer
+    attn, maps = cross_attention_literal(blk.to_q(blk.norm2(h)), blk.to_k(y), blk.to_v(y), blk.heads)
+    M = maps.mean(dim=1)  # (B, n_x, n_y)
+    h_c = h + blk.to_out(attn)  # h_c: the stream after cross-attention
+    tr, tw = time_route(blk.time_gate, temb, training=False)
+    h_p = h_c + time_moe_literal(blk.norm3(h_c), tr, tw, blk.time_experts)  # h'
+    masks = threshold_mask_literal(M.detach(), cfg.mask_alpha)
+    sr, sw = text_route(blk.text_gate, y, training=False)
+    ref = h_p + space_moe_literal(blk.norm4(h_p), masks, sr, sw, blk.space_experts, valid=valid,
+                                  count_padding=cfg.count_padding)
+    ref_pooled = torch.stack([M[b, :, pooled[b]] for b in range(B)]).reshape(B, 1, side, side)
+
+    assert torch.equal(s_r, sr) and torch.equal(t_r, tr)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pooled_map, ref_pooled, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(edge_logits, blk.edge(ref_pooled), rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad((out ** 2).sum() + edge_logits.sum(), (x, y))
+    want = torch.autograd.grad((ref ** 2).sum() + blk.edge(ref_pooled).sum(), (x, y))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

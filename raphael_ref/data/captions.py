@@ -11,7 +11,8 @@ result is a fixed point, hence clean_caption is idempotent):
 2. replace HTML/XML tags (``<b>``, ``</a>``, ``<br/>``, ``<img src=...>``), comments and
    ``<!DOCTYPE ...>`` by a space; a '<' that does not open a tag name ("a < b") is kept;
 3. replace URLs by a space: ``http://``, ``https://``, ``ftp://`` and ``www.`` addresses, and bare
-   domains followed by a path (``example.com/x``); a bare domain without a path is kept (it is
+   domains with a common top-level domain followed by a path (``example.com/x``), so dotted words
+   such as "St.Louis/Missouri" stay; a bare domain without a path is kept (it is
    often part of the caption, e.g. a brand name);
 4. replace e-mail addresses by a space;
 5. collapse whitespace runs to one space and strip the ends.
@@ -36,10 +37,14 @@ _TAG = re.compile(
 )
 # A URL ends on a character that is not trailing punctuation, so "see http://x.org." keeps its period.
 _URL_TAIL = r"[^\s<>\"']*[^\s<>\"'.,;:!?)\]}]"
+# Bare domains (no scheme, no www.) count as URLs only with a common top-level domain, so that
+# ordinary text such as "St.Louis/Missouri" or "oil.on/canvas" is kept.
+_TLDS = ("com|org|net|edu|gov|mil|int|info|biz|io|co|me|tv|us|uk|de|fr|jp|cn|ru|it|es|nl|br|au|ca|in|ch|se|no|"
+         "pl|be|at|dk|fi|cz|kr|tw|hk|sg|nz|mx|ar|ly|gl|app|dev|xyz|site|online|shop|store|blog|art")
 _URL = re.compile(
     rf"\b(?:https?|ftp)://{_URL_TAIL}"  # scheme://...
     rf"|\bwww\.{_URL_TAIL}"  # www....
-    rf"|\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{{2,}}/{_URL_TAIL}"  # bare domain with a path
+    rf"|\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+(?:{_TLDS})/{_URL_TAIL}"  # bare domain (common TLD) with a path
     r"|\b(?:https?|ftp)://",  # a scheme with nothing after it
     re.IGNORECASE,
 )

@@ -86,12 +86,23 @@ def q_sample(x0: Tensor, t, noise: Tensor, schedule: NoiseSchedule) -> Tensor:
     return signal * x0 + sigma * noise  # (B, ...)
 
 
+def _check_positive(coef: Tensor, name: str, what: str) -> None:
+    """Zero-terminal-SNR schedules have abar_{T-1} = alpha_{T-1} = 0: eps prediction cannot invert there."""
+    if bool((coef <= 0).any()):
+        raise ValueError(
+            f"{name} = 0 at a requested timestep (a zero-terminal-SNR schedule at t = T-1): cannot {what}, "
+            f"the eps-parameterised step divides by sqrt({name}). Start sampling at t <= T-2 (e.g. DDIM "
+            f"'leading' spacing) or use a schedule without zero_terminal_snr (spec/errata.md, E5)."
+        )
+
+
 def predict_x0_from_eps(x_t: Tensor, t, eps: Tensor, schedule: NoiseSchedule) -> Tensor:
     """RAPHAEL Sec. 2, q_sample solved for x_0 (DDPM Eq. 15, DDIM Eq. 12 "predicted x_0"):
     x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     _check_schedule(schedule)
     _check_pair(("x_t", "eps"), x_t, eps)
     abar = gather_float64(schedule.alphas_cumprod, t, x_t)  # (B, 1, ...) float64
+    _check_positive(abar, "abar_t", "predict x_0 from eps")
     c_x = _cast(abar.rsqrt(), x_t)  # 1 / sqrt(abar_t)
     c_eps = _cast(((1.0 - abar) / abar).sqrt(), x_t)  # sqrt(1 - abar_t) / sqrt(abar_t)
     return c_x * x_t - c_eps * eps  # (B, ...)
@@ -143,6 +154,7 @@ def p_mean_from_eps(x_t: Tensor, t, eps_pred: Tensor, schedule: NoiseSchedule) -
     _check_schedule(schedule)
     _check_pair(("x_t", "eps_pred"), x_t, eps_pred)
     alpha = gather_float64(schedule.alphas, t, x_t)  # (B, 1, ...) float64
+    _check_positive(alpha, "alpha_t", "take the eps-form posterior step")
     sqrt_1m_abar = gather_float64(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)  # (B, 1, ...)
     c_out = _cast(1.0 / alpha.sqrt(), x_t)  # 1 / sqrt(alpha_t)
     c_eps = _cast((1.0 - alpha) / sqrt_1m_abar, x_t)  # (1 - alpha_t) / sqrt(1 - abar_t)
