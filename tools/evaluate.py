@@ -15,7 +15,8 @@ GenEval-style (one binary verdict). Noise for (seed, prompt) comes from its own 
 image does not depend on the other prompts, categories or batch sizes.
 
 Writes to --out:
-    results.json        settings, accuracy per category, every image's verdict and detections
+    results.json        settings, accuracy per category ("summary"), "fid_kid" / "clip_score" when asked,
+                        every image's verdict and detections ("records")
     results.md          the table (accuracy, correct / n per category; FID/KID/CLIP when asked)
     grids/<cat>.png     per category: ground-truth render, then the images (green: correct, red: not)
     images/<cat>/...    every generated image (PNG)
@@ -201,15 +202,16 @@ def markdown_table(summary: dict, header: Sequence[str], extra: dict | None = No
 
 
 def write_grid(path: Path, specs: Sequence[PromptSpec], images: torch.Tensor, records: Sequence[dict],
-               per_row: int, scale: int = 4) -> None:
+               per_row: int, min_tile: int = 128) -> None:
     """Rows: the prompt, its ground-truth render, then its images with a green (correct) / red border."""
     from PIL import Image, ImageDraw
 
     S = images.shape[-1]
+    scale = max(1, -(-min_tile // S))  # nearest upsampling to at least min_tile pixels
     tile = S * scale
     pad, text_h = 4, 12
     n_cols = 1 + per_row
-    width = n_cols * (tile + 2 * pad)
+    width = max(n_cols * (tile + 2 * pad), 6 * max(len(s.prompt) for s in specs) + 2 * pad)  # 6 px per character
     canvas = Image.new("RGB", (width, len(specs) * (tile + 2 * pad + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for r, spec in enumerate(specs):
@@ -266,30 +268,27 @@ def main(argv=None) -> dict:
             M.register_tiny_feature_extractor()
         spec_of = {s.uid: s for c in specs.values() for s in c}
         reference = torch.stack([render(spec_of[r["uid"]].scene) for r in records])  # (N, 3, S, S)
-        extra["FID/KID vs ground-truth renders"] = M.fid_kid(all_images, reference, device=device,
-                                                             inception_weights=args.inception_weights,
-                                                             feature_extractor=args.fid_extractor)
+        extra["fid_kid"] = M.fid_kid(all_images, reference, device=device, inception_weights=args.inception_weights,
+                                     feature_extractor=args.fid_extractor)
     if args.clip:
         scorer = M.load_clip(args.clip, args.clip_weights, device=device)
         texts = [r["prompt"] for r in records]
-        s = M.clip_score(all_images, texts, scorer)
-        extra["CLIP score"] = {"mean": float(s.mean()), "n": int(s.numel())}
-        for r, v in zip(records, s.tolist()):
+        clip = M.clip_score(all_images, texts, scorer)  # (N,) in records' order
+        extra["clip_score"] = {"mean": float(clip.mean()), "n": int(clip.numel())}
+        for r, v in zip(records, clip.tolist()):
             r["clip_score"] = v
     for cat, cat_specs in specs.items():
         shown = cat_specs[:args.grid_prompts]
         per_row = min(args.per_prompt, 8)
         # images of the first seed, per_prompt per spec, in evaluation order
         imgs, recs = [], []
-        for s in shown:
-            rs = [r for r in records if r["uid"] == s.uid and r["seed"] == args.seeds[0]][:per_row]
-            recs += rs
-            k = cat_specs.index(s) * len(args.seeds) * args.per_prompt
+        for spec in shown:
+            recs += [r for r in records if r["uid"] == spec.uid and r["seed"] == args.seeds[0]][:per_row]
+            k = cat_specs.index(spec) * len(args.seeds) * args.per_prompt
             imgs.append(by_cat[cat][k:k + per_row])
         write_grid(out / "grids" / f"{cat}.png", shown, torch.cat(imgs), recs, per_row)
-    settings = {k: v for k, v in vars(args).items()}
-    result = {"checkpoint": str(gen.ckpt), "weights": gen.weights, "preset": gen.cfg.name, "settings": settings,
-              "summary": summary, **{k: v for k, v in extra.items()}, "attention_views": views, "records": records}
+    result = {"checkpoint": str(gen.ckpt), "weights": gen.weights, "preset": gen.cfg.name, "settings": dict(vars(args)),
+              "summary": summary, **extra, "attention_views": views, "records": records}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     header = [f"# Compositional evaluation of `{gen.ckpt}` ({gen.weights})", "",
               f"{args.sampler}, {args.steps} steps, guidance {args.guidance}"
@@ -297,7 +296,8 @@ def main(argv=None) -> dict:
               f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
               f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
               f"(one binary verdict per image)."]
-    (out / "results.md").write_text(markdown_table(summary, header, extra))
+    labels = {"fid_kid": "FID/KID vs ground-truth renders", "clip_score": "CLIP score"}
+    (out / "results.md").write_text(markdown_table(summary, header, {labels[k]: v for k, v in extra.items()}))
     print((out / "results.md").read_text())
     return result
 

@@ -1,4 +1,4 @@
-"""Attention views over generated images (RAPHAEL Sec. 3.1 Fig. 3b/4, App. 7.2 Fig. 7a, App. 7.4 Fig. 11).
+"""Attention views over generated images (RAPHAEL Sec. 3.1 Fig. 3b/4, App. 7.2 Fig. 7a, App. 7.5 Fig. 11).
 
 Two pictures per generated image, written as PNG:
 

@@ -9,6 +9,7 @@ alignment can be *read back* from a generated image, in the spirit of GenEval (G
     2. objects:   8-connected components of each colour (:func:`connected_components`), components
                   smaller than ``min_area_frac`` of an object's box s x s dropped, same-colour
                   components in the same grid cell merged (fragments of one noisy object);
+                  a component too large or too ragged (fill < ``min_fill``) is an "unknown" object;
     3. shape:     from the component's bounding box: vertical centroid ``cy`` (0 top .. 1 bottom)
                   and fill ratio ``fill`` = area / box area (:func:`classify_shape`);
     4. position:  the 3 x 3 grid cell nearest to the centroid, with the cell centres of the
@@ -61,7 +62,10 @@ class DetectorConfig:
     """Tolerances of the detector (defaults calibrated on the generator's renders; module docstring).
 
     color_tol:        max Euclidean RGB distance (0..255 units) of a pixel to its palette colour.
-    min_area_frac:    components smaller than this fraction of an object box s^2 are noise.
+    min_area_frac:    components smaller than this fraction of an object box s^2 are noise
+                      (rendered shapes cover >= 0.5 s^2).
+    min_fill:         components filling less of their bounding box are no shape ("unknown");
+                      rendered shapes fill >= 0.5, clusters of saturated noise pixels 0.25..0.45.
     triangle_cy:      vertical centroid (0 top, 1 bottom, within the box) above which -> triangle.
     square_fill:      fill ratio above which a non-triangle is a square (else a circle).
     max_extent_frac:  a component whose box side exceeds this many object sides is no single
@@ -69,7 +73,8 @@ class DetectorConfig:
     """
 
     color_tol: float = 100.0
-    min_area_frac: float = 0.2
+    min_area_frac: float = 0.3
+    min_fill: float = 0.4
     triangle_cy: float = 0.55
     square_fill: float = 0.9
     max_extent_frac: float = 1.6
@@ -85,6 +90,8 @@ class DetectorConfig:
         if not torch.pi / 4 < self.square_fill < 1:
             raise ValueError(f"DetectorConfig.square_fill must lie in (pi/4, 1) (between a disk's and a "
                              f"square's fill ratio); got {self.square_fill}")
+        if not 0 <= self.min_fill < 0.5:
+            raise ValueError(f"DetectorConfig.min_fill must lie in [0, 1/2) (below a triangle's fill); got {self.min_fill}")
         if self.max_extent_frac <= 1:
             raise ValueError(f"DetectorConfig.max_extent_frac must be > 1; got {self.max_extent_frac}")
 
@@ -258,13 +265,19 @@ def _object_from_pixels(ys: torch.Tensor, xs: torch.Tensor, color: str, image_si
     cy = (float(ys.double().mean()) + 0.5 - y0) / h  # pixel centres, 0 top .. 1 bottom of the box
     centroid = (float(xs.double().mean()) + 0.5, float(ys.double().mean()) + 0.5)
     s = object_size(image_size)
-    shape = "unknown" if max(h, w) > cfg.max_extent_frac * s else classify_shape(fill, cy, cfg)
+    if max(h, w) > cfg.max_extent_frac * s or fill < cfg.min_fill:
+        shape = "unknown"  # no single rendered shape: too large, or too ragged
+    else:
+        shape = classify_shape(fill, cy, cfg)
     return DetectedObject(shape, color, position_of(centroid, image_size), (x0, y0, x1, y1), area, centroid,
                           round(fill, 4), round(cy, 4))
 
 
 def detect_batch(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) -> list[list[DetectedObject]]:
-    """Objects of each image of a batch (B, 3, S, S) uint8; see the module docstring for the rules."""
+    """RAPHAEL Sec. 4.1 (image-text alignment), synthetic stand-in: the objects of each uint8 image (B, 3, S, S).
+
+    Colour, shape, position per object, count = number of objects; rules in the module docstring.
+    """
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"detect_batch expects uint8 images (B, 3, S, S); got {type(images).__name__} "
                          f"{getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}. Convert model "
@@ -276,12 +289,17 @@ def detect_batch(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) -
     names, _ = _palette()
     seg = color_segmentation(images.cpu(), cfg.color_tol)  # (B, S, S)
     per_color = seg[:, None] == torch.arange(len(names))[None, :, None, None]  # (B, P, S, S)
-    labels = connected_components(per_color)  # (B, P, S, S)
+    present = per_color.flatten(2).any(dim=-1)  # (B, P): label only the colours an image holds
+    labels = torch.zeros(per_color.shape, dtype=torch.long)  # (B, P, S, S)
+    if present.any():
+        labels[present] = connected_components(per_color[present])  # (N, S, S)
     min_area = cfg.min_area_frac * object_size(H) ** 2
     out: list[list[DetectedObject]] = []
     for b in range(B):
         found: list[DetectedObject] = []
         for c, color in enumerate(names):
+            if not present[b, c]:
+                continue
             lab = labels[b, c]  # (S, S)
             ids = lab.unique()
             groups: dict[str, list[torch.Tensor]] = {}

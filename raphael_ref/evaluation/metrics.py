@@ -45,6 +45,7 @@ __all__ = [
     "clip_score_from_embeddings",
     "fid_kid",
     "frechet_distance",
+    "gaussian_statistics",
     "kid_unbiased",
     "load_clip",
     "polynomial_kernel",
@@ -205,7 +206,8 @@ def _as_dataset(x: Any, which: str, datasets_root: str | None) -> torch.utils.da
         if Path(x).is_dir():
             return ImageFolder(x)
         if isinstance(x, str) and x in DATASETS_REGISTRY:
-            root = datasets_root or tempfile.mkdtemp(prefix="fidelity_datasets_")
+            root = datasets_root or os.path.join(os.path.dirname(torch.hub.get_dir()), "fidelity_datasets")
+            os.makedirs(root, exist_ok=True)  # torch-fidelity's default root (it creates it too)
             return DATASETS_REGISTRY[x](root, False)  # download=False: a missing data set is an error
         raise FileNotFoundError(f"{which}: {x!r} is neither an image folder nor a registered torch-fidelity "
                                 f"data set ({sorted(DATASETS_REGISTRY)})")

@@ -111,7 +111,11 @@ def match_requirements(requirements: Sequence[Requirement], objects: Sequence[De
 
 
 def score(spec: PromptSpec, objects: Sequence[DetectedObject]) -> bool:
-    """GenEval-style verdict: every requirement met by a distinct object (and the exact count, if asked)."""
+    """RAPHAEL Sec. 4.1 (image-text alignment), GenEval-style verdict for one image.
+
+    True iff every requirement is met by a distinct detected object and, for counting prompts, the
+    number of objects of the required shape equals the number asked for.
+    """
     if not isinstance(spec, PromptSpec):
         raise ValueError(f"score expects a PromptSpec; got {type(spec).__name__}")
     if match_requirements(spec.requirements, objects) is None:

@@ -1,0 +1,245 @@
+"""Evaluation prompt sets, GenEval-style scoring, tools/evaluate.py on a tiny random checkpoint, attention views."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raphael_ref.checkpoint import save_model
+from raphael_ref.config import get_preset
+from raphael_ref.data.synthetic import COLORS, SHAPES, make_scene, render
+from raphael_ref.evaluation.detector import detect, detect_batch
+from raphael_ref.evaluation.prompts import (
+    CATEGORIES,
+    HELDOUT_PAIRS,
+    evaluation_prompts,
+    prompt_set,
+    score,
+    uses_pair,
+)
+from raphael_ref.models import RaphaelUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two levels and five transformer blocks (one per down level, middle, one per up level): every code
+# path of the full layout at a fraction of its cost on two shared CPU cores.
+MICRO = {"model.sample_size": 16, "model.model_channels": 16, "model.head_dim": 8, "model.norm_groups": 4,
+         "model.expert_mult": 2, "model.edge_width": 4, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
+         "model.transformer_down": [1, 1], "model.transformer_up": [1, 1]}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def evaluate():
+    spec = importlib.util.spec_from_file_location("raphael_evaluate", ROOT / "tools" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    cfg = get_preset("toy", MICRO)
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("ckpt"), RaphaelUNet(cfg.model), cfg)
+
+
+# ------------------------------------------------------------------------------ prompt sets and scoring
+
+
+@pytest.mark.spec_id("eval.geneval_score")
+def test_ground_truth_renders_of_every_prompt_score_correct():
+    """The benchmark's ceiling is reachable: each prompt's own scene passes, in every category."""
+    specs = evaluation_prompts(n_per_category=24, image_size=32)
+    assert set(specs) == set(CATEGORIES)
+    for cat, cat_specs in specs.items():
+        found = detect_batch(torch.stack([render(s.scene) for s in cat_specs]))
+        assert all(score(s, f) for s, f in zip(cat_specs, found)), cat
+        assert all(not score(s, []) for s in cat_specs), f"{cat}: an empty image must fail"
+
+
+@pytest.mark.spec_id("eval.geneval_score")
+def test_each_category_checks_its_own_attribute():
+    two = prompt_set("color_attribution", 10)
+    for s in two:
+        (a, b) = s.scene.objects
+        swapped = make_scene([(a.shape, b.color, a.position), (b.shape, a.color, b.position)], 32)
+        assert not score(s, detect(render(swapped))), "a swapped colour binding must fail color_attribution"
+    for s in prompt_set("position", 10):
+        (a, b) = s.scene.objects
+        moved = make_scene([(a.shape, a.color, b.position), (b.shape, b.color, a.position)], 32)
+        assert not score(s, detect(render(moved))), "objects at each other's places must fail position"
+    for s in prompt_set("counting", 10):
+        o = s.scene.objects
+        free = [p for p in ("left", "right", "top", "bottom", "center") if p not in {x.position for x in o}]
+        more = make_scene([(x.shape, x.color, x.position) for x in o] + [(o[0].shape, "white", free[0])], 32)
+        fewer = make_scene([(x.shape, x.color, x.position) for x in o[:-1]], 32)
+        assert not score(s, detect(render(more))) and not score(s, detect(render(fewer)))
+    for s in prompt_set("colors", 10):
+        (a,) = s.scene.objects
+        other = next(c for c in COLORS if c != a.color)
+        assert not score(s, detect(render(make_scene([(a.shape, other, a.position)], 32))))
+        # the shape alone suffices for single_object (GenEval: the class is present)
+    for s in prompt_set("single_object", 10):
+        (a,) = s.scene.objects
+        recoloured = make_scene([(a.shape, next(c for c in COLORS if c != a.color), "center")], 32)
+        assert score(s, detect(render(recoloured)))
+        other_shape = next(x for x in SHAPES if x != a.shape)
+        assert not score(s, detect(render(make_scene([(other_shape, a.color, a.position)], 32))))
+
+
+@pytest.mark.spec_id("eval.geneval_score")
+@settings(max_examples=10)
+@given(cat=st.sampled_from(CATEGORIES), n=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))
+def test_prompt_sets_are_deterministic_distinct_and_in_the_caption_template(cat, n, seed):
+    a, b = prompt_set(cat, n, seed=seed), prompt_set(cat, n, seed=seed)
+    assert a == b and len(a) == n
+    assert len({frozenset((o.shape, o.color, o.position) for o in s.scene.objects) for s in a}) == n
+    assert all(s.prompt == s.scene.caption and s.category == cat for s in a)
+    assert [s.uid for s in a] == [f"{cat}-{i:03d}" for i in range(n)]
+
+
+def test_holdout_pairs_and_bad_arguments():
+    for cat in CATEGORIES:
+        assert all(uses_pair(s.scene, HELDOUT_PAIRS) for s in prompt_set(cat, 8, holdout_pairs=HELDOUT_PAIRS))
+    assert max(len(s.scene.objects) for s in prompt_set("counting", 40, max_count=4)) == 4
+    with pytest.raises(ValueError, match="unknown category"):
+        prompt_set("colour", 3)
+    with pytest.raises(ValueError, match="distinct"):
+        prompt_set("single_object", 91)  # only 3 shapes x 6 colours x 5 positions exist
+    with pytest.raises(ValueError, match="holdout_pairs"):
+        prompt_set("colors", 3, holdout_pairs=[("pink", "circle")])
+
+
+# ------------------------------------------------------------------------------ the evaluation loop
+
+
+def test_perfect_and_blank_generators_bound_the_scores(evaluate, tmp_path):
+    specs = evaluation_prompts(n_per_category=2)
+    perfect = lambda spec, seed, n: render(spec.scene)[None].expand(n, -1, -1, -1).contiguous()  # noqa: E731
+    blank = lambda spec, seed, n: torch.zeros(n, 3, 32, 32, dtype=torch.uint8)  # noqa: E731
+    for fn, acc in ((perfect, 1.0), (blank, 0.0)):
+        records, by_cat = evaluate.evaluate_specs(specs, fn, [0, 1], 2, tmp_path / str(acc), log=lambda s: None)
+        summary = evaluate.summarize(records, CATEGORIES)
+        assert summary["overall"] == acc
+        assert all(v == {"accuracy": acc, "correct": int(8 * acc), "n": 8, "n_prompts": 2}
+                   for v in summary["categories"].values())
+        assert all(t.shape == (8, 3, 32, 32) for t in by_cat.values())
+    assert len(list((tmp_path / "1.0" / "images" / "counting").glob("*.png"))) == 8
+
+
+def test_evaluate_cli_on_a_tiny_random_checkpoint(evaluate, tiny_checkpoint, tmp_path):
+    """Acceptance: the table for a checkpoint saved with save_model; FID (tiny extractor), CLIP, attention views."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from raphael_ref.evaluation import metrics as M
+
+    clip_cfg = {"embed_dim": 8, "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    clip_dir = tmp_path / "clip"
+    clip_dir.mkdir()
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": clip_cfg}))
+    state = open_clip.model.CLIP(**clip_cfg).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(clip_dir / "open_clip_model.safetensors"))
+
+    out = tmp_path / "eval"
+    result = evaluate.main([str(tiny_checkpoint), "--out", str(out), "--steps", "1", "--per-prompt", "2",
+                            "--prompts-per-category", "1", "--seeds", "0", "--fid", "--fid-extractor", M.TINY_EXTRACTOR,
+                            "--clip", str(clip_dir), "--attention", "1", "--device", "cpu"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"] == result["summary"] and saved["weights"] == "model.safetensors"
+    for cat in CATEGORIES:
+        v = saved["summary"]["categories"][cat]
+        assert v["n"] == 2 and v["n_prompts"] == 1 and 0.0 <= v["accuracy"] <= 1.0
+        assert (out / "grids" / f"{cat}.png").is_file()
+        assert (out / "attention" / f"{cat}-000_pooled_s0_b0.png").is_file()
+        assert (out / "attention" / f"{cat}-000_masks_s0_b0.png").is_file()
+    assert len(saved["records"]) == 12 and all((out / r["image"]).is_file() for r in saved["records"])
+    assert saved["fid_kid"]["n_generated"] == 12 and saved["fid_kid"]["fid"] >= 0
+    assert 0.0 <= saved["clip_score"]["mean"] <= 100.0 and saved["clip_score"]["n"] == 12
+    table = (out / "results.md").read_text()
+    assert "| category | accuracy | correct / n | prompts |" in table
+    assert all(f"| {cat} |" in table for cat in CATEGORIES) and "overall" in table
+    assert "FID" in table and "CLIP score" in table
+    # the same seed gives the same images (noise per prompt and seed, independent of other options)
+    again = evaluate.main([str(tiny_checkpoint), "--out", str(tmp_path / "again"), "--steps", "1", "--per-prompt", "2",
+                           "--prompts-per-category", "1", "--categories", "counting", "--attention", "0",
+                           "--device", "cpu"])
+    first = [r for r in saved["records"] if r["category"] == "counting"]
+    assert [r["detected"] for r in again["records"]] == [r["detected"] for r in first]
+    a = (out / first[0]["image"]).read_bytes()
+    assert a == (tmp_path / "again" / again["records"][0]["image"]).read_bytes()
+
+
+def test_evaluate_cli_unconditional_and_weight_choice(evaluate, tiny_checkpoint, tmp_path):
+    out = tmp_path / "uncond"
+    result = evaluate.main([str(tiny_checkpoint), "--out", str(out), "--steps", "1", "--per-prompt", "1",
+                            "--prompts-per-category", "1", "--categories", "colors", "--unconditional",
+                            "--attention", "0", "--device", "cpu"])
+    assert result["settings"]["unconditional"] and "unconditional" in (out / "results.md").read_text()
+    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
+        evaluate.main([str(tiny_checkpoint), "--out", str(out), "--ema", "--device", "cpu"])
+    with pytest.raises(SystemExit):  # --fid without a local Inception file is refused up front
+        evaluate.parse_args([str(tiny_checkpoint), "--out", str(out), "--fid"])
+
+
+# ------------------------------------------------------------------------------ attention views
+
+
+def test_attention_record_matches_sampling_paths(tiny_checkpoint, tmp_path):
+    """The hooks see what sample() collects: masks equal DiffusionPaths.masks, pooled maps are the EOT column."""
+    from raphael_ref.checkpoint import load_model
+    from raphael_ref.diffusion import NoiseSchedule
+    from raphael_ref.evaluation import attention_views as AV
+    from raphael_ref.sampling import sample
+    from raphael_ref.text_encoder import TextEncoder
+
+    model, cfg = load_model(tiny_checkpoint)
+    enc = TextEncoder.tiny(seed=0)
+    c, u = enc(["a red circle on the left", "two blue squares at the top and at the bottom"]), enc([""])
+    sched = NoiseSchedule.make(T=1000)
+    kw = dict(shape=(2, 3, 16, 16), steps=3, guidance=3.0)  # steps 0, 1, 2; record the last two
+    cond, uncond = (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index)
+    x_ref, paths = sample(model, sched, cond, uncond, generator=torch.Generator().manual_seed(1),
+                          collect_paths=True, collect_masks=True, **kw)
+    x, rec = AV.collect_attention(model, sched, cond, uncond, record_steps=[1, 2],
+                                  generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(x, x_ref), "recording must not change the samples"
+    assert sorted(rec.pooled) == [1, 2] and rec.timesteps[1] == int(paths.timesteps[1])
+    assert len(rec.grids) == cfg.n_transformer_blocks
+    for s in (1, 2):
+        for k in range(cfg.n_transformer_blocks):
+            assert torch.equal(rec.masks[s][k], paths.masks[s][k])
+            assert torch.equal(rec.routes[s][k], paths.space_routes[s, k])
+            h, w = rec.grids[k]
+            assert rec.pooled[s][k].shape == (2, h, w)
+            # a column of a row-stochastic map: each entry in [0, 1]
+            assert (rec.pooled[s][k] >= 0).all() and (rec.pooled[s][k] <= 1 + 1e-6).all()
+    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    block = AV.default_view_block(rec)
+    written = AV.write_attention_views(tmp_path, images, rec, c.ids, c.valid, step=2, block=block, names=["a", "b"])
+    from PIL import Image
+
+    assert len(written) == 4
+    n_tokens = int(c.valid[0].sum())
+    with Image.open(tmp_path / f"a_masks_s2_b{block}.png") as im:
+        assert im.width == (1 + n_tokens) * (16 * 4 + 2) - 2  # the image and one tile per real token
+    with pytest.raises(ValueError, match="not recorded"):
+        AV.write_attention_views(tmp_path, images, rec, c.ids, c.valid, step=0, block=block)
+    assert AV.token_labels(c.ids[0, :n_tokens])[:3] == ["<sot>", "a", "red"]
