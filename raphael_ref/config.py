@@ -93,6 +93,9 @@ class TrainConfig:
     # --- the run (tools/train.py): data, frozen parts, logging, checkpoints ---
     source: str = "synthetic"  # "synthetic", a folder/glob of tar shards, or an image folder (data.loader)
     num_workers: int = 0  # DataLoader worker processes per rank
+    # multi-scale buckets: None = the paper's pixel sizes (Sec. 4); f = each side / f, rounded to what the
+    # U-Net and codec accept (data.buckets.scaled_buckets; errata E45)
+    bucket_factor: float | None = None
     edge_detector: str = "canny"  # I_edge (Sec. 3.2): "hed" as printed (needs hed_weights) or "canny" (offline)
     hed_weights: str | None = None  # converted HED safetensors (tools/convert_hed.py)
     mixed_precision: str = "bf16"  # autocast dtype on CUDA: "bf16" or "no"; the CPU always runs float32
@@ -223,6 +226,8 @@ class RaphaelConfig:
         for name in ("log_every", "ckpt_every"):
             if getattr(t, name) < 1:
                 bad(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+        if t.bucket_factor is not None and not t.bucket_factor > 0:
+            bad("train.bucket_factor", f"must be > 0 or null (the paper's sizes), got {t.bucket_factor}")
         if t.edge_detector not in ("canny", "hed"):
             bad("train.edge_detector", f"must be 'canny' or 'hed', got {t.edge_detector!r}")
         if t.mixed_precision not in ("bf16", "no"):

@@ -341,7 +341,8 @@ def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequenc
     """Prompts -> images (B, 3, H, W) in [-1, 1] on the CPU, and the diffusion paths (or None).
 
     Classifier-free guidance against the empty prompt (the captions dropped in training);
-    ``size`` is the latent (h, w); noise comes from ``generator`` on the CPU (``sampling.sample``).
+    ``size`` is the latent (h, w); noise comes from ``generator`` on the CPU (``sampling.sample``);
+    ``steps`` counts DDIM steps (DDPM always runs all T steps).
     """
     from raphael_ref.sampling import sample
 
@@ -351,7 +352,8 @@ def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequenc
     u = encoder([""]) if guidance != 1.0 else None
     shape = (len(prompts), model.cfg.in_channels, *size)
     x, paths = sample(model, schedule, (c.hidden, c.valid, c.pooled_index),
-                      None if u is None else (u.hidden, u.valid, u.pooled_index), shape=shape, steps=steps,
+                      None if u is None else (u.hidden, u.valid, u.pooled_index), shape=shape,
+                      steps=None if sampler == "ddpm" else steps,  # DDPM runs all T steps
                       guidance=guidance, sampler=sampler, eta=eta, generator=generator,
                       collect_paths=collect_paths or collect_masks, collect_masks=collect_masks)
     images = codec.decode(x.float())  # (B, 3, H, W)

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 
 from raphael_ref import training as T  # noqa: E402
 from raphael_ref.config import PRESETS, load_config  # noqa: E402
+from raphael_ref.data.buckets import BUCKETS, scaled_buckets  # noqa: E402
 from raphael_ref.data.loader import make_train_loader  # noqa: E402
 from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
 from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count  # noqa: E402
@@ -122,6 +123,13 @@ def say(rank: int, *msg) -> None:
         print(*msg, flush=True)
 
 
+def fail(rank: int, msg: str) -> int:
+    """Print ``error: msg`` on rank 0 (stderr) and return exit code 2 (every rank)."""
+    if rank == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     # ---- config: preset (or the checkpoint's config when resuming) + files + --set
     resume_from = None
@@ -145,8 +153,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             raise ValueError(f"config field train.batch_size: the global batch {cfg.train.batch_size} must be "
                              f"divisible by the world size {world}")
     except (ValueError, FileNotFoundError) as e:
-        say(rank, f"error: {e}")
-        return 2
+        return fail(rank, str(e))
     tc, mc = cfg.train, cfg.model
 
     # ---- run folder (rank 0 decides its name)
@@ -154,8 +161,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         args.out = str(resume_from.parent.parent)
     run_dir = Path(broadcast_object(str(T.make_run_dir(args.out, cfg.name)) if rank == 0 else None, rank))
     if resume_from is None and T.latest_checkpoint(run_dir) is not None:
-        say(rank, f"error: {run_dir} already holds checkpoints; pass --resume to continue that run, or another --out")
-        return 2
+        return fail(rank, f"{run_dir} already holds checkpoints; pass --resume to continue that run, or another --out")
 
     # ---- seeds: one model init for all ranks, then per-rank streams seed * world + rank (DiT)
     torch.manual_seed(tc.seed)
@@ -181,9 +187,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # the time-MoE runs only the experts some sample was routed to: the others get no gradient
-        net_for_loss = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                           find_unused_parameters=True)
+        # experts are stacked parameters (experts.ExpertBank): an expert no token or sample was routed to
+        # gets a zero slice of its bank's gradient, so every parameter takes part in every step
+        net_for_loss = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         net_for_loss.cfg = mc  # objective.training_losses reads model.cfg
     else:
         net_for_loss = model
@@ -214,28 +220,36 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         st = ck["state"]
         step = int(st["step"])
         window = torch.tensor(st["window"], dtype=torch.float64)
-        if st["world_size"] == world:
-            torch.set_rng_state(ck["rng"][f"rank{rank}.torch"])
-            gen.set_state(ck["rng"][f"rank{rank}.gen"])
-            if device.type == "cuda" and f"rank{rank}.cuda" in ck["rng"]:
-                torch.cuda.set_rng_state(ck["rng"][f"rank{rank}.cuda"])
-        else:  # new world size: fresh per-rank streams, still a function of (seed, rank, step)
-            say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: "
-                      f"RNG streams reseeded; the run goes on but is not bit-identical to an uninterrupted one")
-            torch.manual_seed(rank_seed + 1_000_003 * step)
-            gen.manual_seed(rank_seed + 1_000_003 * step)
+        rng_states = ck["rng"] if st["world_size"] == world else None
+        if rng_states is None:
+            say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: RNG streams "
+                      f"reseeded from (seed, rank, step); the run goes on but is not bit-identical to an uninterrupted one")
         del ck
-        if rank == 0:
-            T.truncate_log(run_dir / "log.jsonl", step)
     if rank == 0:
-        cfg.to_json(run_dir / "config.json")
+        T.truncate_log(run_dir / "log.jsonl", step)  # drop lines of steps after the checkpoint (or of a run
+        cfg.to_json(run_dir / "config.json")          # killed before its first checkpoint)
         (run_dir / "samples").mkdir(exist_ok=True)
         (run_dir / "samples" / "prompts.txt").write_text("\n".join(cfg.sample.prompts) + "\n")
 
+    buckets = None  # the paper's bucket sizes (Sec. 4), or scaled to what the codec and the U-Net accept
+    if tc.multiscale and tc.bucket_factor is not None:
+        try:
+            buckets = scaled_buckets(BUCKETS, tc.bucket_factor, codec.downsample_factor * 2 ** (len(mc.channel_mult) - 1))
+        except ValueError as e:
+            return fail(rank, f"config field train.bucket_factor: {e}")
     loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
-                               world_size=world, seed=tc.seed, multiscale=tc.multiscale,
+                               world_size=world, seed=tc.seed, multiscale=tc.multiscale, buckets=buckets,
                                caption_dropout=tc.caption_dropout, num_workers=tc.num_workers, start_step=step)
-    data = iter(loader)
+    data = iter(loader)  # (creating the iterator draws a seed from the global RNG: restore the streams after it)
+    if resume_from is not None:
+        if rng_states is not None:
+            torch.set_rng_state(rng_states[f"rank{rank}.torch"])
+            gen.set_state(rng_states[f"rank{rank}.gen"])
+            if device.type == "cuda" and f"rank{rank}.cuda" in rng_states:
+                torch.cuda.set_rng_state(rng_states[f"rank{rank}.cuda"])
+        else:
+            torch.manual_seed(rank_seed + 1_000_003 * step)
+            gen.manual_seed(rank_seed + 1_000_003 * step)
 
     counts = count_parameters(model)
     say(rank, f"run folder: {run_dir}")
@@ -245,7 +259,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     say(rank, f"device {device} x {world} rank(s), {'FSDP2' if tc.fsdp and world > 1 else 'DDP' if world > 1 else 'single process'}"
               f"{', bf16 autocast' if not isinstance(amp, nullcontext) else ', float32'}; "
               f"global batch {tc.batch_size}, steps {step} -> {tc.steps}")
-    say(rank, f"data: {tc.source} at {image_size}px{' (multi-scale buckets)' if tc.multiscale else ''}; "
+    say(rank, f"data: {tc.source} at {image_size}px{f' (multi-scale buckets {buckets or BUCKETS})' if tc.multiscale else ''}; "
               f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'random, seed 0'}); "
               f"codec {mc.codec}")
     say(rank, f"edge ground truth I_edge: {edge_detector.describe() if edge_detector else 'off (model.use_edge = false)'}")

@@ -1,0 +1,342 @@
+"""Ablations of RAPHAEL Sec. 4.2 (Fig. 6a, 6b): variants, the offline fidelity proxy "pixel-FD", tables.
+
+Fig. 6b trains the full model and three variants (without space-MoE, without time-MoE, without
+edge-supervised learning) and draws, per variant, the trade-off between image-text alignment (CLIP
+score) and fidelity (FID) over the guidance weights 1.5, 3.0, 4.5, 6.0, 7.5, 9.0. Fig. 6a sweeps
+the mask threshold alpha (Sec. 3.1, eta_i = alpha max_j M[j, i]) and the edge cut-off T_c (Sec. 3.2).
+
+Here a variant is a set of config overrides (``model.use_space_moe=false`` ...) trained by
+``tools/train.py`` with one budget and seed; ``tools/ablate.py`` runs the whole study. The axes:
+
+    alignment   the compositional detector's overall accuracy (``tools/evaluate.py``: GenEval-style,
+                mean of the category accuracies), in place of the CLIP score: on the synthetic
+                domain the ground truth is programmatic and no CLIP weights are needed.
+    fidelity    FID with Inception-v3 weights when a local file is given; otherwise **pixel-FD**
+                (:func:`pixel_fd`), a Frechet distance in a fixed, hand-made feature space. It is
+                *not* FID and is never called FID: its numbers are comparable only with each other
+                (same feature space, same number of images), lower is better as for FID.
+
+pixel-FD features of an image (uint8, 3 x S x S), 75 numbers, all in [0, 1]:
+
+    27  joint colour histogram: each channel quantised to 3 levels (0..84, 85..169, 170..255), the
+        fraction of pixels in each of the 3^3 colour cells. The synthetic palette (black background,
+        red, green, blue, yellow, purple, white) falls into 7 distinct cells; smudged or wrong
+        colours land in the others.
+    48  the image average-pooled to 4 x 4 (per channel, divided by 255): where the colour mass is.
+
+The reference set holds the ground-truth render of each generated image's prompt (one per image,
+as ``tools/evaluate.py --fid`` does). With N images the covariance of 75 features is estimated
+from N samples (the toy budget of ``tools/ablate.py`` has N = 96, the full one 1152): compare only
+runs with the same N and the same prompts and noise (tools/ablate.py keeps both fixed across
+variants), since the Frechet distance of finite samples is biased upward by O(tr(S)/N) terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from raphael_ref.evaluation.metrics import frechet_distance, gaussian_statistics
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "DEFAULT_T_CS",
+    "GUIDANCE_WEIGHTS",
+    "MODULE_VARIANTS",
+    "PIXEL_FD_LEVELS",
+    "PIXEL_FD_POOL",
+    "Variant",
+    "ablation_plan",
+    "best_guidance",
+    "markdown_report",
+    "paper_orderings",
+    "pixel_fd",
+    "pixel_features",
+    "result_row",
+    "rows_by_variant",
+]
+
+GUIDANCE_WEIGHTS: tuple[float, ...] = (1.5, 3.0, 4.5, 6.0, 7.5, 9.0)  # Sec. 4.2, Fig. 6b
+DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.4)  # Fig. 6a around Table 2's alpha = 0.2
+DEFAULT_T_CS: tuple[int, ...] = (250, 500, 750)  # Fig. 6a around Table 2's T_c = 500 (0-based t < T_c)
+PIXEL_FD_LEVELS = 3  # quantisation levels per channel of the joint colour histogram
+PIXEL_FD_POOL = 4  # side of the average-pooled image
+
+
+# ---------------------------------------------------------------------------------------------
+# variants
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One point of the study: config overrides trained into ``run`` (a folder name under the study).
+
+    group: "module" (Fig. 6b curves), "alpha" or "t_c" (Fig. 6a sweeps).
+    value: the swept value (alpha or T_c), None for module variants.
+    run:   the training run it reads; sweep points equal to the base config reuse ``"full"``.
+    """
+
+    name: str
+    group: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    value: float | None = None
+    run: str = ""
+
+    def __post_init__(self) -> None:
+        if self.group not in ("module", "alpha", "t_c"):
+            raise ValueError(f"Variant {self.name!r}: group must be 'module', 'alpha' or 't_c'; got {self.group!r}")
+        if not self.run:
+            object.__setattr__(self, "run", self.name)
+
+    @property
+    def set_args(self) -> list[str]:
+        """``FIELD=VALUE`` strings for ``tools/train.py --set`` (JSON literals: true/false, numbers)."""
+        return [f"{k}={_literal(v)}" for k, v in self.overrides]
+
+
+def _literal(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+# Fig. 6b: the complete model and one variant per removed module (a dense FFN of the same width
+# takes a removed MoE's place, raphael_ref.models.TransformerBlock).
+MODULE_VARIANTS: tuple[Variant, ...] = (
+    Variant("full", "module"),
+    Variant("no_space_moe", "module", (("model.use_space_moe", False),)),
+    Variant("no_time_moe", "module", (("model.use_time_moe", False),)),
+    Variant("no_edge", "module", (("model.use_edge", False),)),
+)
+
+
+def _fmt_value(v: float) -> str:
+    return f"{int(v)}" if float(v).is_integer() else f"{v:g}"
+
+
+def ablation_plan(base_alpha: float, base_t_c: int, *, modules: Sequence[str] | None = None,
+                  alphas: Sequence[float] = (), t_cs: Sequence[int] = ()) -> list[Variant]:
+    """The variants of a study: module variants (Fig. 6b), then the alpha and T_c sweeps (Fig. 6a).
+
+    base_alpha, base_t_c: ``model.mask_alpha`` and ``model.edge_t_cutoff`` of the base config; a sweep
+    point equal to them is the full model and reuses its run (no second training).
+    modules: names from MODULE_VARIANTS (default: all four). A sweep needs "full" in the plan only
+    when one of its points equals the base value.
+    """
+    known = {v.name: v for v in MODULE_VARIANTS}
+    modules = list(known) if modules is None else list(modules)
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        raise ValueError(f"ablation_plan: unknown module variants {unknown}; choose from {list(known)}")
+    if len(set(modules)) != len(modules):
+        raise ValueError(f"ablation_plan: module variants listed twice: {modules}")
+    plan = [known[m] for m in modules]
+    for a in alphas:
+        if not 0.0 <= float(a) <= 1.0:
+            raise ValueError(f"ablation_plan: alpha values must lie in [0, 1] (Sec. 3.1 threshold); got {a}")
+    for tc in t_cs:
+        if isinstance(tc, bool) or int(tc) != tc or tc < 0:
+            raise ValueError(f"ablation_plan: T_c values must be integers >= 0 (0-based timesteps); got {tc}")
+    for group, field, values, base in (("alpha", "model.mask_alpha", alphas, base_alpha),
+                                       ("t_c", "model.edge_t_cutoff", t_cs, base_t_c)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"ablation_plan: {group} values listed twice: {list(values)}")
+        for v in values:
+            value = float(v) if group == "alpha" else int(v)
+            name = f"{group}_{_fmt_value(value)}"
+            same = math.isclose(float(value), float(base), rel_tol=0, abs_tol=1e-12)
+            plan.append(Variant(name, group, () if same else ((field, value),), float(value), "full" if same else name))
+    if any(v.run == "full" for v in plan) and "full" not in [v.name for v in plan]:
+        plan.insert(0, known["full"])  # a sweep point equal to the base config needs the full run
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel-FD: the offline fidelity proxy
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_uint8_images(images: torch.Tensor, fn: str) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{fn}: expected uint8 RGB images (N, 3, H, W), as tools/evaluate.py produces; got {got}")
+
+
+def pixel_features(images: torch.Tensor, levels: int = PIXEL_FD_LEVELS, pool: int = PIXEL_FD_POOL) -> torch.Tensor:
+    """RAPHAEL Sec. 4.2 (Fig. 6b fidelity axis, offline stand-in): the pixel-FD features of each image.
+
+    images: uint8 (N, 3, H, W). Returns float64 (N, levels^3 + 3 pool^2): the joint colour histogram
+    (fraction of pixels per quantised colour cell, cell = (r, g, b) with c -> floor(c levels / 256))
+    followed by the image average-pooled to pool x pool, divided by 255.
+    """
+    _check_uint8_images(images, "pixel_features")
+    if levels < 1 or pool < 1:
+        raise ValueError(f"pixel_features: levels and pool must be >= 1; got levels={levels}, pool={pool}")
+    N, _, H, W = images.shape
+    q = images.long() * levels // 256  # (N, 3, H, W) in 0..levels-1
+    cell = (q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]  # (N, H, W) joint colour cell
+    hist = torch.zeros(N, levels**3, dtype=torch.float64)
+    hist.scatter_add_(1, cell.reshape(N, -1), torch.ones(N, H * W, dtype=torch.float64))  # (N, levels^3)
+    hist /= H * W
+    small = F.adaptive_avg_pool2d(images.to(torch.float64) / 255.0, pool)  # (N, 3, pool, pool)
+    return torch.cat([hist, small.reshape(N, -1)], dim=1)  # (N, levels^3 + 3 pool^2)
+
+
+def pixel_fd(generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """RAPHAEL Sec. 4.2 (Fig. 6b fidelity axis, offline stand-in): pixel-FD = ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^{1/2}).
+
+    The Frechet distance of ``metrics.frechet_distance`` between Gaussians fitted to the
+    :func:`pixel_features` of the generated and the reference images (uint8 (N, 3, H, W), N >= 2
+    each, one image size). Not FID: no Inception network is involved.
+    """
+    _check_uint8_images(generated, "pixel_fd (generated)")
+    _check_uint8_images(reference, "pixel_fd (reference)")
+    if generated.shape[0] < 2 or reference.shape[0] < 2:
+        raise ValueError(f"pixel_fd: need >= 2 images per set to fit a covariance; got {generated.shape[0]} "
+                         f"generated and {reference.shape[0]} reference images")
+    mu_g, s_g = gaussian_statistics(pixel_features(generated))  # (d,), (d, d)
+    mu_r, s_r = gaussian_statistics(pixel_features(reference))  # (d,), (d, d)
+    return float(frechet_distance(mu_g, s_g, mu_r, s_r))
+
+
+# ---------------------------------------------------------------------------------------------
+# results, tables and the paper's orderings
+# ---------------------------------------------------------------------------------------------
+
+
+def result_row(variant: Variant, guidance: float, summary: Mapping[str, Any], fidelity: float,
+               fidelity_name: str, **extra: Any) -> dict[str, Any]:
+    """One (variant, guidance) result: alignment = ``summary["overall"]`` (tools/evaluate.py ``summarize``)."""
+    if "overall" not in summary or "categories" not in summary:
+        raise ValueError("result_row: summary must be tools/evaluate.py's summarize() output "
+                         "({'categories': ..., 'overall': ...})")
+    return {"variant": variant.name, "group": variant.group, "value": variant.value, "run": variant.run,
+            "guidance": float(guidance), "alignment": float(summary["overall"]),
+            "categories": {c: v["accuracy"] for c, v in summary["categories"].items()},
+            "fidelity": float(fidelity), "fidelity_name": fidelity_name, **extra}
+
+
+def rows_by_variant(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows grouped by variant name, each list sorted by guidance weight."""
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["variant"], []).append(r)
+    return {k: sorted(v, key=lambda r: r["guidance"]) for k, v in out.items()}
+
+
+def best_guidance(rows: Sequence[Mapping[str, Any]], key: str = "fidelity") -> float:
+    """The guidance weight of the lowest fidelity score (key="fidelity") or highest alignment."""
+    if not rows:
+        raise ValueError("best_guidance: no rows")
+    if key == "fidelity":
+        return min(rows, key=lambda r: (r["fidelity"], r["guidance"]))["guidance"]
+    if key == "alignment":
+        return max(rows, key=lambda r: (r["alignment"], -r["guidance"]))["guidance"]
+    raise ValueError(f"best_guidance: key must be 'fidelity' or 'alignment'; got {key!r}")
+
+
+def _beats(x: float, y: float, higher: bool) -> bool:
+    """x strictly better than y; values within 1e-9 (relative) are a tie, which is no win."""
+    if abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)):
+        return False
+    return x > y if higher else x < y
+
+
+def _wins(a: Sequence[Mapping], b: Sequence[Mapping], key: str, higher: bool) -> tuple[int, int, float]:
+    """At how many common guidance weights ``a`` beats ``b``, out of how many, and the mean of a - b."""
+    bg = {r["guidance"]: r[key] for r in b}
+    common = [(r[key], bg[r["guidance"]]) for r in a if r["guidance"] in bg]
+    mean = sum(x - y for x, y in common) / len(common) if common else float("nan")
+    return sum(_beats(x, y, higher) for x, y in common), len(common), mean
+
+
+def _verdict(wins: int, n: int) -> str:
+    if n == 0:
+        return "n/a"
+    return "yes" if wins == n else ("no" if wins == 0 else "partly")
+
+
+def paper_orderings(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Check the orderings Sec. 4.2 reports against ``rows``: one dict per claim with a verdict.
+
+    Claims (Fig. 6b, 6a): the full model beats each ablated variant in alignment and in fidelity
+    at equal guidance; without space-MoE the best guidance (lowest fidelity score) is lower than
+    with it (3.0 -> 4.5 in the paper); alpha = 0.2 and T_c = 500 are the best sweep points.
+    Verdict "yes" (at every common guidance weight), "partly", "no", or "n/a" (missing runs).
+    """
+    by = rows_by_variant(rows)
+    out: list[dict[str, Any]] = []
+    full = by.get("full", [])
+    for name, what in (("no_space_moe", "space-MoE"), ("no_time_moe", "time-MoE"), ("no_edge", "edge supervision")):
+        other = by.get(name, [])
+        for key, higher, label in (("alignment", True, "alignment (higher)"), ("fidelity", False, "fidelity (lower)")):
+            w, n, mean = _wins(full, other, key, higher)
+            out.append({"claim": f"{what} helps {label}: full beats {name}", "verdict": _verdict(w, n),
+                        "detail": f"{w}/{n} guidance weights" + (f", mean full - {name} = {mean:+.4g}" if n else "")})
+    if full and by.get("no_space_moe"):
+        g_full, g_no = best_guidance(full), best_guidance(by["no_space_moe"])
+        out.append({"claim": "space-MoE shifts the best guidance up (paper: 3.0 -> 4.5)",
+                    "verdict": "yes" if g_full > g_no else "no",
+                    "detail": f"best guidance (lowest fidelity score): no_space_moe {g_no}, full {g_full}"})
+    for group, best_value, label in (("alpha", 0.2, "alpha = 0.2"), ("t_c", 500.0, "T_c = 500")):
+        pts = [r for r in rows if r["group"] == group]
+        if not pts:
+            continue
+        values = sorted({r["value"] for r in pts})
+        if best_value not in values or len(values) < 2:
+            out.append({"claim": f"{label} is the best sweep point", "verdict": "n/a",
+                        "detail": f"swept values {values}"})
+            continue
+        for key, higher in (("alignment", True), ("fidelity", False)):
+            wins = n = 0
+            for g in sorted({r["guidance"] for r in pts}):
+                at = {r["value"]: r[key] for r in pts if r["guidance"] == g}
+                if best_value not in at or len(at) < 2:
+                    continue
+                n += 1
+                others = [v for k, v in at.items() if k != best_value]
+                wins += all(_beats(at[best_value], v, higher) for v in others)
+            out.append({"claim": f"{label} is the best sweep point in {key}", "verdict": _verdict(wins, n),
+                        "detail": f"best at {wins}/{n} guidance weights"})
+    return out
+
+
+def markdown_report(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], guidance: Sequence[float],
+                    header: Sequence[str] = (), fidelity_name: str = "pixel-FD") -> str:
+    """The study as markdown: per table (module variants, then each sweep) variant x guidance cells
+    ``alignment / fidelity``, the best guidance per variant, and the paper's orderings checked."""
+    by = rows_by_variant(rows)
+    lines = [*header, "", f"Cells: alignment (detector accuracy, higher is better) / {fidelity_name} "
+                          f"(lower is better). Empty: not evaluated.", ""]
+    groups = [("module", "Fig. 6b: module ablation"), ("alpha", "Fig. 6a: mask threshold alpha"),
+              ("t_c", "Fig. 6a: edge cut-off T_c")]
+    for group, title in groups:
+        variants = [v for v in plan if v.group == group]
+        if not variants:
+            continue
+        lines += [f"### {title}", "",
+                  "| variant | overrides | " + " | ".join(f"g = {g:g}" for g in guidance)
+                  + " | best g (fidelity) | best g (alignment) |",
+                  "|---|---|" + "---:|" * len(guidance) + "---:|---:|"]
+        for v in variants:
+            got = {r["guidance"]: r for r in by.get(v.name, [])}
+            cells = [f"{got[g]['alignment']:.3f} / {got[g]['fidelity']:.4g}" if g in got else "" for g in guidance]
+            rs = list(got.values())
+            bf = f"{best_guidance(rs, 'fidelity'):g}" if rs else ""
+            ba = f"{best_guidance(rs, 'alignment'):g}" if rs else ""
+            over = ", ".join(f"{k}={_literal(x)}" for k, x in v.overrides) or ("(base config)" if v.run == v.name
+                                                                               else f"(= run {v.run})")
+            lines.append(f"| {v.name} | {over} | " + " | ".join(cells) + f" | {bf} | {ba} |")
+        lines.append("")
+    checks = paper_orderings(rows)
+    if checks:
+        lines += ["### The paper's orderings at this scale", "", "| claim (Sec. 4.2) | holds here | detail |",
+                  "|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['verdict']} | {c['detail']} |" for c in checks]
+        lines.append("")
+    return "\n".join(lines) + "\n"

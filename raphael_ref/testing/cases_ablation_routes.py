@@ -1,0 +1,54 @@
+"""Golden cases of the ablation and path-analysis statistics: pixel-FD, time-expert usage, space-expert frequency (helper J)."""
+
+from __future__ import annotations
+
+import torch
+
+from raphael_ref.evaluation.ablation import pixel_fd, pixel_features
+from raphael_ref.evaluation.routes import space_expert_frequency, time_expert_usage
+from raphael_ref.testing.golden import GoldenCase, Tensors
+
+# Every input here is an integer tensor (uint8 images, long routes and labels), which the harness
+# does not cast, and the functions compute in float64 whatever the compute dtype: the outputs are
+# the same in every dtype, so only float64 and float32 are listed (as for eval.fid).
+#   pixel-FD: counts and means of <= 256 terms are exact to ~1e-16; the eigh-based Frechet distance
+#       of a 75 x 75 rank-deficient covariance (8 images) varies across LAPACK builds by ~1e-12 of
+#       its O(10) value: (1e-9, 1e-9).
+#   usage and frequency: ratios of small integers, correctly rounded: (1e-12, 1e-12) (DEFAULT_TOL float64).
+_FD_TOL = {"float64": (1e-9, 1e-9), "float32": (1e-9, 1e-9)}
+_COUNT_TOL = {"float64": (1e-12, 1e-12), "float32": (1e-12, 1e-12)}
+
+
+def _pixel_fd_inputs(gen: torch.Generator) -> Tensors:
+    a = torch.randint(0, 256, (8, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    b = torch.randint(0, 256, (8, 3, 8, 8), generator=gen, dtype=torch.uint8) // 2  # darker: a different distribution
+    return {"generated": a, "reference": b}
+
+
+def _pixel_fd_compute(x: Tensors) -> Tensors:
+    return {"features": pixel_features(x["generated"]),
+            "pixel_fd": torch.tensor(pixel_fd(x["generated"], x["reference"]), dtype=torch.float64)}
+
+
+def _usage_inputs(gen: torch.Generator) -> Tensors:
+    return {"time_routes": torch.randint(0, 4, (5, 3, 6), generator=gen)}  # (S, K, B), 4 experts
+
+
+def _usage_compute(x: Tensors) -> Tensors:
+    return {"usage": time_expert_usage(x["time_routes"], 4)}
+
+
+def _freq_inputs(gen: torch.Generator) -> Tensors:
+    labels = torch.arange(12) % 3  # (N,) three concepts, four paths each
+    return {"features": torch.randint(0, 6, (12, 4), generator=gen), "labels": labels}
+
+
+def _freq_compute(x: Tensors) -> Tensors:
+    return {"frequency": space_expert_frequency(x["features"], x["labels"], 3, 6)}
+
+
+CASES = [
+    GoldenCase("eval.pixel_fd", _pixel_fd_inputs, _pixel_fd_compute, _FD_TOL),
+    GoldenCase("eval.time_expert_usage", _usage_inputs, _usage_compute, _COUNT_TOL),
+    GoldenCase("eval.space_expert_frequency", _freq_inputs, _freq_compute, _COUNT_TOL),
+]

@@ -1,0 +1,265 @@
+"""Ablations (Sec. 4.2, Fig. 6): pixel-FD, the plan of variants, the paper's orderings, the table and plot
+writers, and tools/ablate.py end to end on a micro config (two short trainings in subprocesses)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from raphael_ref.evaluation import ablation as A
+from raphael_ref.evaluation import plots
+from raphael_ref.evaluation.metrics import frechet_distance, gaussian_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two levels, five transformer blocks, 16 x 16 pixels (as tests/test_evaluate.py), tiny training batches.
+MICRO = ["model.sample_size=16", "model.model_channels=16", "model.head_dim=8", "model.norm_groups=4",
+         "model.expert_mult=2", "model.edge_width=4", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+         "model.transformer_down=[1,1]", "model.transformer_up=[1,1]", "train.batch_size=4",
+         "train.warmup_steps=2", "sample.steps=2", "train.log_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The tools' --threads sets torch's thread count for the process: restore it for the other tests."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ablate():
+    spec = importlib.util.spec_from_file_location("raphael_ablate_tool", ROOT / "tools" / "ablate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _images(seed: int, n: int, size: int, scale: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, scale, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------------ pixel-FD
+
+
+@pytest.mark.spec_id("eval.pixel_fd")
+@settings(max_examples=15)
+@given(n=st.integers(1, 4), size=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_pixel_features_match_a_per_pixel_count(n, size, seed):
+    """Histogram = per-pixel count into the 27 colour cells (a plain loop), pooled part = block means."""
+    imgs = _images(seed, n, size)
+    f = A.pixel_features(imgs)
+    assert f.shape == (n, 27 + 48) and f.dtype == torch.float64
+    for i in range(n):
+        counts = [0] * 27
+        for y in range(size):
+            for x in range(size):
+                r, g, b = (int(imgs[i, c, y, x]) for c in range(3))
+                counts[(r * 3 // 256) * 9 + (g * 3 // 256) * 3 + (b * 3 // 256)] += 1
+        torch.testing.assert_close(f[i, :27], torch.tensor(counts, dtype=torch.float64) / size**2, rtol=0, atol=1e-15)
+    assert torch.allclose(f[:, :27].sum(1), torch.ones(n, dtype=torch.float64))
+    assert (f[:, 27:] >= 0).all() and (f[:, 27:] <= 1).all()
+    if size % 4 == 0:  # the pooled grid is then exact block means
+        k = size // 4
+        blocks = imgs.double().reshape(n, 3, 4, k, 4, k).mean(dim=(3, 5)) / 255
+        torch.testing.assert_close(f[:, 27:], blocks.reshape(n, -1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.spec_id("eval.pixel_fd")
+@settings(max_examples=5)
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 10))
+def test_pixel_fd_is_the_frechet_distance_of_the_features(seed, n):
+    a, b = _images(seed, n, 8), _images(seed + 1, n + 1, 8, scale=128)
+    fa, fb = A.pixel_features(a), A.pixel_features(b)
+    expect = frechet_distance(*gaussian_statistics(fa), *gaussian_statistics(fb))
+    assert A.pixel_fd(a, b) == pytest.approx(float(expect), rel=1e-12, abs=1e-12)
+    assert A.pixel_fd(a, b) == pytest.approx(A.pixel_fd(b, a), rel=1e-6, abs=1e-9)  # symmetric
+
+
+@pytest.mark.spec_id("eval.pixel_fd")
+def test_pixel_fd_reductions():
+    a = _images(0, 12, 16)
+    assert A.pixel_fd(a, a) == pytest.approx(0.0, abs=1e-6)
+    # the same set in another order is the same distribution
+    assert A.pixel_fd(a, a[torch.randperm(12)]) == pytest.approx(0.0, abs=1e-6)
+    # one constant image per set: zero covariances, so pixel-FD = ||mu_a - mu_b||^2 of the features
+    red = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    red[:, 0] = 255
+    black = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    d = A.pixel_features(red[:1])[0] - A.pixel_features(black[:1])[0]
+    assert A.pixel_fd(red, black) == pytest.approx(float(d @ d), rel=1e-9)
+    assert float(d @ d) == pytest.approx(2 + 16 * 1.0, rel=1e-12)  # two histogram cells swap; 16 red cells at 1
+    # farther from the reference is larger: noise of growing amplitude around the reference renders
+    ref = torch.zeros(40, 3, 16, 16, dtype=torch.uint8)
+    ref[:, 0, 4:12, 4:12] = 255
+    g = torch.Generator().manual_seed(0)
+    fds = [A.pixel_fd((ref.float() + s * torch.randn(ref.shape, generator=g)).clamp(0, 255).to(torch.uint8), ref)
+           for s in (5.0, 40.0, 120.0)]
+    assert fds[0] < fds[1] < fds[2]
+
+
+def test_pixel_fd_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        A.pixel_fd(torch.rand(4, 3, 8, 8), _images(0, 4, 8))
+    with pytest.raises(ValueError, match=">= 2 images"):
+        A.pixel_fd(_images(0, 1, 8), _images(1, 4, 8))
+
+
+# ------------------------------------------------------------------------------ plan and orderings
+
+
+@pytest.mark.spec_id("eval.ablation_orderings")
+def test_ablation_plan_variants_and_aliases():
+    plan = A.ablation_plan(0.2, 500, alphas=[0.1, 0.2, 0.4], t_cs=[250, 500, 750])
+    names = [v.name for v in plan]
+    assert names[:4] == ["full", "no_space_moe", "no_time_moe", "no_edge"]
+    assert names[4:] == ["alpha_0.1", "alpha_0.2", "alpha_0.4", "t_c_250", "t_c_500", "t_c_750"]
+    by = {v.name: v for v in plan}
+    assert by["alpha_0.2"].run == "full" and by["alpha_0.2"].overrides == ()
+    assert by["t_c_500"].run == "full"
+    assert by["alpha_0.4"].set_args == ["model.mask_alpha=0.4"] and by["alpha_0.4"].run == "alpha_0.4"
+    assert by["t_c_750"].set_args == ["model.edge_t_cutoff=750"]
+    assert by["no_space_moe"].set_args == ["model.use_space_moe=false"]
+    assert len({v.run for v in plan}) == 8  # 4 module runs + 2 alpha + 2 T_c: the base points reuse "full"
+    # a sweep point equal to the base config brings the full run in even when "full" was not asked for
+    only = A.ablation_plan(0.3, 500, modules=["no_edge"], alphas=[0.3, 0.5])
+    assert [v.name for v in only] == ["full", "no_edge", "alpha_0.3", "alpha_0.5"]
+    with pytest.raises(ValueError, match="unknown module"):
+        A.ablation_plan(0.2, 500, modules=["no_gates"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        A.ablation_plan(0.2, 500, alphas=[1.5])
+    with pytest.raises(ValueError, match="twice"):
+        A.ablation_plan(0.2, 500, t_cs=[250, 250])
+
+
+def _rows(full_align, other_align, full_fd, other_fd, guidance=(1.5, 3.0, 4.5)):
+    rows = []
+    for name, al, fd in (("full", full_align, full_fd), ("no_space_moe", other_align, other_fd),
+                         ("no_time_moe", other_align, other_fd), ("no_edge", other_align, other_fd)):
+        v = next(x for x in A.MODULE_VARIANTS if x.name == name)
+        for g, a, f in zip(guidance, al, fd):
+            rows.append(A.result_row(v, g, {"overall": a, "categories": {"colors": {"accuracy": a}}}, f, "pixel-FD"))
+    return rows
+
+
+@pytest.mark.spec_id("eval.ablation_orderings")
+@settings(max_examples=20)
+@given(base=st.lists(st.floats(0.1, 0.8), min_size=3, max_size=3), fd=st.lists(st.floats(1, 50), min_size=3, max_size=3),
+       gap=st.floats(0.01, 0.1))
+def test_paper_orderings_follow_the_rows(base, fd, gap):
+    better = A.paper_orderings(_rows([b + gap for b in base], base, [f - gap for f in fd], fd))
+    module = [c for c in better if "helps" in c["claim"]]
+    assert len(module) == 6 and all(c["verdict"] == "yes" for c in module)
+    worse = A.paper_orderings(_rows(base, [b + gap for b in base], fd, [f - gap for f in fd]))
+    assert all(c["verdict"] == "no" for c in worse if "helps" in c["claim"])
+    mixed = A.paper_orderings(_rows([base[0] + gap, base[1] - gap, base[2]], base, fd, fd))
+    align = next(c for c in mixed if c["claim"].startswith("space-MoE helps alignment"))
+    assert align["verdict"] == "partly" and align["detail"].startswith("1/3")
+    ties = next(c for c in mixed if c["claim"].startswith("space-MoE helps fidelity"))
+    assert ties["verdict"] == "no"  # equal values are no win
+
+
+@pytest.mark.spec_id("eval.ablation_orderings")
+def test_best_guidance_and_sweep_orderings():
+    full = next(v for v in A.MODULE_VARIANTS if v.name == "full")
+    no = next(v for v in A.MODULE_VARIANTS if v.name == "no_space_moe")
+    s = {"overall": 0.5, "categories": {}}
+    rows = [A.result_row(full, g, s, f, "pixel-FD") for g, f in ((3.0, 5.0), (4.5, 4.0), (6.0, 4.5))]
+    rows += [A.result_row(no, g, s, f, "pixel-FD") for g, f in ((3.0, 5.0), (4.5, 6.0), (6.0, 7.0))]
+    assert A.best_guidance(rows[:3]) == 4.5 and A.best_guidance(rows[3:]) == 3.0
+    shift = next(c for c in A.paper_orderings(rows) if "shifts" in c["claim"])
+    assert shift["verdict"] == "yes"
+    plan = A.ablation_plan(0.2, 500, modules=[], alphas=[0.1, 0.2, 0.4])
+    sweep = [A.result_row(v, 4.5, {"overall": a, "categories": {}}, f, "pixel-FD")
+             for v, a, f in zip(plan[1:], (0.3, 0.6, 0.4), (9.0, 3.0, 5.0))]
+    claims = {c["claim"]: c["verdict"] for c in A.paper_orderings(sweep)}
+    assert claims["alpha = 0.2 is the best sweep point in alignment"] == "yes"
+    assert claims["alpha = 0.2 is the best sweep point in fidelity"] == "yes"
+
+
+def test_markdown_report_and_plots(tmp_path):
+    plan = A.ablation_plan(0.2, 500, alphas=[0.1, 0.2], t_cs=[500, 750])
+    guidance = (1.5, 4.5)
+    rows = [A.result_row(v, g, {"overall": 0.1 * i + g / 100, "categories": {}}, 10.0 - i - g, "pixel-FD")
+            for i, v in enumerate(plan) for g in guidance]
+    md = A.markdown_report(rows, plan, guidance, ["# study"])
+    assert md.startswith("# study")
+    for v in plan:
+        assert f"| {v.name} |" in md
+    assert "| alpha_0.2 | (= run full) |" in md and "model.edge_t_cutoff=750" in md
+    assert "| g = 1.5 | g = 4.5 |" in md
+    r = next(r for r in rows if r["variant"] == "no_edge" and r["guidance"] == 4.5)
+    assert f"{r['alignment']:.3f} / {r['fidelity']:.4g}" in md
+    assert "The paper's orderings" in md
+    p1 = plots.tradeoff_plot([r for r in rows if r["group"] == "module"], tmp_path / "tradeoff.png")
+    p2 = plots.sweep_plot([r for r in rows if r["group"] != "module"], tmp_path / "sweeps.png")
+    for p in (p1, p2):
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 200
+    with pytest.raises(ValueError, match="no rows"):
+        plots.tradeoff_plot([], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="alpha"):
+        plots.sweep_plot([r for r in rows if r["group"] == "module"], tmp_path / "y.png")
+
+
+# ------------------------------------------------------------------------------ tools/ablate.py
+
+
+def _argv(out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--budget", "smoke", "--steps", "2", "--set", *MICRO, "--guidance", "3", "6",
+            "--per-prompt", "2", "--sampler-steps", "2", "--threads", "1", "--variants", "full", "no_space_moe",
+            "--alphas", "0.2", "--t-cs", "500", *extra]
+
+
+def test_ablate_dry_run_prints_commands_and_writes_nothing(ablate, tmp_path, capsys):
+    out = tmp_path / "study"
+    res = ablate.main(_argv(out, "--dry-run", "--alphas", "0.2", "0.4"))
+    text = capsys.readouterr().out
+    assert res["runs"] == ["full", "no_space_moe", "alpha_0.4"]
+    assert text.count("tools/train.py") == 3
+    assert "--set model.use_space_moe=false" in text and "--set model.mask_alpha=0.4" in text
+    assert "--set train.steps=2" in text and "OMP_NUM_THREADS=1" in text
+    assert not out.exists()
+
+
+@pytest.mark.spec_id("eval.ablation_orderings")
+def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
+    """Two micro trainings (2 steps), two guidance weights; then a rerun that trains and evaluates nothing."""
+    out = tmp_path / "study"
+    res = ablate.main(_argv(out))
+    assert res["runs"] == ["full", "no_space_moe"]  # alpha 0.2 and T_c 500 are the base config: the full run
+    for f in ("ablation.json", "ablation.md", "tradeoff.png", "sweeps.png"):
+        assert (out / f).is_file(), f
+    data = json.loads((out / "ablation.json").read_text())
+    assert len(data["rows"]) == 4 * 2  # (full, no_space_moe, alpha_0.2, t_c_500) x 2 guidance weights
+    by = {(r["variant"], r["guidance"]): r for r in data["rows"]}
+    for g in (3.0, 6.0):
+        assert by[("alpha_0.2", g)]["alignment"] == by[("full", g)]["alignment"]
+        assert by[("t_c_500", g)]["fidelity"] == by[("full", g)]["fidelity"]
+        assert 0.0 <= by[("full", g)]["alignment"] <= 1.0 and by[("full", g)]["fidelity"] >= 0
+        assert by[("full", g)]["n_images"] == 6 * 1 * 1 * 2
+    cfg = json.loads((out / "no_space_moe" / "config.json").read_text())
+    assert cfg["model"]["use_space_moe"] is False and cfg["train"]["steps"] == 2 and cfg["model"]["sample_size"] == 16
+    assert json.loads((out / "full" / "config.json").read_text())["model"]["use_space_moe"] is True
+    md = (out / "ablation.md").read_text()
+    assert "pixel-FD" in md and "NOT FID" in md and "| no_space_moe | model.use_space_moe=false |" in md
+    capsys.readouterr()
+    again = ablate.main(_argv(out))  # resumable: everything is reused
+    text = capsys.readouterr().out
+    assert text.count("skipped") == 2 and "reused" in text and "[eval] full g=" not in text
+    assert again["rows"] == res["rows"]
+    # a run folder trained with other settings is refused, not silently reused
+    with pytest.raises(SystemExit, match="other settings"):
+        ablate.main(_argv(out, "--set", "model.mask_alpha=0.3"))

@@ -1,0 +1,358 @@
+"""tools/train.py and raphael_ref.training: run folder, resume exactness, atomic checkpoints, Ctrl-C,
+bad config fields, a 2-process torchrun (gloo, CPU) smoke run, and the helpers' invariants.
+
+The end-to-end tests train a micro model (16x16 pixels, width 16, all 16 transformer blocks) for a
+few steps in subprocesses, as a user would run the script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file
+
+from raphael_ref import training as T
+from raphael_ref.checkpoint import load_model
+from raphael_ref.config import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "tools" / "train.py"
+MICRO = ["model.sample_size=16", "model.model_channels=16", "model.head_dim=8", "model.norm_groups=4",
+         "model.expert_mult=2", "model.edge_width=4", "train.batch_size=4", "train.log_every=1",
+         "train.warmup_steps=2", "sample.steps=2", "train.keep_ckpts=0"]
+LOSS_KEYS = ("step", "loss", "denoise", "edge", "lr")
+
+
+def _args(*sets: str, out: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    argv = [] if out is None else ["--out", str(out)]
+    for s in (*MICRO, *sets):
+        argv += ["--set", s]
+    return argv + list(extra)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(argv: list[str], timeout: float = 120, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(TRAIN)] + argv
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _losses(run: Path) -> list[tuple]:
+    return [tuple(r[k] for k in LOSS_KEYS) for r in T.read_log(run / "log.jsonl")]
+
+
+def _tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: load_file(str(ckpt / f"{n}.safetensors")) for n in ("model", "ema", "optimizer", "rng")}
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("raphael_train_script", TRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """4 uninterrupted steps; checkpoints and sample grids at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    _ok(_run(_args("train.steps=4", "train.ckpt_every=2", "sample.every=2", out=out)))
+    return out
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_run_folder_has_every_artifact(full_run):
+    run = full_run
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["name"] == "toy" and cfg["model"]["sample_size"] == 16
+    records = T.read_log(run / "log.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert all(k in r for k in LOSS_KEYS) and r["loss"] == pytest.approx(r["denoise"] + r["edge"], rel=1e-6)
+    # warm-up over 2 steps: lr/2, then lr (toy lr 1e-3)
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    with Image.open(run / "loss.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    for s in (2, 4):
+        with Image.open(run / "samples" / f"step_{s:07d}.png") as im:
+            assert im.format == "PNG"
+    assert len((run / "samples" / "prompts.txt").read_text().splitlines()) == len(get_preset("toy").sample.prompts)
+    ckpt = T.latest_checkpoint(run)
+    assert ckpt.name == "step_0000004"
+    for name in ("model.safetensors", "ema.safetensors", "config.json", "optimizer.safetensors",
+                 "optimizer.json", "rng.safetensors", "state.json"):
+        assert (ckpt / name).is_file(), name
+    assert not list((run / "checkpoints").glob("*.tmp")), "a temporary checkpoint folder was left behind"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 4 and state["data_start_step"] == 4 and state["world_size"] == 1
+    # checkpoint.load_model reads the raw and the EMA weights; they differ after training
+    raw, cfg2 = load_model(ckpt)
+    ema, _ = load_model(ckpt, weights_name="ema.safetensors")
+    assert cfg2.model.sample_size == 16
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+
+
+def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
+    """Run 3 steps with a checkpoint at 2 and lose the checkpoint of step 3 (a kill after logging step 3),
+    resume to 4: the log is cut back to step 2 and the resumed run logs the same losses as the
+    uninterrupted one, and ends with the same weights, EMA, optimizer state and RNG streams."""
+    half = tmp_path / "half"
+    _ok(_run(_args("train.steps=3", "train.ckpt_every=2", "sample.every=2", out=half)))
+    import shutil
+
+    shutil.rmtree(half / "checkpoints" / "step_0000003")
+    (half / "checkpoints" / "latest").write_text("step_0000002\n")
+    assert [r["step"] for r in T.read_log(half / "log.jsonl")] == [1, 2, 3]
+    proc = _ok(_run(["--out", str(half), "--resume", "--set", "train.steps=4"]))
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert _losses(half) == _losses(full_run)
+    a, b = _tensors(full_run / "checkpoints" / "step_0000004"), _tensors(half / "checkpoints" / "step_0000004")
+    for group in a:
+        assert a[group].keys() == b[group].keys(), group
+        bad = [k for k in a[group] if not torch.equal(a[group][k], b[group][k])]
+        assert not bad, f"{group}: {bad[:5]}"
+
+
+def test_existing_run_needs_resume(full_run, capsys):
+    assert _train_module().main(["--out", str(full_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.nonexistent=3", "model.nonexistent"),
+    ("train.lr=-1", "train.lr"),
+    ("train.steps=many", "train.steps"),
+    ("sample.sampler=euler", "sample.sampler"),
+    ("model.codec=jpeg", "model.codec"),
+])
+def test_bad_config_field_is_named(override, field, tmp_path, capsys):
+    code = _train_module().main(["--out", str(tmp_path / "r"), "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2 and field in err and err.startswith("error:")
+    assert not (tmp_path / "r").exists(), "a bad config must fail before creating the run folder"
+
+
+def test_bad_config_file_field_is_named(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"warmup_stepz": 10}}))
+    assert _train_module().main(["--config", str(f), "--out", str(tmp_path / "r")]) == 2
+    assert "train.warmup_stepz" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    """SIGINT mid-run: the step finishes, a checkpoint of that step is written, exit code 130."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(TRAIN)] + _args("train.steps=10000", "sample.every=0", out=run)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # not a TTY: one line per logged step
+            if line.startswith("step 2/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out
+    ckpt = T.latest_checkpoint(run)
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    assert step >= 2 and ckpt.name == f"step_{step:07d}"
+    assert [r["step"] for r in T.read_log(run / "log.jsonl")] == list(range(1, step + 1))
+    loaded = T.load_checkpoint(run)
+    assert loaded["state"]["step"] == step and loaded["cfg"].train.steps == 10000
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """2 ranks on the CPU with DDP over gloo: one log, one checkpoint holding both ranks' RNG streams."""
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = _ok(_run(_args("train.steps=2", "sample.every=2", out=run), timeout=150, launcher=launcher))
+    assert "x 2 rank(s), DDP" in proc.stdout
+    assert [r["step"] for r in T.read_log(run / "log.jsonl")] == [1, 2]
+    ckpt = T.latest_checkpoint(run)
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    assert {"rank0.torch", "rank1.torch", "rank0.gen", "rank1.gen"} <= set(rng)
+    assert not torch.equal(rng["rank0.gen"], rng["rank1.gen"]), "ranks must draw from different streams"
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    assert (run / "samples" / "step_0000002.png").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_on_cpu(tmp_path):
+    """FSDP2 (fully_shard per transformer block + root) and DDP give the same losses and weights (gloo, CPU)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    runs = {}
+    for kind in ("ddp", "fsdp"):
+        runs[kind] = tmp_path / kind
+        extra = ("--fsdp",) if kind == "fsdp" else ()
+        _ok(_run(_args("train.steps=3", "sample.every=3", out=runs[kind], extra=extra), timeout=300, launcher=launcher))
+    la, lb = _losses(runs["ddp"]), _losses(runs["fsdp"])
+    for ra, rb in zip(la, lb):
+        assert ra[0] == rb[0] and ra[1:] == pytest.approx(rb[1:], rel=1e-5)
+    a = load_file(str(runs["ddp"] / "checkpoints" / "step_0000003" / "model.safetensors"))
+    b = load_file(str(runs["fsdp"] / "checkpoints" / "step_0000003" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # reduce-scatter vs all-reduce: the gradient sums differ only in rounding (float32)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@pytest.mark.spec_id("train.warmup_lr")
+@settings(max_examples=40)
+@given(lr=st.floats(1e-6, 1.0), warmup=st.integers(0, 1000), step=st.integers(0, 5000))
+def test_warmup_lr_is_linear_then_constant(lr, warmup, step):
+    got = T.warmup_lr(step, lr, warmup)
+    assert 0 < got <= lr * (1 + 1e-12)
+    if step >= warmup - 1:
+        assert got == lr
+    else:
+        assert got == pytest.approx(lr * (step + 1) / warmup)
+        assert T.warmup_lr(step + 1, lr, warmup) > got  # strictly increasing during the warm-up
+
+
+def test_warmup_lr_rejects_bad_input():
+    with pytest.raises(ValueError, match="step"):
+        T.warmup_lr(-1, 1e-4, 10)
+
+
+@settings(max_examples=20)
+@given(decay=st.sampled_from([0.0, 0.5, 0.9, 0.999]), seed=st.integers(0, 100))
+def test_update_ema_is_the_moving_average(decay, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema = T.make_ema(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values()))
+    assert not any(p.requires_grad for p in ema.parameters())
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    T.update_ema(ema, model, decay)
+    for k, p in model.state_dict().items():
+        expected = decay * before[k] + (1 - decay) * p
+        torch.testing.assert_close(ema.state_dict()[k], expected, rtol=1e-6, atol=1e-6)  # float32 lerp vs mul-add
+
+
+def test_optimizer_state_round_trip_continues_identically():
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def step(m, opt, i):
+        opt.zero_grad()
+        m(torch.full((2, 3), float(i))).pow(2).sum().backward()
+        opt.step()
+
+    a, oa = make()
+    b, ob = make()
+    for i in range(3):
+        step(a, oa, i)
+        step(b, ob, i)
+    opts = StateDictOptions(full_state_dict=True)
+    tensors, meta = T.optimizer_state_to_tensors(get_optimizer_state_dict(b, ob, options=opts))
+    meta = json.loads(json.dumps(meta))  # as written to optimizer.json
+    c, oc = make()
+    c.load_state_dict(b.state_dict())
+    set_optimizer_state_dict(c, oc, T.optimizer_state_from_tensors(tensors, meta), options=opts)
+    step(a, oa, 3)
+    step(c, oc, 3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def _fake_state(step):
+    w = {"w": torch.full((2,), float(step))}
+    return dict(model_state=w, ema_state=w, optimizer_state={"state": {}, "param_groups": []},
+                state={"step": step, "world_size": 1, "window": [0, 0, 0, 0]}, rng={"rank0.torch": torch.get_rng_state()})
+
+
+def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = get_preset("toy")
+    T.save_checkpoint(tmp_path, 10, cfg=cfg, **_fake_state(10))
+    real = T.save_file
+
+    def dying_save_file(tensors, path, *a, **k):  # the process "dies" after the weights are written
+        if path.endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(T, "save_file", dying_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(tmp_path, 20, cfg=cfg, **_fake_state(20))
+    assert (tmp_path / "checkpoints" / "step_0000020.tmp").exists()
+    assert T.latest_checkpoint(tmp_path).name == "step_0000010"
+    assert json.loads((T.resolve_checkpoint(tmp_path) / "state.json").read_text())["step"] == 10
+    monkeypatch.setattr(T, "save_file", real)
+    T.save_checkpoint(tmp_path, 20, cfg=cfg, keep=1, **_fake_state(20))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000020"]
+
+
+def test_truncate_log_and_torn_lines(tmp_path):
+    log = T.JsonlLog(tmp_path / "log.jsonl")
+    for s in range(1, 6):
+        log.write({"step": s, "loss": 1.0 / s})
+    log.close()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-line
+    assert [r["step"] for r in T.read_log(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5]
+    T.truncate_log(tmp_path / "log.jsonl", 3)
+    assert [r["step"] for r in T.read_log(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_images_and_loss_curve(tmp_path):
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2)
+    u8 = T.to_uint8(x)
+    assert u8.shape == (1, 2, 2, 3) and u8.dtype == torch.uint8
+    assert u8[0, :, :, 0].flatten().tolist() == [0, 128, 255, 255]  # 127.5 rounds half to even; 2 clamps
+    T.save_image_grid(torch.zeros(5, 3, 8, 8), tmp_path / "g.png", nrow=4, min_tile=32, pad=2)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (4 * 34 + 2, 2 * 34 + 2)
+    T.plot_loss_curve([{"step": s, "loss": 1 / s, "denoise": 0.9 / s, "edge": 0.1} for s in range(1, 50)],
+                      tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.format == "PNG"
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        T.to_uint8(torch.zeros(3, 4, 4))
+
+
+def test_frozen_parts_check_the_config():
+    cfg = get_preset("toy")
+    enc = T.build_text_encoder(cfg)
+    assert enc.d_y == cfg.model.d_y and not any(p.requires_grad for p in enc.parameters())
+    bad = get_preset("toy", {"model.d_y": 64, "model.norm_groups": 8})
+    with pytest.raises(ValueError, match="model.d_y"):
+        T.build_text_encoder(bad)
+    with pytest.raises(ValueError, match="model.vae_path"):
+        T.build_codec(get_preset("small"))
+    with pytest.raises(ValueError, match="train.hed_weights"):
+        T.build_edge_detector(get_preset("toy", {"train.hed_weights": "/nonexistent.safetensors"}))

@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""RAPHAEL ablations (Sec. 4.2, Fig. 6a/6b): train every variant with one budget and seed, evaluate
+each over the guidance weights, write the table and the trade-off plots.
+
+    python tools/ablate.py --out runs/ablation --budget toy                  # 4 module variants + sweeps
+    python tools/ablate.py --out runs/ablation --budget toy --dry-run        # print the commands only
+    python tools/ablate.py --out runs/ablation --budget toy --no-sweeps --variants full no_space_moe
+    python tools/ablate.py --out runs/abl_small --preset small --set model.vae_path=/models/sd-vae \\
+        --budget full --inception-weights weights-inception-2015-12-05-6726825d.pth   # on a GPU
+
+Variants (``raphael_ref.evaluation.ablation``): full, no_space_moe, no_time_moe, no_edge (Fig. 6b),
+and the sweeps alpha in --alphas and T_c in --t-cs (Fig. 6a); a sweep point equal to the base
+config reuses the full run. Each run is ``tools/train.py --preset P [--config F] [--set ...]
+<variant overrides> --set train.steps=N --set train.seed=S --out DIR/<run>`` (a subprocess). The
+runner is resumable: a trained run is skipped, a run with an older checkpoint is resumed
+(``--resume``), an evaluation whose result.json matches the settings is reused. Ctrl-C stops it;
+run the same command again to go on.
+
+Evaluation of a run at guidance weight g (``tools/evaluate.py``'s generator and scorer): the fixed
+compositional prompt set (--prompts-per-category per category, --seeds, --per-prompt images each,
+DDIM --sampler-steps). Alignment = the detector's overall accuracy (mean over categories).
+Fidelity = FID with --inception-weights, else pixel-FD (a Frechet distance of colour histograms and
+4 x 4 pooled pixels against ground-truth renders; not FID, see ``ablation.py``).
+
+Writes to --out:
+    <run>/...                        the training run folders (tools/train.py layout), train.log
+    <run>/eval/g<w>/result.json      one evaluation (summary, fidelity, settings); images/ beside it
+    ablation.json                    settings, plan, every (variant, guidance) row, timings
+    ablation.md                      variant x guidance tables (alignment / fidelity), the paper's orderings
+    tradeoff.png                     Fig. 6b: alignment vs fidelity, one curve per module variant
+    sweeps.png                       Fig. 6a: alignment and fidelity vs alpha and T_c (when swept)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from raphael_ref import training as T  # noqa: E402
+from raphael_ref.config import PRESETS, RaphaelConfig, load_config  # noqa: E402
+from raphael_ref.evaluation import ablation as A  # noqa: E402
+from raphael_ref.evaluation.prompts import CATEGORIES  # noqa: E402
+
+TRAIN = ROOT / "tools" / "train.py"
+EVALUATE = ROOT / "tools" / "evaluate.py"
+EXIT_INTERRUPTED = 130
+
+# Budgets: training steps (None: the preset's train.steps), evaluation prompts, seeds, images per
+# prompt and sampler steps. Images per (variant, guidance) = 6 categories x prompts x seeds x per_prompt.
+# Measured on the 2-core CPU of the development machine (toy preset, 16 blocks, 32 x 32 pixels):
+# training 1.3 s/step (2 threads, machine otherwise idle) to 2.5 s/step (1 thread, shared); sampling
+# 0.05-0.09 s per image and U-Net evaluation (CFG doubles it; batching does not help on the CPU).
+# Cost of a study ~ runs x steps x 1.3-2.5 s + runs x guidance weights x images x 2 x sampler_steps x 0.05-0.09 s.
+BUDGETS: dict[str, dict] = {
+    # end-to-end check of the pipeline (toy preset, 8 runs: ~15-25 min on the CPU; numbers meaningless)
+    "smoke": {"steps": 20, "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
+    # the toy-scale study on the CPU: 96 images per point, 10 DDIM steps. 4 module runs: ~2.2-4.2 h
+    # training + ~40-70 min evaluation; with the sweeps (8 runs) about twice that. Resumable.
+    "toy": {"steps": 1500, "prompts_per_category": 4, "seeds": [0], "per_prompt": 4, "sampler_steps": 10},
+    # a GPU study: the preset's own training length, the full evaluation set (24 prompts per category)
+    "full": {"steps": None, "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4, "sampler_steps": 50},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="study folder (one run folder per variant, reports)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="passed to tools/train.py")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", nargs="+",
+                   help="base config fields for every variant (passed to tools/train.py before the variant's own)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="toy", help="defaults for the options below")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run")
+    p.add_argument("--train-seed", type=int, default=0, help="train.seed of every run")
+    p.add_argument("--variants", nargs="+", default=[v.name for v in A.MODULE_VARIANTS],
+                   choices=[v.name for v in A.MODULE_VARIANTS], help="module variants (Fig. 6b)")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(A.DEFAULT_ALPHAS), help="alpha sweep (Fig. 6a)")
+    p.add_argument("--t-cs", type=int, nargs="+", default=list(A.DEFAULT_T_CS), help="T_c sweep (Fig. 6a)")
+    p.add_argument("--no-sweeps", action="store_true", help="skip the alpha and T_c sweeps")
+    p.add_argument("--guidance", type=float, nargs="+", default=list(A.GUIDANCE_WEIGHTS),
+                   help="classifier-free guidance weights (Sec. 4.2)")
+    p.add_argument("--prompts-per-category", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="evaluation seeds")
+    p.add_argument("--per-prompt", type=int, default=None, help="images per prompt and seed")
+    p.add_argument("--sampler-steps", type=int, default=None, help="DDIM steps of the evaluation")
+    p.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
+    p.add_argument("--inception-weights", default=None, help="local Inception weights: fidelity = FID, not pixel-FD")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the training runs (OMP_NUM_THREADS) and of the evaluation; default: "
+                        "inherited. Use 1 on a CPU shared with other jobs: multi-threaded steps can stall there")
+    p.add_argument("--dry-run", action="store_true", help="print the training commands and the plan; run nothing")
+    p.add_argument("--train-only", action="store_true", help="train (or resume) every run, evaluate nothing")
+    args = p.parse_args(argv)
+    args.set = [s for group in args.set for s in group]
+    budget = BUDGETS[args.budget]
+    for name in ("steps", "prompts_per_category", "seeds", "per_prompt", "sampler_steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, budget[name])
+    for name in ("prompts_per_category", "per_prompt", "sampler_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if any(g < 0 for g in args.guidance) or len(set(args.guidance)) != len(args.guidance):
+        p.error(f"--guidance: weights must be distinct and >= 0; got {args.guidance}")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        p.error(f"--inception-weights: {args.inception_weights} is not a file")
+    return args
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def base_config(args) -> RaphaelConfig:
+    cfg = load_config(args.preset, args.config, args.set)
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    cfg.train.seed = args.train_seed
+    return cfg
+
+
+def plan_of(args, cfg: RaphaelConfig) -> list[A.Variant]:
+    return A.ablation_plan(cfg.model.mask_alpha, cfg.model.edge_t_cutoff, modules=args.variants,
+                           alphas=() if args.no_sweeps else args.alphas, t_cs=() if args.no_sweeps else args.t_cs)
+
+
+def run_sets(args, cfg: RaphaelConfig, variant: A.Variant) -> list[str]:
+    """Every --set of a run: the study's base fields, the variant's, then the budget (last wins)."""
+    budget = [f"train.steps={cfg.train.steps}", f"train.seed={args.train_seed}", "sample.every=0"]
+    return [*args.set, *variant.set_args, *budget]
+
+
+def train_command(args, cfg: RaphaelConfig, variant: A.Variant, resume: bool) -> list[str]:
+    cmd = [sys.executable, str(TRAIN), "--preset", args.preset]
+    for f in args.config:
+        cmd += ["--config", f]
+    for s in run_sets(args, cfg, variant):
+        cmd += ["--set", s]
+    cmd += ["--out", str(Path(args.out) / variant.run)]
+    if resume:
+        cmd.append("--resume")
+    if args.device:
+        cmd += ["--device", args.device]
+    return cmd
+
+
+def run_state(run_dir: Path) -> tuple[int, Path | None]:
+    """(step of the latest checkpoint, its folder) of a run folder; (0, None) when it has none."""
+    ckpt = T.latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0, None
+    return int(json.loads((ckpt / "state.json").read_text())["step"]), ckpt
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: run {y!r}, study {x!r}")
+    return out
+
+
+def check_run_config(args, cfg: RaphaelConfig, variant: A.Variant, ckpt: Path) -> None:
+    """A run folder made with other settings is an error, never silently reused."""
+    want = json.loads(load_config(args.preset, args.config, run_sets(args, cfg, variant)).to_json())
+    have = json.loads((ckpt / "config.json").read_text())
+    diffs = [d for d in _differences(want, have) if not d.startswith("train.steps")]
+    if diffs:
+        raise SystemExit(f"error: {ckpt.parent.parent} was trained with other settings than this study asks for "
+                         f"({'; '.join(diffs[:6])}). Use another --out, or delete that run folder.")
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def train_run(args, cfg: RaphaelConfig, variant: A.Variant, log=print) -> dict:
+    """Train (or resume, or skip) one run; returns {"steps", "seconds", "status"}."""
+    run_dir = Path(args.out) / variant.run
+    step, ckpt = run_state(run_dir)
+    timing_file = run_dir / "ablate_train.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": 0.0}
+    if ckpt is not None:
+        check_run_config(args, cfg, variant, ckpt)
+    if step >= cfg.train.steps:
+        log(f"[train] {variant.run}: trained ({step} steps), skipped")
+        return {"steps": step, "seconds": timing["seconds"], "status": "skipped"}
+    if ckpt is None and (run_dir / "log.jsonl").exists():
+        (run_dir / "log.jsonl").unlink()  # a run killed before its first checkpoint starts over
+    cmd = train_command(args, cfg, variant, resume=ckpt is not None)
+    log(f"[train] {variant.run}: {'resuming at step ' + str(step) if ckpt else 'training'} -> {cfg.train.steps} steps")
+    log("        " + shlex.join(cmd))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    t0 = time.time()
+    with open(run_dir / "train.log", "a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    seconds = timing["seconds"] + time.time() - t0
+    timing_file.write_text(json.dumps({"seconds": seconds}) + "\n")
+    if proc.returncode == EXIT_INTERRUPTED:
+        raise SystemExit(f"[train] {variant.run} interrupted; run the same command again to go on")
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text().splitlines()[-15:]
+        raise SystemExit(f"[train] {variant.run} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    step, _ = run_state(run_dir)
+    log(f"[train] {variant.run}: {step} steps in {seconds:.0f}s")
+    return {"steps": step, "seconds": seconds, "status": "trained"}
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def load_evaluate_module():
+    """tools/evaluate.py as a module (its generator and scorer)."""
+    spec = importlib.util.spec_from_file_location("raphael_evaluate_tool", EVALUATE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def eval_settings(args, ckpt: Path) -> dict:
+    return {"checkpoint": ckpt.name, "sampler": "ddim", "sampler_steps": args.sampler_steps,
+            "prompts_per_category": args.prompts_per_category, "seeds": list(args.seeds),
+            "per_prompt": args.per_prompt, "categories": list(args.categories),
+            "fidelity": "FID" if args.inception_weights else "pixel-FD"}
+
+
+def evaluate_run(args, run: str, device: torch.device, E, log=print) -> dict[float, dict]:
+    """Evaluate one run at every guidance weight (reusing results with the same settings)."""
+    from raphael_ref.data.synthetic import render
+    from raphael_ref.evaluation import metrics as M
+    from raphael_ref.evaluation.prompts import evaluation_prompts
+
+    ckpt = T.resolve_checkpoint(Path(args.out) / run)
+    settings = eval_settings(args, ckpt)
+    results: dict[float, dict] = {}
+    todo = []
+    for g in args.guidance:
+        path = Path(args.out) / run / "eval" / f"g{g:g}" / "result.json"
+        old = json.loads(path.read_text()) if path.exists() else None
+        if old is not None and old.get("settings") == settings:
+            results[g] = old
+        else:
+            todo.append(g)
+    if not todo:
+        log(f"[eval] {run}: all {len(args.guidance)} guidance weights evaluated, reused")
+        return results
+    ns = argparse.Namespace(weights="auto", unconditional=False, steps=args.sampler_steps, guidance=todo[0],
+                            sampler="ddim", eta=0.0)
+    gen = E.ModelGenerator(ckpt, ns, device)
+    specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=gen.image_size)
+    spec_of = {s.uid: s for c in specs.values() for s in c}
+    for g in todo:
+        t0 = time.time()
+        out = Path(args.out) / run / "eval" / f"g{g:g}"
+        gen.args.guidance = g
+        if (out / "images").is_dir():
+            shutil.rmtree(out / "images")  # images of an evaluation with other settings
+        records, by_cat = E.evaluate_specs(specs, gen, args.seeds, args.per_prompt, out, log=lambda s: None)
+        summary = E.summarize(records, args.categories)
+        images = torch.cat(list(by_cat.values()))  # (N, 3, S, S) uint8, in the records' order
+        reference = torch.stack([render(spec_of[r["uid"]].scene) for r in records])  # (N, 3, S, S)
+        if args.inception_weights:
+            fidelity = M.fid_kid(images, reference, inception_weights=args.inception_weights, kid=False,
+                                 device=device)["fid"]
+        else:
+            fidelity = A.pixel_fd(images, reference)
+        res = {"settings": settings, "guidance": g, "summary": summary, "fidelity": fidelity,
+               "fidelity_name": settings["fidelity"], "n_images": int(images.shape[0]), "seconds": time.time() - t0}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+        results[g] = res
+        log(f"[eval] {run} g={g:g}: alignment {summary['overall']:.3f}, {settings['fidelity']} {fidelity:.4g} "
+            f"({res['n_images']} images, {res['seconds']:.0f}s)")
+    return results
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[dict], timings: dict) -> list[Path]:
+    from raphael_ref.evaluation import plots
+
+    out = Path(args.out)
+    fidelity_name = "FID" if args.inception_weights else "pixel-FD"
+    n_images = len(args.categories) * args.prompts_per_category * len(args.seeds) * args.per_prompt
+    header = [f"# Ablation study (RAPHAEL Sec. 4.2, Fig. 6): preset {args.preset}, budget {args.budget}", "",
+              f"Every run: {cfg.train.steps} training steps, train.seed {args.train_seed}, batch {cfg.train.batch_size}"
+              f"{', extra --set ' + ' '.join(args.set) if args.set else ''}. Evaluation: DDIM {args.sampler_steps} "
+              f"steps, {args.prompts_per_category} prompts per category x {len(args.categories)} categories, seeds "
+              f"{args.seeds}, {args.per_prompt} images each = {n_images} images per point. Alignment: detector "
+              f"accuracy (mean over categories). Fidelity: "
+              + ("FID (Inception-v3, local weights) against ground-truth renders." if args.inception_weights else
+                 "pixel-FD, a Frechet distance of colour histograms + 4x4 pooled pixels against ground-truth "
+                 "renders (NOT FID; comparable only within this study).")]
+    (out / "ablation.md").write_text(A.markdown_report(rows, plan, args.guidance, header, fidelity_name))
+    plan_json = [{"name": v.name, "group": v.group, "value": v.value, "run": v.run,
+                  "overrides": {k: x for k, x in v.overrides}} for v in plan]
+    settings = {k: v for k, v in vars(args).items()}
+    (out / "ablation.json").write_text(json.dumps({"settings": settings, "base_config": cfg.to_dict(),
+                                                   "plan": plan_json, "rows": rows, "timings": timings,
+                                                   "orderings": A.paper_orderings(rows)}, indent=1) + "\n")
+    files = [out / "ablation.md", out / "ablation.json"]
+    module_rows = [r for r in rows if r["group"] == "module"]
+    if module_rows:
+        files.append(plots.tradeoff_plot(module_rows, out / "tradeoff.png", fidelity_name=fidelity_name,
+                                         variants=[v.name for v in plan if v.group == "module"]))
+    sweep_rows = [r for r in rows if r["group"] in ("alpha", "t_c")]
+    if sweep_rows:
+        files.append(plots.sweep_plot(sweep_rows, out / "sweeps.png", fidelity_name=fidelity_name))
+    return files
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        cfg = base_config(args)
+        plan = plan_of(args, cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    runs = list(dict.fromkeys(v.run for v in plan))  # each training run once, in plan order
+    by_run = {v.run: v for v in plan if v.run == v.name}
+    out = Path(args.out)
+    print(f"study {out}: {len(plan)} variants, {len(runs)} training runs ({', '.join(runs)}), "
+          f"{len(args.guidance)} guidance weights {args.guidance}", flush=True)
+    if args.dry_run:
+        for run in runs:
+            step, ckpt = run_state(out / run)
+            state = ("trained" if step >= cfg.train.steps else f"resume at {step}") if ckpt else "new"
+            print(f"# {run} ({state})")
+            if step < cfg.train.steps:
+                prefix = f"OMP_NUM_THREADS={args.threads} " if args.threads is not None else ""
+                print(prefix + shlex.join(train_command(args, cfg, by_run[run], resume=ckpt is not None)))
+        print(f"# then evaluate each run at guidance {args.guidance}: {args.prompts_per_category} prompts x "
+              f"{len(args.categories)} categories x seeds {args.seeds} x {args.per_prompt} images, DDIM "
+              f"{args.sampler_steps} steps")
+        return {"plan": [v.name for v in plan], "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, dict] = {}
+    for run in runs:
+        timings[run] = {"train": train_run(args, cfg, by_run[run])}
+    if args.train_only:
+        return {"plan": [v.name for v in plan], "runs": runs, "timings": timings}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    E = load_evaluate_module()
+    results = {}
+    for run in runs:
+        results[run] = evaluate_run(args, run, device, E)
+        timings[run]["eval_seconds"] = {f"{g:g}": r.get("seconds") for g, r in results[run].items()}
+    rows = [A.result_row(v, g, results[v.run][g]["summary"], results[v.run][g]["fidelity"],
+                         results[v.run][g]["fidelity_name"], n_images=results[v.run][g]["n_images"])
+            for v in plan for g in args.guidance]
+    files = write_reports(args, cfg, plan, rows, timings)
+    print((out / "ablation.md").read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    return {"plan": [v.name for v in plan], "runs": runs, "rows": rows, "timings": timings}
+
+
+if __name__ == "__main__":
+    main()

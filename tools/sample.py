@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Sample images from a RAPHAEL checkpoint written by tools/train.py (classifier-free guidance, Sec. 2).
+
+    python tools/sample.py runs/2025-toy --prompt "a red circle on the left" --out out/
+    python tools/sample.py runs/x/checkpoints/step_0000400 --prompts-file prompts.txt --out out/ \\
+        --sampler ddim --steps 25 --guidance 3 --seed 1 --batch-size 8 --save-paths --save-masks
+
+Writes ``NNN_<prompt>.png`` per prompt, ``grid.png`` and ``prompts.txt``; with ``--save-paths`` the
+diffusion paths (Sec. 3.1, Fig. 4/9) as ``NNN_<prompt>.paths.json`` plus a PNG (space expert per
+text token and block; time expert per step and block); with ``--save-masks`` the space-MoE masks
+Mhat_i of each text token (Sec. 3.1) at the last sampling step, averaged over the 16 blocks, laid
+over the image (``NNN_<prompt>.masks.png``). EMA weights unless ``--raw``. On the CPU a seed and
+batch size give the same bytes on every run (noise is drawn on the CPU from the seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from raphael_ref import training as T  # noqa: E402
+from raphael_ref.checkpoint import load_model  # noqa: E402
+from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+
+# distinct colours for expert ids 0..11 (ids beyond wrap around)
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (255, 215, 0)]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="text file, one prompt per line (blank lines skipped)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the run's sample.sampler")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample.steps); "
+                   "DDPM always runs all T steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (default: the "
+                   "run's sample.guidance; 1 = no guidance)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--save-paths", action="store_true", help="write the diffusion paths (JSON + PNG)")
+    p.add_argument("--save-masks", action="store_true", help="write per-token space-MoE mask overlays (PNG)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
+
+
+def token_strings(ids: torch.Tensor) -> list[str]:
+    """CLIP BPE ids -> readable token strings (``<start_of_text>``, ``red``, ...)."""
+    from raphael_ref.text_encoder import clip_tokenizer
+
+    tok = clip_tokenizer()
+    return [tok.decode([int(i)]).strip() or "_" for i in ids]
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def paths_figure(tokens: list[str], space: torch.Tensor, time_routes: torch.Tensor, timesteps: torch.Tensor,
+                 n_space: int, n_time: int, same_every_step: bool):
+    """PNG of one prompt's paths: space expert per (token, block), time expert per (step, block)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    K = space.shape[0]
+    cell, label_w, gap, head = 14, 120, 40, 34
+    S = time_routes.shape[0]
+    w_left = label_w + K * cell
+    W = w_left + gap + 44 + K * cell + 20
+    H = head + max(len(tokens), S) * cell + 60
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    title = "space expert per text token and block" + (" (same at every step)" if same_every_step else " (first step)")
+    d.text((4, 4), title, fill=(0, 0, 0), font=font)
+    d.text((w_left + gap, 4), "time expert per step and block", fill=(0, 0, 0), font=font)
+    d.text((label_w, 18), "block 0 .. %d" % (K - 1), fill=(90, 90, 90), font=font)
+    for i, tok in enumerate(tokens):
+        y = head + i * cell
+        d.text((4, y + 1), tok[:18], fill=(0, 0, 0), font=font)
+        for k in range(K):
+            e = int(space[k, i])
+            d.rectangle([label_w + k * cell, y, label_w + (k + 1) * cell - 2, y + cell - 2],
+                        fill=PALETTE[e % len(PALETTE)] if e >= 0 else (230, 230, 230))
+    x0 = w_left + gap
+    for s in range(S):
+        y = head + s * cell
+        d.text((x0, y + 1), f"t={int(timesteps[s])}", fill=(0, 0, 0), font=font)
+        for k in range(K):
+            e = int(time_routes[s, k])
+            d.rectangle([x0 + 44 + k * cell, y, x0 + 44 + (k + 1) * cell - 2, y + cell - 2],
+                        fill=PALETTE[e % len(PALETTE)] if e >= 0 else (230, 230, 230))
+    y = H - 40
+    d.text((4, y), "expert:", fill=(0, 0, 0), font=font)
+    for e in range(max(n_space, n_time)):
+        d.rectangle([52 + e * 40, y, 52 + e * 40 + 12, y + 12], fill=PALETTE[e % len(PALETTE)])
+        d.text((52 + e * 40 + 16, y), str(e), fill=(0, 0, 0), font=font)
+    return img
+
+
+def masks_figure(image: torch.Tensor, tokens: list[str], masks: list[torch.Tensor], tile: int = 96):
+    """PNG: the image, then for each token the mean over blocks of its mask Mhat_i laid over the image in red.
+
+    image (3, H, W) in [-1, 1]; masks: per block (n_x, n_y) bool of this sample (last sampling step).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    _, H, W = image.shape
+    cover = torch.zeros(len(tokens), H, W)  # (n_tokens, H, W): fraction of blocks whose mask covers the pixel
+    for m in masks:
+        n_x = m.shape[0]
+        h = int(round(math.sqrt(n_x * H / W)))
+        w = n_x // h
+        grid = m[:, : len(tokens)].T.reshape(len(tokens), 1, h, w).float()  # (n_tokens, 1, h, w)
+        cover += F.interpolate(grid, size=(H, W), mode="nearest")[:, 0]
+    cover /= len(masks)
+    base = T.to_uint8(image[None])[0].float() / 255  # (H, W, 3) in [0, 1]
+    gray = base.mean(-1, keepdim=True).expand(-1, -1, 3)  # (H, W, 3)
+    red = torch.tensor([1.0, 0.0, 0.0])
+    tiles = [("image", base)]
+    for i, tok in enumerate(tokens):
+        a = cover[i][..., None] * 0.7  # (H, W, 1)
+        tiles.append((tok, gray * 0.6 * (1 - a) + red * a))
+    label_h = 14
+    img = Image.new("RGB", (len(tiles) * (tile + 4) + 4, tile + label_h + 8), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for j, (name, pix) in enumerate(tiles):
+        arr = (pix.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        x = 4 + j * (tile + 4)
+        img.paste(Image.fromarray(arr).resize((tile, tile), Image.NEAREST), (x, label_h + 4))
+        d.text((x, 2), name[:16], fill=(0, 0, 0), font=font)
+    return img
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        prompts = read_prompts(args)
+        ckpt = T.resolve_checkpoint(args.checkpoint)
+        weights = "model.safetensors" if args.raw else "ema.safetensors"
+        if not (ckpt / weights).exists():
+            raise ValueError(f"{ckpt} has no {weights}" + ("" if args.raw else "; pass --raw for the raw weights"))
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg = load_model(ckpt, weights_name=weights)
+    model = model.to(device).eval()
+    sc = cfg.sample
+    sampler = args.sampler or sc.sampler
+    steps = args.steps or sc.steps
+    guidance = sc.guidance if args.guidance is None else args.guidance
+    encoder = T.build_text_encoder(cfg, device)
+    codec = T.build_codec(cfg, device)
+    schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T, cfg.diffusion.zero_terminal_snr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{ckpt} ({'raw' if args.raw else 'EMA'} weights), {sampler} "
+          f"{steps if sampler == 'ddim' else schedule.T} steps, guidance {guidance}, seed {args.seed}, "
+          f"{len(prompts)} prompt(s) -> {out}", flush=True)
+
+    generator = torch.Generator().manual_seed(args.seed)  # one stream, batches drawn in order
+    size = (cfg.model.sample_size, cfg.model.sample_size)
+    all_images = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        images, paths = T.generate_images(model, schedule, encoder, codec, batch, size=size, sampler=sampler,
+                                          steps=steps, guidance=guidance, eta=args.eta, generator=generator,
+                                          collect_paths=args.save_paths, collect_masks=args.save_masks)
+        all_images.append(images)
+        ids = encoder.tokenize(batch)  # (b, n_y)
+        for j, prompt in enumerate(batch):
+            stem = f"{start + j:03d}_{slug(prompt)}"
+            T.save_image_grid(images[j:j + 1], out / f"{stem}.png", nrow=1, min_tile=1, pad=0)
+            if paths is None:
+                continue
+            n_valid = int(paths.valid[j].sum())
+            tokens = token_strings(ids[j, :n_valid])
+            space = paths.space_routes[:, :, j, :n_valid]  # (S, K, n_valid)
+            time_r = paths.time_routes[:, :, j]  # (S, K)
+            same = bool((space == space[:1]).all())
+            if args.save_paths:
+                record = {"prompt": prompt, "tokens": tokens, "timesteps": paths.timesteps.tolist(),
+                          "space_routes": space.tolist(), "time_routes": time_r.tolist(),
+                          "space_routes_same_every_step": same, "sampler": sampler, "guidance": guidance,
+                          "seed": args.seed, "weights": "raw" if args.raw else "ema"}
+                (out / f"{stem}.paths.json").write_text(json.dumps(record) + "\n")
+                paths_figure(tokens, space[0], time_r, paths.timesteps, cfg.model.n_space_experts,
+                             cfg.model.n_time_experts, same).save(out / f"{stem}.paths.png", format="PNG")
+            if args.save_masks:
+                last = [m[j] for m in paths.masks[-1]]  # per block (n_x, n_y) bool at the last step
+                masks_figure(images[j], tokens, last).save(out / f"{stem}.masks.png", format="PNG")
+        print(f"  {min(start + args.batch_size, len(prompts))}/{len(prompts)}", flush=True)
+    T.save_image_grid(torch.cat(all_images), out / "grid.png", nrow=min(8, len(prompts)))
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    print(f"wrote {len(prompts)} image(s) and grid.png to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
