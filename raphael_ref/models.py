@@ -135,7 +135,7 @@ class TransformerBlock(nn.Module):
             x = x + self.space_ffn.expert(0, h)
         # edge supervision on the pooled-token attention map (gradient flows into to_q / to_k)
         pooled = pooled_attention_map(M, pooled_index, *grid, check_values=False)  # (B, 1, h, w)
-        edge_logits = self.edge(pooled) if self.edge is not None else None
+        edge_logits = self.edge(pooled.to(x.dtype)) if self.edge is not None else None  # (B, 1, h, w)
         return x, (s_routes, t_routes, pooled, edge_logits, masks if return_masks else None)
 
 

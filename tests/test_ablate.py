@@ -181,6 +181,8 @@ def test_best_guidance_and_sweep_orderings():
     assert A.best_guidance(rows[:3]) == 4.5 and A.best_guidance(rows[3:]) == 3.0
     shift = next(c for c in A.paper_orderings(rows) if "shifts" in c["claim"])
     assert shift["verdict"] == "yes"
+    flat = [dict(r, fidelity=5.0 + 1e-4 * r["guidance"]) if r["variant"] == "full" else r for r in rows]
+    assert next(c for c in A.paper_orderings(flat) if "shifts" in c["claim"])["verdict"] == "n/a"
     plan = A.ablation_plan(0.2, 500, modules=[], alphas=[0.1, 0.2, 0.4])
     sweep = [A.result_row(v, 4.5, {"overall": a, "categories": {}}, f, "pixel-FD")
              for v, a, f in zip(plan[1:], (0.3, 0.6, 0.4), (9.0, 3.0, 5.0))]
@@ -217,10 +219,10 @@ def test_markdown_report_and_plots(tmp_path):
 # ------------------------------------------------------------------------------ tools/ablate.py
 
 
-def _argv(out: Path, *extra: str) -> list[str]:
-    return ["--out", str(out), "--budget", "smoke", "--steps", "2", "--set", *MICRO, "--guidance", "3", "6",
-            "--per-prompt", "2", "--sampler-steps", "2", "--threads", "1", "--variants", "full", "no_space_moe",
-            "--alphas", "0.2", "--t-cs", "500", *extra]
+def _argv(out: Path, *extra: str, steps: int = 2, variants: tuple[str, ...] = ("full", "no_space_moe"),
+          sweeps: tuple[str, ...] = ("--alphas", "0.2", "--t-cs", "500"), guidance: tuple[str, ...] = ("3", "6")) -> list[str]:
+    return ["--out", str(out), "--budget", "smoke", "--steps", str(steps), "--set", *MICRO, "--guidance", *guidance,
+            "--per-prompt", "2", "--sampler-steps", "2", "--threads", "1", "--variants", *variants, *sweeps, *extra]
 
 
 def test_ablate_dry_run_prints_commands_and_writes_nothing(ablate, tmp_path, capsys):
@@ -260,6 +262,12 @@ def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("skipped") == 2 and "reused" in text and "[eval] full g=" not in text
     assert again["rows"] == res["rows"]
+    # a longer budget resumes the trained run from its checkpoint, then evaluates the new checkpoint
+    ablate.main(_argv(out, steps=3, variants=("full",), sweeps=("--no-sweeps",), guidance=("3",)))
+    text = capsys.readouterr().out
+    assert "[train] full: resuming at step 2 -> 3 steps" in text and "[eval] full g=3:" in text
+    res3 = json.loads((out / "full" / "eval" / "g3" / "result.json").read_text())
+    assert res3["settings"]["checkpoint"] == "step_0000003"
     # a run folder trained with other settings is refused, not silently reused
     with pytest.raises(SystemExit, match="other settings"):
         ablate.main(_argv(out, "--set", "model.mask_alpha=0.3"))

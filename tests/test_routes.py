@@ -234,6 +234,7 @@ def test_route_step_invariance_and_features():
 def test_collected_paths_are_the_text_gate_argmax_of_the_word_token(micro_checkpoint):
     """The path read from sampling is the eval-mode text gate's argmax at the concept word's token, in every block
     and at every step (eval gates are deterministic in the text: no noise, no dependence on x_t or t)."""
+    torch.set_num_threads(1)  # restored by _keep_torch_threads; 2 threads stall on a shared 2-core CPU
     model, cfg = load_model(micro_checkpoint)
     model.eval()
     encoder = T.build_text_encoder(cfg)
