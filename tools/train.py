@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -179,6 +180,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
+        # the blocks return views (pooled maps in BlockAux) that nothing modifies in place
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         for net in (model, ema):  # one unit per transformer block, then the root (ResBlocks, embeddings)
             for block in [m for m in net.modules() if isinstance(m, SpatialTransformer)]:
                 fully_shard(block, mesh=mesh)
@@ -290,7 +293,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
                                      optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
             T.plot_loss_curve(T.read_log(run_dir / "log.jsonl"), run_dir / "loss.png")
-            print(f"saved {path}", flush=True)
+            if bar is not None:
+                bar.write(f"saved {path}")
+            else:
+                print(f"saved {path}", flush=True)
         barrier()
 
     def sample_grid() -> None:
