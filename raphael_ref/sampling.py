@@ -51,17 +51,20 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
            uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, shape: tuple[int, ...],
            steps: int | None = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
-           collect_masks: bool = False, progress: Callable | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+           collect_masks: bool = False, progress: Callable | None = None, clip_x0: float | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
-    ``steps``: DDIM steps; DDPM always runs all T steps (``steps`` None or T). Noise is drawn on
+    ``steps``: DDIM steps; DDPM always runs all T steps (``steps`` None or T). ``clip_x0``
+    (DDIM only; e.g. 1.0 for pixel-space models with data in [-1, 1]) clamps the predicted x_0. Noise is drawn on
     the CPU from ``generator`` (so a seed gives the same samples on any device) and moved to the
     model's device. The model is run in eval mode (deterministic routes) and its previous mode is
     restored afterwards. Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if clip_x0 is not None and sampler != "ddim":
+        raise ValueError("clip_x0 is supported with sampler='ddim' only")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {shape}")
     B = shape[0]
@@ -88,13 +91,13 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         return _sample_loop(model, schedule, ts, shape, cond=(hidden, valid, pooled),
                             cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
                             sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
-                            collect_masks=collect_masks, progress=progress)
+                            collect_masks=collect_masks, progress=progress, clip_x0=clip_x0)
     finally:
         model.train(was_training)
 
 
 def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, eta, generator, collect_paths,
-                 collect_masks, progress):
+                 collect_masks, progress, clip_x0):
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = cond
@@ -126,7 +129,7 @@ def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, 
         if sampler == "ddim":
             t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
             noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
-            x = ddim_step(x, t, t_prev, eps, schedule, eta=eta, noise=noise)
+            x = ddim_step(x, t, t_prev, eps, schedule, eta=eta, noise=noise, clip_x0=clip_x0)
         else:
             noise = torch.randn(shape, generator=generator).to(device)
             x = posterior_step(x, tb, eps, schedule, noise=noise)

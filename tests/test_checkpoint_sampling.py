@@ -123,3 +123,18 @@ def test_ddpm_runs_all_steps_only():
     with pytest.raises(ValueError, match="DDPM"):
         sample(model, NoiseSchedule.make(T=20), (c.hidden, c.valid, c.pooled_index), None, shape=(1, 3, 16, 16),
                steps=4, sampler="ddpm")
+
+
+def test_clip_x0_keeps_ddim_samples_in_range():
+    model, _ = _model()
+    enc = TextEncoder.tiny(seed=0)
+    c = enc(["a red circle"])
+    kw = dict(shape=(1, 3, 16, 16), steps=1, guidance=1.0, generator=None)
+    torch.manual_seed(0)
+    x, _ = sample(model, NoiseSchedule.make(T=1000), (c.hidden, c.valid, c.pooled_index), None,
+                  clip_x0=0.5, **kw)
+    # one DDIM step to t_prev = -1 returns x0_hat itself, so clipping bounds the result exactly
+    assert x.abs().max() <= 0.5 + 1e-6
+    with pytest.raises(ValueError, match="ddim"):
+        sample(model, NoiseSchedule.make(T=20), (c.hidden, c.valid, c.pooled_index), None, shape=(1, 3, 16, 16),
+               steps=None, sampler="ddpm", clip_x0=1.0)
