@@ -61,7 +61,7 @@ def time_moe(h: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor, bank:
     Same arguments and result as :func:`time_moe_literal`. The group sizes cost one host sync per
     call (``bincount().tolist()``); ``check_values=False`` skips the route range check (another).
     """
-    B = _check_inputs(h, routes, weights, bank, check_values)
+    _check_inputs(h, routes, weights, bank, check_values)
     order = torch.argsort(routes, stable=True)  # (B,) samples sorted by expert
     counts = torch.bincount(routes, minlength=bank.n_experts).tolist()  # the one host sync: group sizes
     out = torch.empty_like(h)  # (B, n_x, d); every row is written once below

@@ -34,6 +34,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Tools' --threads set torch's process-wide thread count: restore it after every test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     yield

@@ -3,9 +3,7 @@ writers, and tools/ablate.py end to end on a micro config (two short trainings i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from raphael_ref.testing import load_tool
 from raphael_ref.evaluation import ablation as A
 from raphael_ref.evaluation import plots
 from raphael_ref.evaluation.metrics import frechet_distance, gaussian_statistics
 
-ROOT = Path(__file__).resolve().parents[1]
 # Two levels, five transformer blocks, 16 x 16 pixels (as tests/test_evaluate.py), tiny training batches.
 MICRO = ["model.sample_size=16", "model.model_channels=16", "model.head_dim=8", "model.norm_groups=4",
          "model.expert_mult=2", "model.edge_width=4", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -26,24 +24,9 @@ MICRO = ["model.sample_size=16", "model.model_channels=16", "model.head_dim=8", 
          "train.warmup_steps=2", "sample.steps=2", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """The tools' --threads sets torch's thread count for the process: restore it for the other tests."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ablate():
-    spec = importlib.util.spec_from_file_location("raphael_ablate_tool", ROOT / "tools" / "ablate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    return load_tool("ablate")
 
 
 def _images(seed: int, n: int, size: int, scale: int = 256) -> torch.Tensor:

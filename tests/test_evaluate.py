@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raphael_ref.testing import load_tool
 from raphael_ref.checkpoint import save_model
 from raphael_ref.config import get_preset
 from raphael_ref.data.synthetic import COLORS, SHAPES, make_scene, render
@@ -26,7 +24,6 @@ from raphael_ref.evaluation.prompts import (
 )
 from raphael_ref.models import RaphaelUNet
 
-ROOT = Path(__file__).resolve().parents[1]
 # Two levels and five transformer blocks (one per down level, middle, one per up level): every code
 # path of the full layout at a fraction of its cost on two shared CPU cores.
 MICRO = {"model.sample_size": 16, "model.model_channels": 16, "model.head_dim": 8, "model.norm_groups": 4,
@@ -42,14 +39,7 @@ def _offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def evaluate():
-    spec = importlib.util.spec_from_file_location("raphael_evaluate", ROOT / "tools" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    return load_tool("evaluate")
 
 
 @pytest.fixture(scope="module")

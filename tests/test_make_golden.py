@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from raphael_ref.testing import golden as G
+from raphael_ref.testing import golden as G, load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
 def tool(monkeypatch):
-    spec = importlib.util.spec_from_file_location("make_golden_tool", ROOT / "tools" / "make_golden.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("make_golden")
     case = G.GoldenCase(
         id="demo.double",
         make_inputs=lambda g: {"x": torch.randn(4, generator=g, dtype=torch.float64)},

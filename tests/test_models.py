@@ -7,7 +7,7 @@ import torch
 
 from raphael_ref.config import get_preset
 from raphael_ref.diffusion import NoiseSchedule
-from raphael_ref.models import RaphaelUNet, SpatialTransformer, TransformerBlock, build_on_meta, count_parameters
+from raphael_ref.models import RaphaelUNet, TransformerBlock, build_on_meta, count_parameters
 from raphael_ref.objective import training_losses
 from raphael_ref.text_encoder import TextEncoder
 

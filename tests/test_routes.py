@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from raphael_ref.testing import load_tool
 from raphael_ref import training as T
 from raphael_ref.checkpoint import load_model, save_model
 from raphael_ref.config import get_preset
@@ -33,24 +33,9 @@ CLASSIFIERS = ["naive_bayes", pytest.param("xgboost", marks=pytest.mark.skipif(
     importlib.util.find_spec("xgboost") is None, reason="xgboost not installed (pip install xgboost-cpu)"))]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """The tools' --threads sets torch's thread count for the process: restore it for the other tests."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def routes_tool():
-    spec = importlib.util.spec_from_file_location("raphael_routes_tool", ROOT / "tools" / "routes.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    return load_tool("routes")
 
 
 @pytest.fixture(scope="module")

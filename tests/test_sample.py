@@ -103,12 +103,9 @@ def test_same_seed_same_bytes_other_seed_other_images(run_dir, sampled, tmp_path
 
 
 def _sample_module():
-    import importlib.util
+    from raphael_ref.testing import load_tool
 
-    spec = importlib.util.spec_from_file_location("raphael_sample_script", SAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("sample")
 
 
 def test_raw_weights_differ_from_ema(run_dir, sampled, tmp_path, capsys):

@@ -7,7 +7,6 @@ few steps in subprocesses, as a user would run the script.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -67,10 +66,9 @@ def _tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("raphael_train_script", TRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from raphael_ref.testing import load_tool
+
+    return load_tool("train")
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.check or not args.force:
                 status = 1
                 if not args.check:
-                    print(f"  not overwritten: rerun with --force to accept these changes")
+                    print("  not overwritten: rerun with --force to accept these changes")
                 continue
         elif args.check:
             print(f"MISSING    {case.id}")

@@ -14,3 +14,23 @@ DEFAULT_TOL = {
     "float16": (5e-3, 5e-3),  # ~ 10 u
     "bfloat16": (3e-2, 3e-2),  # ~ 8 u
 }
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` of this checkout as a module (for tests of the command-line tools).
+
+    The module is registered in ``sys.modules`` under ``raphael_tool_<name>`` (dataclasses look their
+    module up while the file executes); loading again returns a fresh module.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"no tool {path}: load_tool needs a source checkout with tools/")
+    spec = importlib.util.spec_from_file_location(f"raphael_tool_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
