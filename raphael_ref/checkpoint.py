@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from raphael_ref.config import RaphaelConfig
 from raphael_ref.models import RaphaelUNet
+from raphael_ref.statedict import state_dict_mismatches
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -37,10 +38,8 @@ def save_model(directory: str | Path, model: torch.nn.Module, cfg: RaphaelConfig
 
 def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str) -> None:
     """Raise ValueError naming every missing key, unexpected key and shape mismatch."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [f"{k}: model {tuple(expected[k].shape)} vs file {tuple(given[k].shape)}"
-             for k in sorted(set(expected) & set(given)) if expected[k].shape != given[k].shape]
+    missing, unexpected, mismatched = state_dict_mismatches({k: v.shape for k, v in expected.items()}, given)
+    wrong = [f"{k}: model {e} vs file {g}" for k, e, g in mismatched]
     if missing or unexpected or wrong:
         lines = [f"checkpoint {source} does not match the model built from its config:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raphael_ref.statedict import state_dict_mismatches
+
 __all__ = [
     "HED",
     "HED_BGR_MEAN",
@@ -180,14 +182,8 @@ def hed_parameter_shapes() -> dict[str, tuple[int, ...]]:
 
 def check_hed_state_dict(state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
     """Raise ValueError naming every missing key, unexpected key and wrong shape of ``state``."""
-    own = hed_parameter_shapes()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        f"{k}: expected {own[k]}, got {tuple(state[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != own[k]
-    )
+    missing, unexpected, mismatched = state_dict_mismatches(hed_parameter_shapes(), state)
+    wrong = [f"{k}: expected {e}, got {g}" for k, e, g in mismatched]
     if missing or unexpected or wrong:
         parts = []
         if missing:

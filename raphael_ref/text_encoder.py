@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from raphael_ref.statedict import state_dict_mismatches
+
 __all__ = [
     "PromptTruncatedWarning",
     "TextEncoder",
@@ -310,13 +312,8 @@ def _read_text_tower(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: Path) -> None:
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [
-        f"{k}: expected {tuple(expected[k].shape)}, file has {tuple(given[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if tuple(expected[k].shape) != tuple(given[k].shape)
-    ]
+    missing, unexpected, mismatched = state_dict_mismatches({k: v.shape for k, v in expected.items()}, given)
+    wrong = [f"{k}: expected {e}, file has {g}" for k, e, g in mismatched]
     if not (missing or unexpected or wrong):
         return
 
