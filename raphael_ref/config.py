@@ -205,8 +205,8 @@ class RaphaelConfig:
             bad("model.text_layer", f"must be 'last' or 'penultimate', got {m.text_layer!r}")
         if t.lr <= 0:
             bad("train.lr", f"must be > 0, got {t.lr}")
-        if not 0.0 <= t.caption_dropout < 1.0:
-            bad("train.caption_dropout", f"must lie in [0, 1), got {t.caption_dropout}")
+        if not 0.0 <= t.caption_dropout <= 1.0:  # 1.0: no text at all (an unconditional control model)
+            bad("train.caption_dropout", f"must lie in [0, 1], got {t.caption_dropout}")
         if t.batch_size < 1:
             bad("train.batch_size", f"must be >= 1, got {t.batch_size}")
         if m.codec not in ("vae", "identity"):

@@ -254,3 +254,19 @@ def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
     # a run folder trained with other settings is refused, not silently reused
     with pytest.raises(SystemExit, match="other settings"):
         ablate.main(_argv(out, "--set", "model.mask_alpha=0.3"))
+
+
+def test_ablate_jobs_run_children_and_match_one_at_a_time(ablate, tmp_path, capsys):
+    """--jobs 2: each run trained and evaluated in its own child process (log in <run>/ablate.log); the
+    rows equal those of the same study run one at a time (same seeds, one thread each)."""
+    seq = ablate.main(_argv(tmp_path / "seq", sweeps=("--no-sweeps",), guidance=("3",)))
+    par = ablate.main(_argv(tmp_path / "par", "--jobs", "2", sweeps=("--no-sweeps",), guidance=("3",)))
+    text = capsys.readouterr().out
+    assert "[jobs] full: started" in text and "[jobs] no_space_moe: done" in text
+    assert "skipped" in text and "reused" in text  # the parent only reuses what the children made
+    for run in ("full", "no_space_moe"):
+        assert "[train] " + run in (tmp_path / "par" / run / "ablate.log").read_text()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(par["rows"]) == strip(seq["rows"])
+    with pytest.raises(SystemExit):
+        ablate.parse_args(_argv(tmp_path / "x", "--jobs", "0"))

@@ -177,6 +177,29 @@ def test_evaluate_cli_on_a_tiny_random_checkpoint(evaluate, tiny_checkpoint, tmp
     assert a == (tmp_path / "again" / again["records"][0]["image"]).read_bytes()
 
 
+def test_reference_renders_bound_the_metric(evaluate, tmp_path):
+    """--reference: each prompt's own scene scores 1.0; another prompt's scene (a perfect painter that
+    ignores the text) scores far lower in every category that names more than one attribute."""
+    base = ["--prompts-per-category", "6", "--per-prompt", "2", "--seeds", "0", "1"]
+    matched = evaluate.main(["--reference", "matched", "--out", str(tmp_path / "m"), *base])
+    shuffled = evaluate.main(["--reference", "shuffled", "--out", str(tmp_path / "s"), *base])
+    assert matched["summary"]["overall"] == 1.0 and matched["checkpoint"] is None
+    cats = shuffled["summary"]["categories"]
+    assert all(v["n"] == 24 for v in cats.values())
+    assert shuffled["summary"]["overall"] < 0.4
+    assert cats["position"]["accuracy"] < 0.5 and cats["color_attribution"]["accuracy"] < 0.5
+    # the shuffled images are other prompts' scenes (two captions can name one scene, so: nearly all differ)
+    same = sum(r["detected"] == m["detected"] for r, m in zip(shuffled["records"], matched["records"]))
+    assert same <= 0.1 * len(matched["records"])
+    again = evaluate.main(["--reference", "shuffled", "--out", str(tmp_path / "s2"), *base])
+    assert [r["detected"] for r in again["records"]] == [r["detected"] for r in shuffled["records"]]
+    assert "shuffled" in (tmp_path / "s" / "results.md").read_text()
+    with pytest.raises(SystemExit):  # a checkpoint and --reference, or neither
+        evaluate.parse_args(["runs/x", "--reference", "matched", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--out", str(tmp_path)])
+
+
 def test_evaluate_cli_unconditional_and_weight_choice(evaluate, tiny_checkpoint, tmp_path):
     out = tmp_path / "uncond"
     result = evaluate.main([str(tiny_checkpoint), "--out", str(out), "--steps", "1", "--per-prompt", "1",

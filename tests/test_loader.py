@@ -123,6 +123,18 @@ def test_worker_processes_yield_the_same_synthetic_stream():
     assert [b["caption"] for b in single[1:]] == [b["caption"] for b in multi]
 
 
+def test_caption_dropout_one_drops_every_caption_and_keeps_the_images():
+    """p = 1: the no-text control model of the evaluation (issue 5) sees only empty captions, same images."""
+    assert caption_dropout_mask(1000, 1.0, np.random.default_rng(0)).all()
+    kw = dict(image_size=16, batch_size=6, seed=2)
+    (none,) = _take(make_train_loader("synthetic", caption_dropout=1.0, **kw), 1)
+    (some,) = _take(make_train_loader("synthetic", caption_dropout=0.0, **kw), 1)
+    assert none["caption"] == [""] * 6 and all(c for c in some["caption"])
+    assert torch.equal(none["image"], some["image"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        caption_dropout_mask(3, -0.1, np.random.default_rng(0))
+
+
 def test_caption_dropout_rate():
     p, n = 0.3, 20000
     rate = caption_dropout_mask(n, p, np.random.default_rng(0)).mean()
@@ -244,6 +256,6 @@ def test_invalid_arguments_raise(tmp_path):
     with pytest.raises(ValueError, match="multiscale"):
         make_train_loader("synthetic", image_size=32, batch_size=1, buckets=SMALL_BUCKETS)
     with pytest.raises(ValueError, match="caption_dropout"):
-        make_train_loader("synthetic", image_size=32, batch_size=1, caption_dropout=1.0)
+        make_train_loader("synthetic", image_size=32, batch_size=1, caption_dropout=1.5)
     with pytest.raises(ValueError, match="rank"):
         make_train_loader("synthetic", image_size=32, batch_size=1, rank=2, world_size=2)

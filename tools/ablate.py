@@ -58,20 +58,27 @@ TRAIN = ROOT / "tools" / "train.py"
 EVALUATE = ROOT / "tools" / "evaluate.py"
 EXIT_INTERRUPTED = 130
 
-# Budgets: training steps (None: the preset's train.steps), evaluation prompts, seeds, images per
-# prompt and sampler steps. Images per (variant, guidance) = 6 categories x prompts x seeds x per_prompt.
-# Measured on the 2-core CPU of the development machine (toy preset, 16 blocks, 32 x 32 pixels):
-# training 1.3 s/step (2 threads, machine otherwise idle) to 2.5 s/step (1 thread, shared); sampling
-# 0.05-0.09 s per image and U-Net evaluation (CFG doubles it; batching does not help on the CPU).
-# Cost of a study ~ runs x steps x 1.3-2.5 s + runs x guidance weights x images x 2 x sampler_steps x 0.05-0.09 s.
+# Budgets: training steps (None: the preset's train.steps), base config overrides ("sets", applied
+# before --set), evaluation prompts, seeds, images per prompt and sampler steps. Images per
+# (variant, guidance) = 6 categories x prompts x seeds x per_prompt.
+# Measured on the 2-core CPU of the development machine (toy preset, 16 blocks, one thread per run):
+# training 1.05 s/step at 32 x 32 px and batch 8 (7.6 images/s), 1.06 s/step at 24 x 24 px and batch
+# 16 (15 images/s: self-attention over 1024 positions is a third of the 32 px step); sampling ~0.03 s
+# (24 px) to 0.05-0.09 s (32 px) per image and U-Net evaluation (CFG doubles it; batching does not help
+# on the CPU). Cost of a study ~ runs x (steps x s/step + guidance weights x images x 2 x sampler_steps
+# x s/evaluation) / --jobs.
 BUDGETS: dict[str, dict] = {
     # end-to-end check of the pipeline (toy preset, 8 runs: ~15-25 min on the CPU; numbers meaningless)
-    "smoke": {"steps": 20, "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
-    # the toy-scale study on the CPU: 96 images per point, 10 DDIM steps. 4 module runs: ~2.2-4.2 h
-    # training + ~40-70 min evaluation; with the sweeps (8 runs) about twice that. Resumable.
-    "toy": {"steps": 1500, "prompts_per_category": 4, "seeds": [0], "per_prompt": 4, "sampler_steps": 10},
+    "smoke": {"steps": 20, "sets": [], "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
+    # the toy-scale study on a 2-core CPU (--jobs 2 --threads 1): 24 x 24 px images (objects of 7 px; the
+    # detector is exact from 16 px) and batch 16, 1000 steps = 16,000 images per run; 96 images per
+    # point, 10 DDIM steps. 8 runs (4 module variants + 4 sweep points): ~25 min each (~18 train + 6 x
+    # ~1 eval), ~1.7 h in all with two jobs. Resumable.
+    "toy": {"steps": 1000, "sets": ["model.sample_size=24", "train.batch_size=16"], "prompts_per_category": 4,
+            "seeds": [0], "per_prompt": 4, "sampler_steps": 10},
     # a GPU study: the preset's own training length, the full evaluation set (24 prompts per category)
-    "full": {"steps": None, "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4, "sampler_steps": 50},
+    "full": {"steps": None, "sets": [], "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4,
+             "sampler_steps": 50},
 }
 
 
@@ -102,11 +109,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the training runs (OMP_NUM_THREADS) and of the evaluation; default: "
                         "inherited. Use 1 on a CPU shared with other jobs: multi-threaded steps can stall there")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained and evaluated at once (each in its own process, --threads each); e.g. 2 on a "
+                        "2-core CPU with --threads 1, or one per GPU with CUDA_VISIBLE_DEVICES set per job by you")
+    p.add_argument("--only-run", default=None, help=argparse.SUPPRESS)  # internal: one run of a --jobs study
     p.add_argument("--dry-run", action="store_true", help="print the training commands and the plan; run nothing")
     p.add_argument("--train-only", action="store_true", help="train (or resume) every run, evaluate nothing")
     args = p.parse_args(argv)
-    args.set = [s for group in args.set for s in group]
     budget = BUDGETS[args.budget]
+    args.set = [*budget["sets"], *(s for group in args.set for s in group)]  # the budget's base, then --set
     for name in ("steps", "prompts_per_category", "seeds", "per_prompt", "sampler_steps"):
         if getattr(args, name) is None:
             setattr(args, name, budget[name])
@@ -115,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
     if any(g < 0 for g in args.guidance) or len(set(args.guidance)) != len(args.guidance):
@@ -296,6 +309,45 @@ def evaluate_run(args, run: str, device: torch.device, E, log=print) -> dict[flo
     return results
 
 
+# ------------------------------------------------------------------------------ parallel runs
+
+
+def run_jobs(args, argv, runs: list[str], log=print) -> None:
+    """Train and evaluate the runs ``args.jobs`` at a time, each in a child ``ablate.py --only-run RUN``
+    (same arguments; output in <run>/ablate.log). A failed child stops the study with its log's tail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = [a for a in (sys.argv[1:] if argv is None else list(argv))]
+    if "--jobs" in base:  # children run one job each
+        i = base.index("--jobs")
+        del base[i:i + 2]
+    base = [a for a in base if not a.startswith("--jobs=")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+
+    def one(run: str) -> tuple[str, int]:
+        (Path(args.out) / run).mkdir(parents=True, exist_ok=True)
+        log(f"[jobs] {run}: started (log {Path(args.out) / run / 'ablate.log'})")
+        with open(Path(args.out) / run / "ablate.log", "a") as f:
+            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *base, "--only-run", run],
+                                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        log(f"[jobs] {run}: {'done' if rc == 0 else f'exit {rc}'}")
+        return run, rc
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(one, runs))
+    failed = [(run, rc) for run, rc in done if rc != 0]
+    if failed:
+        lines = []
+        for run, rc in failed:
+            tail = (Path(args.out) / run / "ablate.log").read_text().splitlines()[-8:]
+            lines += [f"{run} (exit {rc}):", *("    " + t for t in tail)]
+        stopped = any(rc == EXIT_INTERRUPTED or rc == -2 for _, rc in failed)
+        raise SystemExit(("interrupted; run the same command again to go on\n" if stopped else
+                          "[jobs] runs failed:\n") + "\n".join(lines))
+
+
 # ------------------------------------------------------------------------------ reports
 
 
@@ -357,6 +409,12 @@ def main(argv=None) -> dict:
               f"{args.sampler_steps} steps")
         return {"plan": [v.name for v in plan], "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
+    if args.only_run is not None:  # a child of --jobs: train and evaluate this one run, no report
+        if args.only_run not in runs:
+            raise SystemExit(f"error: --only-run {args.only_run!r} is not a run of this study ({', '.join(runs)})")
+        runs = [args.only_run]
+    elif args.jobs > 1 and len(runs) > 1:
+        run_jobs(args, argv, runs)  # every run trained (and evaluated) in a child; below reuses their results
     timings: dict[str, dict] = {}
     for run in runs:
         timings[run] = {"train": train_run(args, cfg, by_run[run])}
@@ -370,6 +428,8 @@ def main(argv=None) -> dict:
     for run in runs:
         results[run] = evaluate_run(args, run, device, E)
         timings[run]["eval_seconds"] = {f"{g:g}": r.get("seconds") for g, r in results[run].items()}
+    if args.only_run is not None:
+        return {"runs": runs, "timings": timings}
     rows = [A.result_row(v, g, results[v.run][g]["summary"], results[v.run][g]["fidelity"],
                          results[v.run][g]["fidelity_name"], n_images=results[v.run][g]["n_images"])
             for v in plan for g in args.guidance]

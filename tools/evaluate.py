@@ -6,6 +6,13 @@
     python tools/evaluate.py runs/toy --out eval_uncond --unconditional     # empty prompts: the floor
     python tools/evaluate.py runs/toy --out eval --fid --inception-weights weights-inception-2015-12-05-6726825d.pth
     python tools/evaluate.py runs/toy --out eval --clip ~/clip/ViT-B-32-dir   # open_clip folder (local)
+    python tools/evaluate.py --reference matched --out eval_gt                # ground-truth renders: 1.0
+    python tools/evaluate.py --reference shuffled --out eval_shuffled         # perfect scenes, wrong prompts
+
+``--reference`` scores renders instead of a model: ``matched`` draws each prompt's own scene (the
+ceiling, 1.0 by the detector test), ``shuffled`` draws the scene of another prompt of the set (a
+perfect painter that ignores the text). The gap between the two is what the metric can see of
+alignment alone; a model trained without text should score near ``shuffled``.
 
 For every prompt of the fixed evaluation set (``raphael_ref.evaluation.prompts``; categories
 single_object, two_objects, counting, colors, position, color_attribution) and every seed, draws
@@ -50,7 +57,11 @@ GenerateFn = Callable[[PromptSpec, int, int], torch.Tensor]  # (spec, seed, n) -
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a run folder (its latest checkpoint) or a checkpoint folder (not with --reference)")
+    p.add_argument("--reference", choices=("matched", "shuffled"), default=None,
+                   help="score ground-truth renders instead of a model: each prompt's own scene, or another prompt's")
+    p.add_argument("--image-size", type=int, default=32, help="render size of --reference (pixels)")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, grids/, images/)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (ddim; ddpm always runs all T)")
@@ -82,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown per category grid")
     args = p.parse_args(argv)
     args.weights = args.weights or "auto"
+    if (args.checkpoint is None) == (args.reference is None):
+        p.error("give a checkpoint folder or --reference matched|shuffled (exactly one)")
+    if args.reference is not None:
+        args.attention = 0  # renders have no attention
     for name in ("steps", "per_prompt", "prompts_per_category"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -144,6 +159,22 @@ class ModelGenerator:
             x, rec = AV.collect_attention(self.model, self.schedule, cond, uncond, record_steps=[record_step], **kw)
         images = to_uint8(self.codec.decode(x.float()).cpu())  # (n, 3, S, S)
         return (images, rec, enc) if record_step is not None else images
+
+
+class RenderGenerator:
+    """--reference: ground-truth renders of the prompt's own scene ("matched") or of the scene of another
+    prompt of the evaluation set ("shuffled", drawn per (seed, prompt, image) from a fixed generator)."""
+
+    def __init__(self, mode: str, image_size: int, pool: Sequence[PromptSpec]):
+        self.mode, self.image_size, self.pool = mode, image_size, list(pool)
+
+    def __call__(self, spec: PromptSpec, seed: int, n: int) -> torch.Tensor:
+        if self.mode == "matched":
+            return render(spec.scene).expand(n, -1, -1, -1).clone()  # (n, 3, S, S) uint8
+        others = [s for s in self.pool if s.prompt != spec.prompt]
+        g = torch.Generator().manual_seed(image_seed(seed, spec))
+        picks = torch.randint(0, len(others), (n,), generator=g).tolist()
+        return torch.stack([render(others[i].scene) for i in picks])
 
 
 # ------------------------------------------------------------------------------ scoring and reports
@@ -236,12 +267,19 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = ModelGenerator(Path(args.checkpoint), args, device)
-    print(f"checkpoint {gen.ckpt} ({gen.weights}), preset {gen.cfg.name}, {args.sampler} {args.steps} steps, "
-          f"guidance {args.guidance}{' (unconditional)' if args.unconditional else ''}, seeds {args.seeds}, "
-          f"{args.per_prompt} images per prompt, device {device}", flush=True)
-    specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=gen.image_size,
+    image_size = args.image_size
+    if args.reference is None:
+        gen = ModelGenerator(Path(args.checkpoint), args, device)
+        image_size = gen.image_size
+        print(f"checkpoint {gen.ckpt} ({gen.weights}), preset {gen.cfg.name}, {args.sampler} {args.steps} steps, "
+              f"guidance {args.guidance}{' (unconditional)' if args.unconditional else ''}, seeds {args.seeds}, "
+              f"{args.per_prompt} images per prompt, device {device}", flush=True)
+    specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=image_size,
                                max_count=args.max_count, holdout_pairs=HELDOUT_PAIRS if args.holdout_pairs else None)
+    if args.reference is not None:
+        gen = RenderGenerator(args.reference, image_size, [s for c in specs.values() for s in c])
+        print(f"reference renders ({args.reference}), {image_size} px, seeds {args.seeds}, "
+              f"{args.per_prompt} images per prompt", flush=True)
 
     # attention views: the first prompts of each category are generated with hooks on (same images)
     att_step = AV.middle_step(args.steps if args.sampler == "ddim" else gen.cfg.diffusion.T) \
@@ -287,12 +325,17 @@ def main(argv=None) -> dict:
             k = cat_specs.index(spec) * len(args.seeds) * args.per_prompt
             imgs.append(by_cat[cat][k:k + per_row])
         write_grid(out / "grids" / f"{cat}.png", shown, torch.cat(imgs), recs, per_row)
-    result = {"checkpoint": str(gen.ckpt), "weights": gen.weights, "preset": gen.cfg.name, "settings": dict(vars(args)),
+    ref = args.reference is not None
+    result = {"checkpoint": None if ref else str(gen.ckpt), "weights": None if ref else gen.weights,
+              "preset": None if ref else gen.cfg.name, "reference": args.reference, "settings": dict(vars(args)),
               "summary": summary, **extra, "attention_views": views, "records": records}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    header = [f"# Compositional evaluation of `{gen.ckpt}` ({gen.weights})", "",
-              f"{args.sampler}, {args.steps} steps, guidance {args.guidance}"
-              f"{', unconditional (empty prompts)' if args.unconditional else ''}, seeds {args.seeds}, "
+    title = (f"ground-truth renders ({args.reference}: "
+             + ("each prompt's own scene)" if args.reference == "matched" else "the scene of another prompt)")
+             if ref else f"`{gen.ckpt}` ({gen.weights})")
+    header = [f"# Compositional evaluation of {title}", "",
+              ("" if ref else f"{args.sampler}, {args.steps} steps, guidance {args.guidance}"
+               f"{', unconditional (empty prompts)' if args.unconditional else ''}, ") + f"seeds {args.seeds}, "
               f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
               f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
               f"(one binary verdict per image)."]

@@ -115,9 +115,13 @@ def synthetic_indices(step: int, batch_size: int, rank: int, world_size: int, se
 
 
 def caption_dropout_mask(n: int, p: float, generator: np.random.Generator) -> np.ndarray:
-    """Which of n captions to replace by "" (classifier-free guidance training): Bernoulli(p) each."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"caption_dropout_mask: p must lie in [0, 1); got {p!r}.")
+    """Which of n captions to replace by "" (classifier-free guidance training): Bernoulli(p) each.
+
+    p = 1 drops every caption: the model is trained with no text at all (the unconditional control of
+    the evaluation, issue 5); the generator is still advanced by n draws so that streams stay aligned.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption_dropout_mask: p must lie in [0, 1]; got {p!r}.")
     return generator.random(n) < p
 
 
@@ -374,8 +378,8 @@ def make_train_loader(
             raise ValueError(f"make_train_loader: {name} must be an int >= {lo}; got {v!r}.")
     if rank >= world_size:
         raise ValueError(f"make_train_loader: rank must be < world_size; got rank {rank}, world_size {world_size}.")
-    if not (isinstance(caption_dropout, (int, float)) and 0.0 <= caption_dropout < 1.0):
-        raise ValueError(f"make_train_loader: caption_dropout must lie in [0, 1); got {caption_dropout!r}.")
+    if not (isinstance(caption_dropout, (int, float)) and 0.0 <= caption_dropout <= 1.0):
+        raise ValueError(f"make_train_loader: caption_dropout must lie in [0, 1]; got {caption_dropout!r}.")
     if buckets is not None and not multiscale:
         raise ValueError("make_train_loader: buckets were given but multiscale=False; pass multiscale=True "
                          "to use them.")
