@@ -270,3 +270,19 @@ def test_ablate_jobs_run_children_and_match_one_at_a_time(ablate, tmp_path, caps
     assert strip(par["rows"]) == strip(seq["rows"])
     with pytest.raises(SystemExit):
         ablate.parse_args(_argv(tmp_path / "x", "--jobs", "0"))
+
+
+def test_sweep_points_use_their_own_guidance_weights(ablate):
+    args = ablate.parse_args(["--out", "x", "--budget", "smoke", "--guidance", "1.5", "3", "6",
+                              "--sweep-guidance", "3", "4.5", "--alphas", "0.2", "0.4", "--t-cs", "500"])
+    plan = ablate.plan_of(args, ablate.base_config(args))
+    by = {v.name: v for v in plan}
+    assert ablate.guidance_of(args, by["no_edge"]) == [1.5, 3.0, 6.0]
+    assert ablate.guidance_of(args, by["alpha_0.4"]) == [3.0, 4.5]
+    # the full run also stands for alpha 0.2 and T_c 500: it is evaluated at the union
+    assert ablate.run_guidance(args, plan, "full") == [1.5, 3.0, 4.5, 6.0]
+    assert ablate.run_guidance(args, plan, "alpha_0.4") == [3.0, 4.5]
+    default = ablate.parse_args(["--out", "x", "--budget", "smoke", "--guidance", "2", "5"])
+    assert default.sweep_guidance == [2.0, 5.0]
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--out", "x", "--sweep-guidance", "3", "3"])

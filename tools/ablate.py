@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-sweeps", action="store_true", help="skip the alpha and T_c sweeps")
     p.add_argument("--guidance", type=float, nargs="+", default=list(A.GUIDANCE_WEIGHTS),
                    help="classifier-free guidance weights (Sec. 4.2)")
+    p.add_argument("--sweep-guidance", type=float, nargs="+", default=None,
+                   help="guidance weights of the sweep points (Fig. 6a; default: --guidance); e.g. 3 4.5 to halve "
+                        "the cost of a CPU study")
     p.add_argument("--prompts-per-category", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="evaluation seeds")
     p.add_argument("--per-prompt", type=int, default=None, help="images per prompt and seed")
@@ -132,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= 1")
     if any(g < 0 for g in args.guidance) or len(set(args.guidance)) != len(args.guidance):
         p.error(f"--guidance: weights must be distinct and >= 0; got {args.guidance}")
+    if args.sweep_guidance is None:
+        args.sweep_guidance = list(args.guidance)
+    if any(g < 0 for g in args.sweep_guidance) or len(set(args.sweep_guidance)) != len(args.sweep_guidance):
+        p.error(f"--sweep-guidance: weights must be distinct and >= 0; got {args.sweep_guidance}")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         p.error(f"--inception-weights: {args.inception_weights} is not a file")
     return args
@@ -259,8 +266,19 @@ def eval_settings(args, ckpt: Path) -> dict:
             "fidelity": "FID" if args.inception_weights else "pixel-FD"}
 
 
-def evaluate_run(args, run: str, device: torch.device, E, log=print) -> dict[float, dict]:
-    """Evaluate one run at every guidance weight (reusing results with the same settings)."""
+def guidance_of(args, v: A.Variant) -> list[float]:
+    """The guidance weights of a variant: --guidance for module variants, --sweep-guidance for sweep points."""
+    return list(args.guidance) if v.group == "module" else list(args.sweep_guidance)
+
+
+def run_guidance(args, plan: list[A.Variant], run: str) -> list[float]:
+    """Every guidance weight a training run is evaluated at: the union over the variants it serves."""
+    return sorted({g for v in plan if v.run == run for g in guidance_of(args, v)})
+
+
+def evaluate_run(args, run: str, device: torch.device, E, log=print, guidance: list[float] | None = None) -> dict[float, dict]:
+    """Evaluate one run at each guidance weight (default --guidance), reusing results with the same settings."""
+    guidance = list(args.guidance) if guidance is None else guidance
     from raphael_ref.data.synthetic import render
     from raphael_ref.evaluation import metrics as M
     from raphael_ref.evaluation.prompts import evaluation_prompts
@@ -269,7 +287,7 @@ def evaluate_run(args, run: str, device: torch.device, E, log=print) -> dict[flo
     settings = eval_settings(args, ckpt)
     results: dict[float, dict] = {}
     todo = []
-    for g in args.guidance:
+    for g in guidance:
         path = Path(args.out) / run / "eval" / f"g{g:g}" / "result.json"
         old = json.loads(path.read_text()) if path.exists() else None
         if old is not None and old.get("settings") == settings:
@@ -277,7 +295,7 @@ def evaluate_run(args, run: str, device: torch.device, E, log=print) -> dict[flo
         else:
             todo.append(g)
     if not todo:
-        log(f"[eval] {run}: all {len(args.guidance)} guidance weights evaluated, reused")
+        log(f"[eval] {run}: all {len(guidance)} guidance weights evaluated, reused")
         return results
     ns = argparse.Namespace(weights="auto", unconditional=False, steps=args.sampler_steps, guidance=todo[0],
                             sampler="ddim", eta=0.0)
@@ -366,7 +384,8 @@ def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[di
               + ("FID (Inception-v3, local weights) against ground-truth renders." if args.inception_weights else
                  "pixel-FD, a Frechet distance of colour histograms + 4x4 pooled pixels against ground-truth "
                  "renders (NOT FID; comparable only within this study).")]
-    (out / "ablation.md").write_text(A.markdown_report(rows, plan, args.guidance, header, fidelity_name))
+    all_g = sorted(set(args.guidance) | set(args.sweep_guidance))
+    (out / "ablation.md").write_text(A.markdown_report(rows, plan, all_g, header, fidelity_name))
     plan_json = [{"name": v.name, "group": v.group, "value": v.value, "run": v.run,
                   "overrides": {k: x for k, x in v.overrides}} for v in plan]
     settings = {k: v for k, v in vars(args).items()}
@@ -395,7 +414,8 @@ def main(argv=None) -> dict:
     by_run = {v.run: v for v in plan if v.run == v.name}
     out = Path(args.out)
     print(f"study {out}: {len(plan)} variants, {len(runs)} training runs ({', '.join(runs)}), "
-          f"{len(args.guidance)} guidance weights {args.guidance}", flush=True)
+          f"{len(args.guidance)} guidance weights {args.guidance}"
+          + (f" (sweep points: {args.sweep_guidance})" if args.sweep_guidance != list(args.guidance) else ""), flush=True)
     if args.dry_run:
         for run in runs:
             step, ckpt = run_state(out / run)
@@ -426,13 +446,13 @@ def main(argv=None) -> dict:
     E = load_evaluate_module()
     results = {}
     for run in runs:
-        results[run] = evaluate_run(args, run, device, E)
+        results[run] = evaluate_run(args, run, device, E, guidance=run_guidance(args, plan, run))
         timings[run]["eval_seconds"] = {f"{g:g}": r.get("seconds") for g, r in results[run].items()}
     if args.only_run is not None:
         return {"runs": runs, "timings": timings}
     rows = [A.result_row(v, g, results[v.run][g]["summary"], results[v.run][g]["fidelity"],
                          results[v.run][g]["fidelity_name"], n_images=results[v.run][g]["n_images"])
-            for v in plan for g in args.guidance]
+            for v in plan for g in guidance_of(args, v)]
     files = write_reports(args, cfg, plan, rows, timings)
     print((out / "ablation.md").read_text())
     print("wrote " + ", ".join(str(f) for f in files))
