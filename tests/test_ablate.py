@@ -286,3 +286,18 @@ def test_sweep_points_use_their_own_guidance_weights(ablate):
     assert default.sweep_guidance == [2.0, 5.0]
     with pytest.raises(SystemExit):
         ablate.parse_args(["--out", "x", "--sweep-guidance", "3", "3"])
+
+
+def test_alignment_se_is_the_binomial_standard_error_of_the_category_mean():
+    summary = {"overall": 0.5, "categories": {"a": {"accuracy": 0.25, "n": 16}, "b": {"accuracy": 0.75, "n": 16},
+                                              "c": {"accuracy": 0.5, "n": 4}}}
+    want = ((0.25 * 0.75 / 16 + 0.75 * 0.25 / 16 + 0.25 / 4) ** 0.5) / 3
+    assert A.alignment_se(summary) == pytest.approx(want, rel=1e-12)
+    assert A.alignment_se({"overall": 1.0, "categories": {"a": {"accuracy": 1.0, "n": 8}}}) == 0.0
+    assert A.alignment_se({"overall": 0.1, "categories": {"a": {"accuracy": 0.1}}}) is None  # no counts
+    full, no = A.MODULE_VARIANTS[0], A.MODULE_VARIANTS[1]
+    rows = [A.result_row(full, 3.0, summary, 1.0, "pixel-FD"), A.result_row(no, 3.0, summary, 2.0, "pixel-FD")]
+    assert rows[0]["alignment_se"] == pytest.approx(want)
+    claim = next(c for c in A.paper_orderings(rows) if c["claim"].startswith("space-MoE helps alignment"))
+    assert f"~{(2 * want * want) ** 0.5:.3f}" in claim["detail"]
+    assert f"0.500 \u00b1 {want:.3f} / 1" in A.markdown_report(rows, [full, no], [3.0])

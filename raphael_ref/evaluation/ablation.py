@@ -51,6 +51,7 @@ __all__ = [
     "PIXEL_FD_POOL",
     "Variant",
     "ablation_plan",
+    "alignment_se",
     "best_guidance",
     "markdown_report",
     "paper_orderings",
@@ -217,8 +218,21 @@ def result_row(variant: Variant, guidance: float, summary: Mapping[str, Any], fi
                          "({'categories': ..., 'overall': ...})")
     return {"variant": variant.name, "group": variant.group, "value": variant.value, "run": variant.run,
             "guidance": float(guidance), "alignment": float(summary["overall"]),
+            "alignment_se": alignment_se(summary),
             "categories": {c: v["accuracy"] for c, v in summary["categories"].items()},
             "fidelity": float(fidelity), "fidelity_name": fidelity_name, **extra}
+
+
+def alignment_se(summary: Mapping[str, Any]) -> float | None:
+    """Standard error of the overall accuracy (the mean of K category accuracies p_c, each over n_c
+    independent images): sqrt(sum_c p_c (1 - p_c) / n_c) / K, the binomial plug-in estimate. None
+    when the summary has no image counts. Images of one prompt share the prompt, so this is a lower
+    bound when prompts differ in difficulty."""
+    cats = list(summary.get("categories", {}).values())
+    if not cats or any("n" not in c or not c["n"] for c in cats):
+        return None
+    var = sum(c["accuracy"] * (1.0 - c["accuracy"]) / c["n"] for c in cats)
+    return math.sqrt(var) / len(cats)
 
 
 def rows_by_variant(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -255,6 +269,16 @@ def _wins(a: Sequence[Mapping], b: Sequence[Mapping], key: str, higher: bool) ->
     return sum(_beats(x, y, higher) for x, y in common), len(common), mean
 
 
+def _diff_se(a: Sequence[Mapping], b: Sequence[Mapping]) -> float | None:
+    """The typical standard error of one alignment difference a - b (root mean square over the common
+    guidance weights of sqrt(se_a^2 + se_b^2)); None without standard errors."""
+    bg = {r["guidance"]: r.get("alignment_se") for r in b}
+    pairs = [(r.get("alignment_se"), bg[r["guidance"]]) for r in a if r["guidance"] in bg]
+    if not pairs or any(x is None or y is None for x, y in pairs):
+        return None
+    return math.sqrt(sum(x * x + y * y for x, y in pairs) / len(pairs))
+
+
 FLAT_SPREAD = 0.01  # fidelity varying by less than 1% over the guidance weights has no meaningful best weight
 
 
@@ -288,8 +312,10 @@ def paper_orderings(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         other = by.get(name, [])
         for key, higher, label in (("alignment", True, "alignment (higher)"), ("fidelity", False, "fidelity (lower)")):
             w, n, mean = _wins(full, other, key, higher)
+            se = _diff_se(full, other) if key == "alignment" and n else None
             out.append({"claim": f"{what} helps {label}: full beats {name}", "verdict": _verdict(w, n),
-                        "detail": f"{w}/{n} guidance weights" + (f", mean full - {name} = {mean:+.4g}" if n else "")})
+                        "detail": f"{w}/{n} guidance weights" + (f", mean full - {name} = {mean:+.4g}" if n else "")
+                                  + (f" (standard error of one difference ~{se:.3f})" if se is not None else "")})
     if full and by.get("no_space_moe"):
         g_full, g_no = best_guidance(full), best_guidance(by["no_space_moe"])
         flat = [n for n, rs in (("full", full), ("no_space_moe", by["no_space_moe"])) if _flat(rs)]
@@ -321,13 +347,18 @@ def paper_orderings(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _cell(r: Mapping[str, Any]) -> str:
+    se = r.get("alignment_se")
+    return f"{r['alignment']:.3f}" + (f" \u00b1 {se:.3f}" if se is not None else "") + f" / {r['fidelity']:.4g}"
+
+
 def markdown_report(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], guidance: Sequence[float],
                     header: Sequence[str] = (), fidelity_name: str = "pixel-FD") -> str:
     """The study as markdown: per table (module variants, then each sweep) variant x guidance cells
     ``alignment / fidelity``, the best guidance per variant, and the paper's orderings checked."""
     by = rows_by_variant(rows)
-    lines = [*header, "", f"Cells: alignment (detector accuracy, higher is better) / {fidelity_name} "
-                          f"(lower is better). Empty: not evaluated.", ""]
+    lines = [*header, "", f"Cells: alignment (detector accuracy, higher is better) \u00b1 its standard error "
+                          f"(binomial, per category) / {fidelity_name} (lower is better). Empty: not evaluated.", ""]
     groups = [("module", "Fig. 6b: module ablation"), ("alpha", "Fig. 6a: mask threshold alpha"),
               ("t_c", "Fig. 6a: edge cut-off T_c")]
     for group, title in groups:
@@ -340,7 +371,7 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], 
                   "|---|---|" + "---:|" * len(guidance) + "---:|---:|"]
         for v in variants:
             got = {r["guidance"]: r for r in by.get(v.name, [])}
-            cells = [f"{got[g]['alignment']:.3f} / {got[g]['fidelity']:.4g}" if g in got else "" for g in guidance]
+            cells = [_cell(got[g]) if g in got else "" for g in guidance]
             rs = list(got.values())
             bf = f"{best_guidance(rs, 'fidelity'):g}" if rs else ""
             ba = f"{best_guidance(rs, 'alignment'):g}" if rs else ""

@@ -58,7 +58,8 @@ def tradeoff_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, *, varian
                   fidelity_name: str = "pixel-FD", title: str = "") -> Path:
     """RAPHAEL Fig. 6b: one curve per variant through its (alignment, fidelity) points, labelled by guidance.
 
-    rows: ``ablation.result_row`` dicts (keys variant, guidance, alignment, fidelity).
+    rows: ``ablation.result_row`` dicts (keys variant, guidance, alignment, fidelity; alignment_se, when
+    present, is drawn as a horizontal error bar of one standard error).
     variants: which variants to draw, in this order (default: every "module" group variant).
     """
     by = _by_variant(rows)
@@ -73,6 +74,9 @@ def tradeoff_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, *, varian
         pts = by[v]
         x, y = [r["alignment"] for r in pts], [r["fidelity"] for r in pts]
         (line,) = ax.plot(x, y, marker="o", label=v)
+        se = [r.get("alignment_se") for r in pts]
+        if all(e is not None for e in se):  # one standard error of the alignment estimate
+            ax.errorbar(x, y, xerr=se, fmt="none", ecolor=line.get_color(), alpha=0.35, capsize=2)
         for r in pts:
             ax.annotate(f"{r['guidance']:g}", (r["alignment"], r["fidelity"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color=line.get_color())
