@@ -288,6 +288,7 @@ def test_sweep_points_use_their_own_guidance_weights(ablate):
         ablate.parse_args(["--out", "x", "--sweep-guidance", "3", "3"])
 
 
+@pytest.mark.spec_id("eval.alignment_se")
 def test_alignment_se_is_the_binomial_standard_error_of_the_category_mean():
     summary = {"overall": 0.5, "categories": {"a": {"accuracy": 0.25, "n": 16}, "b": {"accuracy": 0.75, "n": 16},
                                               "c": {"accuracy": 0.5, "n": 4}}}
