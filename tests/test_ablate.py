@@ -251,6 +251,10 @@ def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
     assert "[train] full: resuming at step 2 -> 3 steps" in text and "[eval] full g=3:" in text
     res3 = json.loads((out / "full" / "eval" / "g3" / "result.json").read_text())
     assert res3["settings"]["checkpoint"] == "step_0000003"
+    # bookkeeping fields (log and checkpoint cadence, sample grids) do not change the weights: accepted
+    ablate.main(_argv(out, "--set", "train.log_every=5", "sample.steps=3", variants=("full",),
+                      sweeps=("--no-sweeps",), guidance=("3",)))
+    assert "[train] full: trained" in capsys.readouterr().out
     # a run folder trained with other settings is refused, not silently reused
     with pytest.raises(SystemExit, match="other settings"):
         ablate.main(_argv(out, "--set", "model.mask_alpha=0.3"))
