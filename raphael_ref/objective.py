@@ -40,7 +40,7 @@ def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5,
     return torch.stack(rows)  # (n_blocks, B)
 
 
-def training_losses(model: RaphaelUNet, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
+def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
                     noise: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor, pooled_index: torch.Tensor,
                     edge_map: torch.Tensor | None = None, *, focal_alpha: float = 0.5,
                     focal_gamma: float = 2.0) -> dict[str, torch.Tensor]:
@@ -50,14 +50,15 @@ def training_losses(model: RaphaelUNet, schedule: NoiseSchedule, x0: torch.Tenso
     y (B, n_y, d_y), y_valid (B, n_y) bool, pooled_index (B,) from the text encoder; edge_map
     (B, 1, H', W') in [0, 1], required when ``model.cfg.use_edge`` (None otherwise).
     """
+    cfg = getattr(model, "module", model).cfg  # the model's config, also through a DDP wrapper (.module)
     x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
     eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
     acc = torch.promote_types(eps_hat.dtype, torch.float32)  # the loss of a bf16/fp16 model in float32
     denoise = loss_eps(eps_hat.to(acc), noise.to(acc), reduction="none")  # (B,)
-    if model.cfg.use_edge and edge_map is None:
+    if cfg.use_edge and edge_map is None:
         raise ValueError("the model has edge supervision on (model.use_edge) but no edge_map was given: "
                          "pass the batch's edge maps (raphael_ref.edge_gt.make_edge_detector) or set model.use_edge=false")
-    edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if model.cfg.use_edge else None  # (n_blocks, B)
-    out = total_loss(denoise, edge, t, model.cfg.edge_t_cutoff)
+    edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if cfg.use_edge else None  # (n_blocks, B)
+    out = total_loss(denoise, edge, t, cfg.edge_t_cutoff)
     out["aux"] = aux
     return out

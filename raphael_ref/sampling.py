@@ -4,13 +4,15 @@
 pure noise, combining conditional and unconditional predictions with ``guidance.cfg_combine``.
 With ``collect_paths=True`` it also returns, per step and per transformer block, the space
 expert chosen for every text token and the time expert chosen for every sample (of the
-conditional branch): the diffusion paths the paper analyses.
+conditional branch): the diffusion paths the paper analyses. ``collect_masks`` adds the space-MoE
+masks of every block, at every step (``True``) or at chosen step indices only: masks are
+(B, n_x, n_y) per block and step, which for a big model at 50 steps is gigabytes, so keep few.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,7 +28,8 @@ class DiffusionPaths:
     space_routes: (S, K, B, n_y) long, -1 where the block has no space-MoE.
     time_routes:  (S, K, B) long, -1 where the block has no time-MoE.
     valid:        (B, n_y) bool, which text tokens are real (not padding).
-    masks:        optional list over steps of lists over blocks of (B, n_x, n_y) bool masks.
+    masks:        optional list over the kept steps of lists over blocks of (B, n_x, n_y) bool masks.
+    mask_steps:   the sampler step indices of ``masks`` (ascending; all steps with ``collect_masks=True``).
     """
 
     timesteps: torch.Tensor
@@ -34,6 +37,7 @@ class DiffusionPaths:
     time_routes: torch.Tensor
     valid: torch.Tensor
     masks: list | None = None
+    mask_steps: list[int] | None = None
 
     def path_of_token(self, step: int, sample: int, token: int) -> list[int]:
         """The space experts token ``token`` of sample ``sample`` went through at ``step``, block by block."""
@@ -51,7 +55,7 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
            uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, shape: tuple[int, ...],
            steps: int | None = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
-           collect_masks: bool = False, progress: Callable | None = None, clip_x0: float | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+           collect_masks: bool | Sequence[int] = False, progress: Callable | None = None, clip_x0: float | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
@@ -59,7 +63,9 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     (DDIM only; e.g. 1.0 for pixel-space models with data in [-1, 1]) clamps the predicted x_0. Noise is drawn on
     the CPU from ``generator`` (so a seed gives the same samples on any device) and moved to the
     model's device. The model is run in eval mode (deterministic routes) and its previous mode is
-    restored afterwards. Returns ``(x_0, paths or None)``.
+    restored afterwards. ``collect_masks`` (with ``collect_paths``): ``True`` keeps the masks of every
+    step, a sequence of sampler step indices (0 = the first, noisiest step) keeps only those.
+    Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -85,19 +91,26 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         if steps not in (None, T):
             raise ValueError(f"DDPM sampling runs all T = {T} steps; got steps={steps}. Use sampler='ddim' for fewer.")
         ts = torch.arange(T - 1, -1, -1)
+    if isinstance(collect_masks, bool):
+        mask_steps = list(range(len(ts))) if collect_masks else []
+    else:
+        mask_steps = sorted({int(i) for i in collect_masks})
+        if any(not 0 <= i < len(ts) for i in mask_steps):
+            raise ValueError(f"collect_masks: step indices must lie in [0, {len(ts)}) for {len(ts)} sampler steps; "
+                             f"got {list(collect_masks)}")
     was_training = model.training
     model.eval()
     try:
         return _sample_loop(model, schedule, ts, shape, cond=(hidden, valid, pooled),
                             cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
                             sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
-                            collect_masks=collect_masks, progress=progress, clip_x0=clip_x0)
+                            mask_steps=mask_steps, progress=progress, clip_x0=clip_x0)
     finally:
         model.train(was_training)
 
 
 def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, eta, generator, collect_paths,
-                 collect_masks, progress, clip_x0):
+                 mask_steps, progress, clip_x0):
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = cond
@@ -107,12 +120,14 @@ def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, 
     x = torch.randn(shape, generator=generator).to(device)
     n_y = hidden.shape[1]
     s_all, t_all, m_all = [], [], []
+    keep_masks = set(mask_steps)
     iterator = range(len(ts))
     if progress is not None:
         iterator = progress(iterator)
     for i in iterator:
         t = int(ts[i])
         tb = torch.full((B,), t, dtype=torch.long, device=device)
+        collect_masks = i in keep_masks
         if use_cfg:
             eps2, aux = model(torch.cat([x, x]), torch.cat([tb, tb]), hidden2, valid2, pooled2, return_masks=collect_masks)
             eps_c, eps_u = eps2.chunk(2)
@@ -136,5 +151,5 @@ def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, 
     paths = None
     if collect_paths:
         paths = DiffusionPaths(ts.clone(), torch.stack(s_all), torch.stack(t_all), valid.cpu(),
-                               m_all if collect_masks else None)
+                               m_all if mask_steps else None, mask_steps if mask_steps else None)
     return x, paths

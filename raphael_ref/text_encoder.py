@@ -83,6 +83,11 @@ class TextEncoderConfig:
     quick_gelu: bool = False
     layer: str = "last"
     name: str = ""
+    # Random init only (no weights file): open_clip's token embedding (std 0.02) is multiplied by this.
+    # The toy tower "tiny-distinct" uses 50 (std 1): a random 2-block tower with std-0.02 embeddings
+    # gives tokens of one caption near-identical features (cosine ~0.98), which a toy U-Net barely
+    # learns to read; with std 1 distinct words stay distinct (cosine ~0.1-0.3). Ignored when loading.
+    token_embed_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for field in ("width", "heads", "layers"):
@@ -121,7 +126,12 @@ class TextEncoderConfig:
 
 
 TINY = TextEncoderConfig(width=32, heads=2, layers=2, name="tiny")
-"""Random-init tower for tests and the toy preset: real tokenizer, ~1.6M parameters."""
+"""Random-init tower for tests: real tokenizer, ~1.6M parameters."""
+
+TINY_DISTINCT = dataclasses.replace(TINY, name="tiny-distinct", token_embed_scale=50.0)
+"""The toy preset's tower: TINY with token embeddings of std 1 (see ``token_embed_scale``)."""
+
+RANDOM_BY_DESIGN = (TINY.name, TINY_DISTINCT.name)  # random towers that need no weights (no warning)
 
 # Options of open_clip's CLIPTextCfg that touch only what we drop (the final projection and its
 # pooling) or that we re-derive; anything else must keep open_clip's default value.
@@ -174,6 +184,8 @@ def _resolve_config(name_or_cfg: Any) -> TextEncoderConfig:
         text = str(name_or_cfg)
         if text == "tiny":
             return TINY
+        if text == "tiny-distinct":
+            return TINY_DISTINCT
         path = Path(text)
         if path.suffix == ".json" or path.is_dir():
             if path.is_dir():
@@ -402,7 +414,7 @@ class TextEncoder(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = dtype or torch.float32
         if weights is None:
-            if device.type != "meta" and cfg.name != TINY.name:
+            if device.type != "meta" and cfg.name not in RANDOM_BY_DESIGN:
                 warnings.warn(
                     f"TextEncoder {cfg.name or cfg}: no weights given, using RANDOM weights. Pass "
                     f"weights=<local checkpoint file> for a pretrained text encoder.",
@@ -412,6 +424,9 @@ class TextEncoder(nn.Module):
                 if seed is not None:
                     torch.manual_seed(seed)
                 enc = cls(cfg)
+                if cfg.token_embed_scale != 1.0:
+                    with torch.no_grad():
+                        enc.tower.token_embedding.weight.mul_(cfg.token_embed_scale)
             return enc.to(dtype=dtype)
         if device.type == "meta":
             raise ValueError("weights cannot be loaded onto the meta device; pass device='cpu' or 'cuda'")

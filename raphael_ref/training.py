@@ -337,12 +337,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequence[str], *, size: tuple[int, int],
                     sampler: str = "ddim", steps: int = 50, guidance: float = 4.5, eta: float = 0.0,
                     generator: torch.Generator | None = None, collect_paths: bool = False,
-                    collect_masks: bool = False):
+                    collect_masks: bool | Sequence[int] = False):
     """Prompts -> images (B, 3, H, W) in [-1, 1] on the CPU, and the diffusion paths (or None).
 
     Classifier-free guidance against the empty prompt (the captions dropped in training);
     ``size`` is the latent (h, w); noise comes from ``generator`` on the CPU (``sampling.sample``);
-    ``steps`` counts DDIM steps (DDPM always runs all T steps).
+    ``steps`` counts DDIM steps (DDPM always runs all T steps). ``collect_masks``: True, or the sampler
+    step indices whose masks to keep (``sampling.sample``).
     """
     from raphael_ref.sampling import sample
 
@@ -355,7 +356,7 @@ def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequenc
                       None if u is None else (u.hidden, u.valid, u.pooled_index), shape=shape,
                       steps=None if sampler == "ddpm" else steps,  # DDPM runs all T steps
                       guidance=guidance, sampler=sampler, eta=eta, generator=generator,
-                      collect_paths=collect_paths or collect_masks, collect_masks=collect_masks)
+                      collect_paths=bool(collect_paths or collect_masks), collect_masks=collect_masks)
     images = codec.decode(x.float())  # (B, 3, H, W)
     return images.float().cpu(), paths
 

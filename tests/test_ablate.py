@@ -251,6 +251,10 @@ def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
     assert "[train] full: resuming at step 2 -> 3 steps" in text and "[eval] full g=3:" in text
     res3 = json.loads((out / "full" / "eval" / "g3" / "result.json").read_text())
     assert res3["settings"]["checkpoint"] == "step_0000003"
+    # bookkeeping fields (log and checkpoint cadence, sample grids) do not change the weights: accepted
+    ablate.main(_argv(out, "--set", "train.log_every=5", "sample.steps=3", variants=("full",),
+                      sweeps=("--no-sweeps",), guidance=("3",)))
+    assert "[train] full: trained" in capsys.readouterr().out
     # a run folder trained with other settings is refused, not silently reused
     with pytest.raises(SystemExit, match="other settings"):
         ablate.main(_argv(out, "--set", "model.mask_alpha=0.3"))
@@ -288,6 +292,7 @@ def test_sweep_points_use_their_own_guidance_weights(ablate):
         ablate.parse_args(["--out", "x", "--sweep-guidance", "3", "3"])
 
 
+@pytest.mark.spec_id("eval.alignment_se")
 def test_alignment_se_is_the_binomial_standard_error_of_the_category_mean():
     summary = {"overall": 0.5, "categories": {"a": {"accuracy": 0.25, "n": 16}, "b": {"accuracy": 0.75, "n": 16},
                                               "c": {"accuracy": 0.5, "n": 4}}}

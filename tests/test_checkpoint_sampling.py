@@ -87,6 +87,28 @@ def test_sampling_is_seeded_and_collects_paths(sampler):
     assert not torch.equal(x1, x3)
 
 
+def test_collect_masks_keeps_only_the_chosen_steps():
+    """collect_masks=[i, ...] keeps those steps' masks, equal to the all-steps masks there; samples unchanged."""
+    model, cfg = _model()
+    enc = TextEncoder.tiny(seed=0)
+    c, u = enc(["a red circle on the left", "two blue squares"]), enc([""])
+    sched = NoiseSchedule.make(T=1000)
+    args = (model, sched, (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index))
+    kw = dict(shape=(2, 3, 16, 16), steps=4, guidance=3.0, collect_paths=True)
+    x_all, p_all = sample(*args, generator=torch.Generator().manual_seed(2), collect_masks=True, **kw)
+    x_two, p_two = sample(*args, generator=torch.Generator().manual_seed(2), collect_masks=[3, 1], **kw)
+    x_none, p_none = sample(*args, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(x_all, x_two) and torch.equal(x_all, x_none)
+    assert p_all.mask_steps == [0, 1, 2, 3] and len(p_all.masks) == 4
+    assert p_two.mask_steps == [1, 3] and len(p_two.masks) == 2
+    for j, step in enumerate(p_two.mask_steps):
+        assert len(p_two.masks[j]) == cfg.n_transformer_blocks
+        assert all(torch.equal(a, b) for a, b in zip(p_two.masks[j], p_all.masks[step]))
+    assert p_none.masks is None and p_none.mask_steps is None
+    with pytest.raises(ValueError, match="step indices"):
+        sample(*args, collect_masks=[4], **kw)
+
+
 def test_sample_equals_a_hand_written_guided_ddim_loop():
     """CFG batching, chunk order and the DDIM update, against separate cond/uncond model calls."""
     from raphael_ref.diffusion import cfg_combine, ddim_step, ddim_timesteps

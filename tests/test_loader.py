@@ -135,6 +135,13 @@ def test_caption_dropout_one_drops_every_caption_and_keeps_the_images():
         caption_dropout_mask(3, -0.1, np.random.default_rng(0))
 
 
+def test_building_and_iterating_a_loader_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    loader = make_train_loader("synthetic", image_size=16, batch_size=2, seed=3)
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_caption_dropout_rate():
     p, n = 0.3, 20000
     rate = caption_dropout_mask(n, p, np.random.default_rng(0)).mean()

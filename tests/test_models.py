@@ -104,6 +104,29 @@ def test_edge_loss_only_below_T_c():
     assert low["edge"].item() > 0.0
 
 
+def test_training_losses_read_the_config_through_a_ddp_style_wrapper():
+    """A wrapper exposing the model as .module (DDP) gives the same losses: the config is read from it."""
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to training_losses: .module, no .cfg
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    torch.manual_seed(0)
+    cfg = micro_cfg()
+    model = RaphaelUNet(cfg).eval()
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    args = (NoiseSchedule.make(T=1000), x0, torch.tensor([3, 800]), noise, enc.hidden, enc.valid, enc.pooled_index, edge)
+    direct, wrapped = training_losses(model, *args), training_losses(Wrapper(model), *args)
+    assert not hasattr(Wrapper(model), "cfg")
+    for k in ("total", "denoise", "edge"):
+        assert torch.equal(direct[k], wrapped[k]), k
+
+
 @pytest.mark.parametrize("switch", ["model.use_space_moe", "model.use_time_moe", "model.use_edge"])
 def test_ablation_switches(switch):
     cfg = micro_cfg(**{switch: False})

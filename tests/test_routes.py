@@ -265,7 +265,10 @@ def test_routes_tool_end_to_end_micro(routes_tool, micro_checkpoint, tmp_path):
     assert usage.shape == (5, 3, 4) and np.allclose(usage.sum(axis=2), 1.0)
     assert set(np.unique(usage)) <= {0.0, 1.0}  # eval time gates are deterministic in t
     assert len(data["time_segments"]) == 5 and all(seg[0][1] == 0 and seg[-1][2] == 2 for seg in data["time_segments"])
-    assert "| colors (" in (out / "routes.md").read_text()
+    assert data["time_segments_init"] == data["time_segments"]  # the checkpoint is its own random init
+    assert (out / "time_experts_init.png").is_file()
+    md = (out / "routes.md").read_text()
+    assert "| colors (" in md and "| blocks using more than one expert |" in md
 
 
 def test_routes_tool_word_list(routes_tool, micro_checkpoint, tmp_path, capsys):

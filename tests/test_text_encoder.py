@@ -301,3 +301,28 @@ def test_cuda_matches_cpu(enc):
     assert out.hidden.device.type == "cuda" and out.pooled_index.device.type == "cuda"
     # Same float32 math, different kernels (reduction order): ~1e-6 relative; 1e-4 leaves margin.
     torch.testing.assert_close(out.hidden.cpu(), enc(ids).hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_distinct_is_tiny_with_token_embeddings_of_std_one(tmp_path):
+    """The toy preset's tower: the seeded tiny tower with its token embedding times 50 (std 0.02 -> 1), all
+    else equal; words of one caption keep distinct features, which the plain random tower loses."""
+    F = torch.nn.functional
+    plain = TextEncoder.from_config("tiny", seed=0)
+    distinct = TextEncoder.from_config("tiny-distinct", seed=0)
+    a, b = plain.tower.state_dict(), distinct.tower.state_dict()
+    assert torch.equal(b["token_embedding.weight"], a["token_embedding.weight"] * 50.0)
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "token_embedding.weight")
+    assert 0.9 < float(b["token_embedding.weight"].std()) < 1.1
+    caps = ["a red circle on the left", "a blue square on the right"]
+    hp, hd = plain(caps).hidden, distinct(caps).hidden
+    red, circle, blue = (1, 0, 2), (1, 0, 3), (1, 1, 2)  # (tokens 2, 3 of caption 0; token 2 of caption 1)
+    cos = lambda h, i, j: float(F.cosine_similarity(h[i[1], i[2]], h[j[1], j[2]], dim=0))  # noqa: E731
+    assert cos(hp, red, circle) > 0.9 and cos(hd, red, circle) < 0.5  # two words of one caption
+    assert cos(hd, red, blue) < cos(hp, red, blue)  # the colour words of two captions
+    # saved and reloaded: the weights are the truth (the scale is not applied twice)
+    distinct.save(tmp_path / "enc")
+    again = TextEncoder.load(tmp_path / "enc")
+    assert torch.equal(again(caps).hidden, hd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # random by design: no "random weights" warning
+        TextEncoder.from_config("tiny-distinct", seed=0)

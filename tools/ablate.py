@@ -70,12 +70,12 @@ EXIT_INTERRUPTED = 130
 BUDGETS: dict[str, dict] = {
     # end-to-end check of the pipeline (toy preset, 8 runs: ~15-25 min on the CPU; numbers meaningless)
     "smoke": {"steps": 20, "sets": [], "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
-    # the toy-scale study on a 2-core CPU (--jobs 2 --threads 1): 24 x 24 px images (objects of 7 px; the
-    # detector is exact from 16 px) and batch 16, 1000 steps = 16,000 images per run; 96 images per
-    # point, 10 DDIM steps. 8 runs (4 module variants + 4 sweep points): ~25 min each (~18 train + 6 x
-    # ~1 eval), ~1.7 h in all with two jobs. Resumable.
-    "toy": {"steps": 1000, "sets": ["model.sample_size=24", "train.batch_size=16"], "prompts_per_category": 4,
-            "seeds": [0], "per_prompt": 4, "sampler_steps": 10},
+    # the toy-scale study on a 2-core CPU (--jobs 2 --threads 1 --sweep-guidance 3 4.5): the toy preset
+    # (24 x 24 px, batch 16), 1000 steps = 16,000 images per run; 96 images per point, 10 DDIM steps.
+    # 8 runs (4 module variants + 4 sweep points): measured ~25-35 min each with two jobs sharing the 2
+    # cores (training 1.1-1.9 s/step, evaluation 75-110 s per guidance weight), ~2 h in all. Resumable.
+    "toy": {"steps": 1000, "sets": [], "prompts_per_category": 4, "seeds": [0], "per_prompt": 4,
+            "sampler_steps": 10},
     # a GPU study: the preset's own training length, the full evaluation set (24 prompts per category)
     "full": {"steps": None, "sets": [], "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4,
              "sampler_steps": 50},
@@ -199,11 +199,16 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# Fields that do not change the trained weights: the budget (train.steps, compared by step), the log and
+# checkpoint cadence, and the sample grids written while training.
+BOOKKEEPING = ("train.steps:", "train.log_every:", "train.ckpt_every:", "train.keep_ckpts:", "sample.")
+
+
 def check_run_config(args, cfg: RaphaelConfig, variant: A.Variant, ckpt: Path) -> None:
-    """A run folder made with other settings is an error, never silently reused."""
+    """A run folder made with other settings is an error, never silently reused (BOOKKEEPING fields aside)."""
     want = json.loads(load_config(args.preset, args.config, run_sets(args, cfg, variant)).to_json())
     have = json.loads((ckpt / "config.json").read_text())
-    diffs = [d for d in _differences(want, have) if not d.startswith("train.steps")]
+    diffs = [d for d in _differences(want, have) if not d.startswith(BOOKKEEPING)]
     if diffs:
         raise SystemExit(f"error: {ckpt.parent.parent} was trained with other settings than this study asks for "
                          f"({'; '.join(diffs[:6])}). Use another --out, or delete that run folder.")

@@ -20,6 +20,7 @@ Writes to --out:
                          usage per block and step, and its segments
     routes.md            the accuracy table and the time-expert segments
     time_experts.png     Fig. 9: share of samples per time expert against the sampler step, per block
+    time_experts_init.png  the same for the random initialisation (--compare-init), with its segments in routes.md
     paths_<kind>.png     Fig. 4 / 10: per concept, expert frequency per block, and the modal routes
 """
 
@@ -170,6 +171,19 @@ def markdown(result: dict, header: list[str]) -> str:
     for k, runs in enumerate(result["time_segments"]):
         desc = ", ".join(f"e{e}: {a}..{b}" for e, a, b in runs) if runs else "no time-MoE"
         lines.append(f"- block {k}: {desc}")
+    init = result.get("time_segments_init")
+    if init:
+        lines += ["", "The same for the random initialisation (`--compare-init`; an untrained time gate is a random "
+                  "smooth function of t, so contiguous runs alone are no evidence of training):", ""]
+        for k, runs in enumerate(init):
+            lines.append(f"- block {k}: " + (", ".join(f"e{e}: {a}..{b}" for e, a, b in runs) if runs else "no time-MoE"))
+        lines += ["", "| | trained | random init |", "|---|---:|---:|"]
+        for label, fn in (("blocks using more than one expert", lambda seg: sum(len({r[0] for r in b}) > 1 for b in seg)),
+                          ("segments per block (mean)", lambda seg: sum(len(b) for b in seg) / max(1, len(seg))),
+                          ("experts used per block (mean)", lambda seg: sum(len({r[0] for r in b}) for b in seg)
+                           / max(1, len(seg)))):
+            a, b = fn(result["time_segments"]), fn(init)
+            lines.append(f"| {label} | {a:.3g} | {b:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +211,7 @@ def main(argv=None) -> dict:
           f"{args.sampler} {args.steps} steps, guidance {args.guidance}, features at step {args.feature_step}, "
           f"classifier {args.classifier}, device {device}", flush=True)
     result = analyse(model, cfg, encoder, schedule, groups, args)
+    init = None
     if args.compare_init:
         from raphael_ref.models import RaphaelUNet
 
@@ -214,6 +229,11 @@ def main(argv=None) -> dict:
         usage = R.time_expert_usage(fig9.time, cfg.model.n_time_experts)  # (K, S, n_t)
         result["time_segments"] = time_segments(usage)
         files.append(plots.time_expert_plot(usage, fig9.timesteps.tolist(), out / "time_experts.png"))
+        if init is not None:  # the same figure for the random initialisation
+            usage0 = R.time_expert_usage(time_routes(init, encoder, schedule, groups, args).time, cfg.model.n_time_experts)
+            result["time_segments_init"] = time_segments(usage0)
+            files.append(plots.time_expert_plot(usage0, fig9.timesteps.tolist(), out / "time_experts_init.png",
+                                                title="Time-expert routes of the random initialisation"))
         print(f"time routes: {fig9.time.shape[2]} prompts x {fig9.time.shape[0]} steps in {time.time() - t0:.1f}s",
               flush=True)
     for kind, r in result["kinds"].items():
@@ -224,7 +244,8 @@ def main(argv=None) -> dict:
               "kinds": result["kinds"], "timesteps": result["timesteps"].tolist(),
               "time_usage": None if usage is None else [[[None if v != v else v for v in row] for row in blk]
                                                         for blk in usage.tolist()],
-              "time_segments": result["time_segments"], "figures": [str(f.relative_to(out)) for f in files]}
+              "time_segments": result["time_segments"], "time_segments_init": result.get("time_segments_init"),
+              "figures": [str(f.relative_to(out)) for f in files]}
     (out / "routes.json").write_text(json.dumps(report, indent=1) + "\n")
     header = [f"# Diffusion paths of `{ckpt}` ({weights})", "",
               f"{args.sampler}, {args.steps} steps (Fig. 9: {args.fig9_steps} steps, {args.fig9_prompts} prompts), "

@@ -194,12 +194,14 @@ def main(argv=None) -> int:
 
     generator = torch.Generator().manual_seed(args.seed)  # one stream, batches drawn in order
     size = (cfg.model.sample_size, cfg.model.sample_size)
+    n_steps = steps if sampler == "ddim" else schedule.T  # sampler steps: the masks figure uses the last one
     all_images = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         images, paths = T.generate_images(model, schedule, encoder, codec, batch, size=size, sampler=sampler,
                                           steps=steps, guidance=guidance, eta=args.eta, generator=generator,
-                                          collect_paths=args.save_paths, collect_masks=args.save_masks)
+                                          collect_paths=args.save_paths,
+                                          collect_masks=[n_steps - 1] if args.save_masks else False)  # the last step only
         all_images.append(images)
         ids = encoder.tokenize(batch)  # (b, n_y)
         for j, prompt in enumerate(batch):
@@ -221,7 +223,7 @@ def main(argv=None) -> int:
                 paths_figure(tokens, space[0], time_r, paths.timesteps, cfg.model.n_space_experts,
                              cfg.model.n_time_experts, same).save(out / f"{stem}.paths.png", format="PNG")
             if args.save_masks:
-                last = [m[j] for m in paths.masks[-1]]  # per block (n_x, n_y) bool at the last step
+                last = [m[j] for m in paths.masks[-1]]  # per block (n_x, n_y) bool at the last step (the only one kept)
                 masks_figure(images[j], tokens, last).save(out / f"{stem}.masks.png", format="PNG")
         print(f"  {min(start + args.batch_size, len(prompts))}/{len(prompts)}", flush=True)
     T.save_image_grid(torch.cat(all_images), out / "grid.png", nrow=min(8, len(prompts)))

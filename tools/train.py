@@ -193,7 +193,6 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         # experts are stacked parameters (experts.ExpertBank): an expert no token or sample was routed to
         # gets a zero slice of its bank's gradient, so every parameter takes part in every step
         net_for_loss = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        net_for_loss.cfg = mc  # objective.training_losses reads model.cfg
     else:
         net_for_loss = model
     model.train()
@@ -243,7 +242,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
                                world_size=world, seed=tc.seed, multiscale=tc.multiscale, buckets=buckets,
                                caption_dropout=tc.caption_dropout, num_workers=tc.num_workers, start_step=step)
-    data = iter(loader)  # (creating the iterator draws a seed from the global RNG: restore the streams after it)
+    data = iter(loader)  # (draws from the loader's own generator, not from the RNG streams restored below)
     if resume_from is not None:
         if rng_states is not None:
             torch.set_rng_state(rng_states[f"rank{rank}.torch"])

@@ -416,5 +416,8 @@ def make_train_loader(
                               rank=rank, world_size=world_size, seed=seed, caption_dropout=caption_dropout,
                               start_step=start_step, buckets=buckets if multiscale else None,
                               min_aesthetic=min_aesthetic, max_pwatermark=max_pwatermark, num_workers=num_workers)
+    # A generator of its own: creating the iterator draws the workers' base seed from it, not from the
+    # global torch RNG, so building a loader never shifts a training run's random streams.
+    generator = torch.Generator().manual_seed(seed * world_size + rank)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, generator=generator)
