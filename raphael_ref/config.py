@@ -357,7 +357,7 @@ def small() -> RaphaelConfig:
 def toy() -> RaphaelConfig:
     """Pixel space 24x24, tiny widths, all 16 transformer blocks kept; trains on 2 CPU cores.
 
-    Sized so that ``python tools/train.py`` finishes in about a quarter of an hour on 2 idle cores:
+    Sized so that ``python tools/train.py`` finishes in 15-20 minutes on 2 idle cores:
     1000 steps of 16 images (16,000 images) at lr 1e-3 after 50 warm-up steps, EMA 0.99 (a horizon
     of ~100 steps), sample grids of 20 DDIM steps at steps 500 and 1000; head_dim 32 (one head at
     the finest level: the CPU attention kernels run ~15% faster than with two heads of 16).
@@ -365,8 +365,8 @@ def toy() -> RaphaelConfig:
     and batch 8 (self-attention over 1024 positions is a third of the 32 px step), so 24 px sees
     twice the images per second; objects are 7 px, and the detector is exact from 16 px. At 32 px
     and 600 steps of 8 (the first version of this preset) samples were colour blobs that scored
-    below a text-blind painter (issue 5 note); at 24 px and 1000 steps of 16 they follow the prompts
-    measurably (docs/evaluation.md).
+    below a text-blind painter; at 24 px and 1000 steps of 16 they are clean circles, squares and
+    triangles, but their colours and positions do not follow the prompt yet (docs/evaluation.md).
     """
     cfg = RaphaelConfig(name="toy")
     m = cfg.model

@@ -126,10 +126,12 @@ class TextEncoderConfig:
 
 
 TINY = TextEncoderConfig(width=32, heads=2, layers=2, name="tiny")
-"""Random-init tower for tests: real tokenizer, ~1.6M parameters."""
+"""Random-init tower for tests and the toy preset: real tokenizer, ~1.6M parameters."""
 
 TINY_DISTINCT = dataclasses.replace(TINY, name="tiny-distinct", token_embed_scale=50.0)
-"""The toy preset's tower: TINY with token embeddings of std 1 (see ``token_embed_scale``)."""
+"""TINY with token embeddings of std 1 (``token_embed_scale``), an option for toy runs
+(``model.text_encoder=tiny-distinct``): words of one caption keep distinct features. Measured at
+500 toy steps it did not make the U-Net read the text sooner (docs/evaluation.md)."""
 
 RANDOM_BY_DESIGN = (TINY.name, TINY_DISTINCT.name)  # random towers that need no weights (no warning)
 

@@ -382,7 +382,8 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], 
     checks = paper_orderings(rows)
     if checks:
         lines += ["### The paper's orderings at this scale", "",
-                  "Strict comparisons of single estimates (no error bars): read small margins as ties.", "",
+                  "Strict comparisons of single estimates from one training seed: a margin within about two "
+                  "standard errors of a difference is a tie.", "",
                   "| claim (Sec. 4.2) | holds here | detail |", "|---|---|---|"]
         lines += [f"| {c['claim']} | {c['verdict']} | {c['detail']} |" for c in checks]
         lines.append("")
