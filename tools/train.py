@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train RAPHAEL (Xue et al., 2023): L = L_denoise + 1[t < T_c] L_edge (Sec. 2, 3.2) with AdamW (Table 2).
 
-    python tools/train.py                                  # toy preset, synthetic data, CPU, < 10 min
+    python tools/train.py                                  # toy preset, synthetic data, CPU, about an hour
     python tools/train.py --set train.steps=2000 --out runs/toy2
     python tools/train.py --out runs/toy2 --resume --set train.steps=4000   # go on from the latest checkpoint
     python tools/train.py --preset small --config my_run.toml --set train.source=/data/shards
