@@ -58,9 +58,8 @@ TRAIN = ROOT / "tools" / "train.py"
 EVALUATE = ROOT / "tools" / "evaluate.py"
 EXIT_INTERRUPTED = 130
 
-# Budgets: training steps (None: the preset's train.steps), base config overrides ("sets", applied
-# before --set), evaluation prompts, seeds, images per prompt and sampler steps. Images per
-# (variant, guidance) = 6 categories x prompts x seeds x per_prompt.
+# Budgets: training steps (None: the preset's train.steps), evaluation prompts, seeds, images per
+# prompt and sampler steps. Images per (variant, guidance) = 6 categories x prompts x seeds x per_prompt.
 # Measured on the 2-core CPU of the development machine (toy preset, 16 blocks, one thread per run):
 # training 1.05 s/step at 32 x 32 px and batch 8 (7.6 images/s), 1.06 s/step at 24 x 24 px and batch
 # 16 (15 images/s: self-attention over 1024 positions is a third of the 32 px step); sampling ~0.03 s
@@ -69,16 +68,17 @@ EXIT_INTERRUPTED = 130
 # x s/evaluation) / --jobs.
 BUDGETS: dict[str, dict] = {
     # end-to-end check of the pipeline (toy preset, 8 runs: ~15-25 min on the CPU; numbers meaningless)
-    "smoke": {"steps": 20, "sets": [], "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
+    "smoke": {"steps": 20, "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
     # the toy-scale study on a 2-core CPU (--jobs 2 --threads 1 --sweep-guidance 3 4.5): the toy preset
     # (24 x 24 px, batch 16), 1000 steps = 16,000 images per run; 96 images per point, 10 DDIM steps.
-    # 8 runs (4 module variants + 4 sweep points): measured ~25-35 min each with two jobs sharing the 2
-    # cores (training 1.1-1.9 s/step, evaluation 75-110 s per guidance weight), ~2 h in all. Resumable.
-    "toy": {"steps": 1000, "sets": [], "prompts_per_category": 4, "seeds": [0], "per_prompt": 4,
-            "sampler_steps": 10},
+    # Measured for the 4 module variants: 22-33 min of training each with two jobs sharing the 2 cores
+    # (1.1-1.9 s/step), 40-110 s per guidance weight to evaluate, ~1.3 h in all; the 4 sweep points
+    # (2 guidance weights each) add an estimated ~40 min. Resumable. A third of the toy preset's
+    # default run: the model does not read its text yet at 1000 steps (docs/evaluation.md); use
+    # --steps 3000 to study alignment.
+    "toy": {"steps": 1000, "prompts_per_category": 4, "seeds": [0], "per_prompt": 4, "sampler_steps": 10},
     # a GPU study: the preset's own training length, the full evaluation set (24 prompts per category)
-    "full": {"steps": None, "sets": [], "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4,
-             "sampler_steps": 50},
+    "full": {"steps": None, "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4, "sampler_steps": 50},
 }
 
 
@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-only", action="store_true", help="train (or resume) every run, evaluate nothing")
     args = p.parse_args(argv)
     budget = BUDGETS[args.budget]
-    args.set = [*budget["sets"], *(s for group in args.set for s in group)]  # the budget's base, then --set
+    args.set = [s for group in args.set for s in group]
     for name in ("steps", "prompts_per_category", "seeds", "per_prompt", "sampler_steps"):
         if getattr(args, name) is None:
             setattr(args, name, budget[name])
@@ -340,7 +340,7 @@ def run_jobs(args, argv, runs: list[str], log=print) -> None:
     (same arguments; output in <run>/ablate.log). A failed child stops the study with its log's tail."""
     from concurrent.futures import ThreadPoolExecutor
 
-    base = [a for a in (sys.argv[1:] if argv is None else list(argv))]
+    base = list(sys.argv[1:] if argv is None else argv)
     if "--jobs" in base:  # children run one job each
         i = base.index("--jobs")
         del base[i:i + 2]
