@@ -4,7 +4,8 @@ RAPHAEL Sec. 4 ("Implementations") compresses images with a pre-trained VAE, fol
 Latent Diffusion Model: the U-Net denoises latents z = encode(x) and samples are decoded back.
 The paper's own VAE is not released, so :class:`VAECodec` adapts any diffusers ``AutoencoderKL``
 stored in a LOCAL directory (e.g. the ``vae`` folder of a Stable Diffusion checkpoint), and the
-toy preset uses :class:`IdentityCodec` (pixel-space diffusion).
+toy preset uses :class:`IdentityCodec` (pixel-space diffusion). diffusers comes with the ``vae``
+extra (``pip install "raphael_ref[vae]"``; errata E64); only :meth:`VAECodec.from_pretrained` imports it.
 
 Latent normalization (errata E42 of ``spec/errata.md``), z the posterior draw:
 
@@ -22,9 +23,25 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["IdentityCodec", "LatentCodec", "VAECodec", "POSTERIORS"]
+__all__ = ["IdentityCodec", "LatentCodec", "SpaceToDepthCodec", "VAECodec", "POSTERIORS"]
 
 POSTERIORS = ("sample", "mode")
+
+
+def _import_diffusers():
+    """diffusers' ``AutoencoderKL`` and ``is_accelerate_available``; without the ``vae`` extra, an ImportError
+    that says what to install (errata E64)."""
+    try:
+        from diffusers import AutoencoderKL
+        from diffusers.utils import is_accelerate_available
+    except ImportError as e:
+        raise ImportError(
+            "model.codec='vae' needs the diffusers package (the VAE is a diffusers AutoencoderKL), which is "
+            'not installed: pip install "raphael_ref[vae]" (or pip install "diffusers>=0.27"), or train and '
+            "sample in pixel space with --set model.codec=identity --set model.in_channels=3. "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    return AutoencoderKL, is_accelerate_available
 
 
 @runtime_checkable
@@ -74,6 +91,42 @@ class IdentityCodec(nn.Module):
         """Returns ``latents`` unchanged (B, 3, H, W)."""
         _check_4d(latents, "latents", 3, 1, "pixel-space latents")
         return latents
+
+
+class SpaceToDepthCodec(nn.Module):
+    """Pixel space, patched: each f x f pixel patch becomes 3 f^2 channels of one latent position.
+
+        encode: (B, 3, H, W) -> (B, 3 f^2, H / f, W / f)   (torch.nn.functional.pixel_unshuffle)
+        decode: the exact inverse                           (torch.nn.functional.pixel_shuffle)
+
+    Lossless and parameter-free: the diffusion is the pixel-space one (the noise of each pixel is
+    still i.i.d. N(0, 1), latents are pixels rearranged), only the U-Net sees an f-times smaller
+    grid, as the latent U-Net of the paper sees the VAE's 8-times smaller grid (Sec. 4). "simple
+    diffusion" (Hoogeboom et al., 2023) starts its pixel-space U-Net the same way. Not in the paper:
+    the toy preset's choice (erratum E68) because it makes a CPU step ~4x cheaper per image.
+    """
+
+    scaling_factor = 1.0
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"SpaceToDepthCodec: factor must be an int >= 1, got {factor!r}")
+        self.downsample_factor = factor
+        self.latent_channels = 3 * factor * factor
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3 f^2, H / f, W / f); ``generator`` is unused."""
+        _check_4d(images, "images", 3, self.downsample_factor, "RGB in [-1, 1]")
+        return torch.nn.functional.pixel_unshuffle(images, self.downsample_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 3 f^2, h, w) -> (B, 3, f h, f w), the exact inverse of :meth:`encode`."""
+        _check_4d(latents, "latents", self.latent_channels, 1, "space-to-depth latents")
+        return torch.nn.functional.pixel_shuffle(latents, self.downsample_factor)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.downsample_factor}"
 
 
 class VAECodec(nn.Module):
@@ -140,8 +193,7 @@ class VAECodec(nn.Module):
                 f"{folder} has no config.json; it is not a diffusers AutoencoderKL folder "
                 f"(did you mean subfolder='vae'?)"
             )
-        from diffusers import AutoencoderKL
-        from diffusers.utils import is_accelerate_available
+        AutoencoderKL, is_accelerate_available = _import_diffusers()
 
         # use_safetensors=True: never unpickle a .bin (project rule: no pickles).
         extra = {} if is_accelerate_available() else {"low_cpu_mem_usage": False}

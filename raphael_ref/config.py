@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import importlib.util
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 @dataclass
@@ -49,6 +53,10 @@ class ModelConfig:
     use_time_moe: bool = True
     n_space_experts: int = 6  # Table 2
     n_time_experts: int = 4  # Table 2
+    # "learned": the paper's time gate G' (App. 7.3); "intervals": expert floor(t n_t / T), a fixed function
+    # of t with no gate, as eDiff-I's denoisers split by noise level (seed 003; the Fig. 6 control, E69)
+    time_router: str = "learned"
+    time_router_T: int = 1000  # T of the "intervals" router: must equal diffusion.T
     # Expert FFN hidden width = expert_mult * block width. The paper gives neither widths nor
     # expert sizes, only the total (3B, abstract): with Stable Diffusion 1.x widths (320, 640,
     # 1280, 1280) a hidden width of 9x brings the U-Net to 2.99B (spec/errata.md).
@@ -72,6 +80,7 @@ class ModelConfig:
     # --- image codec (Sec. 4 "Implementations": a pre-trained VAE, as in latent diffusion) ---
     codec: str = "vae"  # "vae": a diffusers AutoencoderKL read from vae_path; "identity": pixel space (toy)
     vae_path: str | None = None  # local AutoencoderKL folder (config.json + safetensors); never downloaded
+    codec_factor: int = 2  # codec="space_to_depth": f x f pixel patches -> 3 f^2 channels (in_channels = 3 f^2)
 
 
 @dataclass
@@ -86,6 +95,9 @@ class TrainConfig:
     focal_alpha: float = 0.5  # Table 2: alpha in Focal Loss
     focal_gamma: float = 2.0  # Table 2: gamma in Focal Loss
     caption_dropout: float = 0.1
+    # weight of L_denoise per noise level: "none" (the paper) or "v" (the v-prediction loss written for the
+    # eps network, normalised to mean 1; raphael_ref.objective.denoise_weights, erratum E70)
+    loss_weight: str = "none"
     multiscale: bool = True  # Table 2: "Enable multi-scale training"
     aesthetic_min: float = 4.7  # Sec. 4 "Dataset"
     steps: int = 1_000_000
@@ -103,6 +115,10 @@ class TrainConfig:
     log_every: int = 100  # steps per JSONL line (each line holds the mean over its window)
     ckpt_every: int = 5000  # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 3  # newest checkpoints kept on disk; 0 keeps all
+    # a non-finite loss or gradient norm (a diverging run, errata E66): "stop" (exit 3, nothing written after
+    # it) or "skip" (that optimizer step is skipped; the run stops after nonfinite_max_skips in a row)
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 10
 
 
 # Prompts of the sample grids written while training: the synthetic data's caption template
@@ -137,6 +153,9 @@ class SampleConfig:
     sampler: str = "ddim"
     steps: int = 50  # sampler steps
     guidance: float = 4.5  # classifier-free guidance weight; Sec. 4.2 / Fig. 6b: best for the full model
+    # DDIM: abar after the last step. True: 1 (DDIM's alpha_0 = 1; the last step returns x0_hat); False:
+    # abar_0, as Stable Diffusion's scheduler config (spec/errata.md, E65)
+    set_alpha_to_one: bool = True
     seed: int = 0
     prompts: tuple[str, ...] = NATURAL_PROMPTS
 
@@ -156,23 +175,83 @@ class RaphaelConfig:
         return sum(m.transformer_down) + m.transformer_mid + sum(m.transformer_up)
 
     def validate(self) -> "RaphaelConfig":
-        """Raise ValueError naming the field for any inconsistent value."""
-        m, d, t, s = self.model, self.diffusion, self.train, self.sample
-        levels = len(m.channel_mult)
+        """Raise ValueError naming the field for any value a run cannot use.
+
+        Types first (every field against its annotation: values set in code skip the coercion of
+        ``apply_overrides``), then values: finite numbers where infinity means nothing,
+        probabilities in [0, 1], sizes >= 1, choices among the known ones, and the couplings
+        between fields. Files named by the config (weights, data) are checked where they are read.
+        """
 
         def bad(field_name: str, msg: str) -> None:
             raise ValueError(f"config field {field_name}: {msg}")
 
-        if d.T < 1:
-            bad("diffusion.T", f"must be >= 1, got {d.T}")
+        # ---- types
+        for section, section_type in _hints(RaphaelConfig).items():
+            obj = getattr(self, section)
+            if not dataclasses.is_dataclass(section_type):
+                problem = _type_problem(section_type, obj)
+                if problem:
+                    bad(section, problem)
+                continue
+            if not isinstance(obj, section_type):
+                bad(section, f"must be a {section_type.__name__} section, got {obj!r}")
+            for name, hint in _hints(section_type).items():
+                problem = _type_problem(hint, getattr(obj, name))
+                if problem:
+                    bad(f"{section}.{name}", problem)
+
+        m, d, t, s = self.model, self.diffusion, self.train, self.sample
+        levels = len(m.channel_mult)
+
+        def at_least(field_name: str, value: int, lo: int) -> None:
+            if value < lo:
+                bad(field_name, f"must be >= {lo}, got {value}")
+
+        def finite_at_least(field_name: str, value: float, lo: float, why: str = "") -> None:
+            if not (math.isfinite(value) and value >= lo):
+                bad(field_name, f"must be a finite number >= {lo}{why}, got {value}")
+
+        def unit(field_name: str, value: float, closed: bool = True) -> None:  # NaN fails both comparisons
+            if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+                bad(field_name, f"must lie in [0, 1{']' if closed else ')'}, got {value}")
+
+        def choice(field_name: str, value: str, choices: Sequence[str]) -> None:
+            if value not in choices:
+                bad(field_name, f"must be one of {list(choices)}, got {value!r}")
+
+        def text(field_name: str, value: str | None, what: str) -> None:  # None passed the type check: optional
+            if value is not None and not value.strip():
+                bad(field_name, f"must be {what}, got an empty string")
+
+        if not self.name.strip() or any(c in self.name for c in "/\\\0"):
+            bad("name", f"must be a non-empty name without path separators (it names the run folder), got {self.name!r}")
+
+        # ---- diffusion
+        from raphael_ref.diffusion.schedule import KNOWN_KINDS
+
+        if not 1 <= d.T <= MAX_T:
+            bad("diffusion.T", f"must lie in [1, {MAX_T}] (the paper uses 1000; each schedule table holds T "
+                "float64 entries), got {d.T}")
+        choice("diffusion.schedule", d.schedule, KNOWN_KINDS)
+        if d.zero_terminal_snr and d.T < 2:
+            bad("diffusion.zero_terminal_snr", f"needs diffusion.T >= 2 (it pins the first and the last step), got T = {d.T}")
+
+        # ---- model: sizes
+        for name in ("in_channels", "sample_size", "model_channels", "num_res_blocks", "head_dim", "norm_groups",
+                     "n_y", "d_y", "n_space_experts", "n_time_experts", "expert_mult", "gate_hidden_mult",
+                     "edge_layers", "edge_width"):
+            at_least(f"model.{name}", getattr(m, name), 1)
+        if not levels or any(mult < 1 for mult in m.channel_mult):
+            bad("model.channel_mult", f"must be a non-empty list of integers >= 1 (one per level), got {m.channel_mult}")
         if len(m.transformer_down) != levels:
             bad("model.transformer_down", f"needs one entry per level ({levels}), got {m.transformer_down}")
         if len(m.transformer_up) != levels:
             bad("model.transformer_up", f"needs one entry per level ({levels}), got {m.transformer_up}")
-        if any(n > m.num_res_blocks for n in m.transformer_down):
-            bad("model.transformer_down", f"at most num_res_blocks={m.num_res_blocks} per level, got {m.transformer_down}")
-        if any(n > m.num_res_blocks + 1 for n in m.transformer_up):
-            bad("model.transformer_up", f"at most num_res_blocks+1={m.num_res_blocks + 1} per level, got {m.transformer_up}")
+        if any(not 0 <= n <= m.num_res_blocks for n in m.transformer_down):
+            bad("model.transformer_down", f"each entry in [0, num_res_blocks={m.num_res_blocks}], got {m.transformer_down}")
+        if any(not 0 <= n <= m.num_res_blocks + 1 for n in m.transformer_up):
+            bad("model.transformer_up", f"each entry in [0, num_res_blocks+1={m.num_res_blocks + 1}], got {m.transformer_up}")
         if m.transformer_mid not in (0, 1):
             bad("model.transformer_mid", f"must be 0 or 1, got {m.transformer_mid}")
         for i, mult in enumerate(m.channel_mult):
@@ -183,64 +262,81 @@ class RaphaelConfig:
                 bad("model.norm_groups", f"level {i} width {width} is not a multiple of norm_groups {m.norm_groups}")
         if m.sample_size % (2 ** (levels - 1)):
             bad("model.sample_size", f"must be divisible by 2**(levels-1) = {2 ** (levels - 1)}, got {m.sample_size}")
-        if not 0.0 <= m.mask_alpha <= 1.0:
-            bad("model.mask_alpha", f"must lie in [0, 1], got {m.mask_alpha}")
-        if m.n_space_experts < 1:
-            bad("model.n_space_experts", f"must be >= 1, got {m.n_space_experts}")
-        if m.n_time_experts < 1:
-            bad("model.n_time_experts", f"must be >= 1, got {m.n_time_experts}")
-        if not 0 <= m.edge_t_cutoff <= d.T:
-            bad("model.edge_t_cutoff", f"must lie in [0, T={d.T}], got {m.edge_t_cutoff}")
-        if m.edge_layers < 1:
-            bad("model.edge_layers", f"must be >= 1, got {m.edge_layers}")
-        if m.gate_grad not in ("none", "switch", "straight_through"):
-            bad("model.gate_grad", f"must be 'none', 'switch' or 'straight_through', got {m.gate_grad!r}")
+        unit("model.dropout", m.dropout, closed=False)
+        # ---- model: text, MoE, edge, codec
+        text("model.text_encoder", m.text_encoder, "'tiny', an open_clip model name (e.g. 'ViT-g-14') or a JSON file")
+        if not _known_text_encoder(m.text_encoder):
+            bad("model.text_encoder", f"{m.text_encoder!r} is not 'tiny', 'tiny-distinct', a .json file, a folder or "
+                "an open_clip model config name (open_clip.list_models(), e.g. 'ViT-g-14')")
+        text("model.text_encoder_weights", m.text_encoder_weights, "a local file or null")
+        choice("model.text_layer", m.text_layer, ("last", "penultimate"))
+        unit("model.mask_alpha", m.mask_alpha)
+        if m.gate_noise_std is not None:
+            finite_at_least("model.gate_noise_std", m.gate_noise_std, 0.0, " (or null: the gates' default)")
+        choice("model.gate_grad", m.gate_grad, ("none", "switch", "straight_through"))
         if not m.attend_padding and m.count_padding:
             bad("model.count_padding", "must be false when model.attend_padding is false: padding tokens that the "
                 "cross-attention ignores have an all-zero map column, and their threshold mask would cover the "
                 "whole image (spec/errata.md, padding keys)")
-        if m.moe_impl not in ("dense", "gather"):
-            bad("model.moe_impl", f"must be 'dense' or 'gather', got {m.moe_impl!r}")
-        if m.text_layer not in ("last", "penultimate"):
-            bad("model.text_layer", f"must be 'last' or 'penultimate', got {m.text_layer!r}")
-        if t.lr <= 0:
-            bad("train.lr", f"must be > 0, got {t.lr}")
-        if not 0.0 <= t.caption_dropout <= 1.0:  # 1.0: no text at all (an unconditional control model)
-            bad("train.caption_dropout", f"must lie in [0, 1], got {t.caption_dropout}")
-        if t.batch_size < 1:
-            bad("train.batch_size", f"must be >= 1, got {t.batch_size}")
-        if m.codec not in ("vae", "identity"):
-            bad("model.codec", f"must be 'vae' or 'identity', got {m.codec!r}")
+        choice("model.moe_impl", m.moe_impl, ("dense", "gather"))
+        choice("model.time_router", m.time_router, ("learned", "intervals"))
+        choice("train.loss_weight", t.loss_weight, ("none", "v"))
+        at_least("model.time_router_T", m.time_router_T, 1)
+        if m.time_router == "intervals" and m.time_router_T != d.T:
+            bad("model.time_router_T", f"the intervals router splits [0, T) and must use the diffusion's T = {d.T}, "
+                f"got {m.time_router_T}")
+        if not 0 <= m.edge_t_cutoff <= d.T:
+            bad("model.edge_t_cutoff", f"must lie in [0, T={d.T}], got {m.edge_t_cutoff}")
+        choice("model.codec", m.codec, ("vae", "identity", "space_to_depth"))
         if m.codec == "identity" and m.in_channels != 3:
             bad("model.in_channels", f"the identity codec (pixel space) needs 3 channels, got {m.in_channels}")
-        if not all(0.0 <= b < 1.0 for b in t.adam_betas) or len(t.adam_betas) != 2:
+        if m.codec == "space_to_depth":
+            if isinstance(m.codec_factor, bool) or not isinstance(m.codec_factor, int) or not 1 <= m.codec_factor <= 16:
+                bad("model.codec_factor", f"must be an int in [1, 16], got {m.codec_factor!r}")
+            if m.in_channels != 3 * m.codec_factor ** 2:
+                bad("model.in_channels", f"the space_to_depth codec with factor {m.codec_factor} needs "
+                    f"3 * {m.codec_factor}^2 = {3 * m.codec_factor ** 2} channels, got {m.in_channels}")
+        text("model.vae_path", m.vae_path, "a local AutoencoderKL folder or null")
+
+        # ---- train
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            bad("train.lr", f"must be a finite number > 0, got {t.lr}")
+        if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
             bad("train.adam_betas", f"must be two numbers in [0, 1), got {t.adam_betas}")
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(t, name) < 0:
-                bad(f"train.{name}", f"must be >= 0 (0 switches it off), got {getattr(t, name)}")
-        if not 0.0 <= t.ema_decay < 1.0:
-            bad("train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}")
-        for name in ("warmup_steps", "steps", "num_workers", "keep_ckpts", "seed"):
-            if getattr(t, name) < 0:
-                bad(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+        finite_at_least("train.weight_decay", t.weight_decay, 0.0)
+        finite_at_least("train.grad_clip", t.grad_clip, 0.0, " (0 switches clipping off)")
+        unit("train.ema_decay", t.ema_decay, closed=False)
+        unit("train.focal_alpha", t.focal_alpha)
+        finite_at_least("train.focal_gamma", t.focal_gamma, 0.0)
+        unit("train.caption_dropout", t.caption_dropout)  # 1.0: no text at all (an unconditional control model)
+        if not math.isfinite(t.aesthetic_min):
+            bad("train.aesthetic_min", f"must be a finite number, got {t.aesthetic_min}")
+        at_least("train.batch_size", t.batch_size, 1)
+        for name in ("warmup_steps", "steps", "num_workers", "keep_ckpts"):
+            at_least(f"train.{name}", getattr(t, name), 0)
         for name in ("log_every", "ckpt_every"):
-            if getattr(t, name) < 1:
-                bad(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
-        if t.bucket_factor is not None and not t.bucket_factor > 0:
-            bad("train.bucket_factor", f"must be > 0 or null (the paper's sizes), got {t.bucket_factor}")
-        if t.edge_detector not in ("canny", "hed"):
-            bad("train.edge_detector", f"must be 'canny' or 'hed', got {t.edge_detector!r}")
-        if t.mixed_precision not in ("bf16", "no"):
-            bad("train.mixed_precision", f"must be 'bf16' or 'no', got {t.mixed_precision!r}")
-        if s.every < 0:
-            bad("sample.every", f"must be >= 0 (0: only at the end), got {s.every}")
-        if s.sampler not in ("ddim", "ddpm"):
-            bad("sample.sampler", f"must be 'ddim' or 'ddpm', got {s.sampler!r}")
+            at_least(f"train.{name}", getattr(t, name), 1)
+        for name, seed in (("train.seed", t.seed), ("sample.seed", s.seed)):
+            if not 0 <= seed < MAX_SEED:
+                bad(name, f"must lie in [0, 2**32) (rank r of W draws from seed * W + r, a 64-bit torch seed), got {seed}")
+        text("train.source", t.source, "'synthetic', a folder or glob of tar shards, or an image folder")
+        if t.bucket_factor is not None and not (math.isfinite(t.bucket_factor) and t.bucket_factor > 0):
+            bad("train.bucket_factor", f"must be a finite number > 0 or null (the paper's sizes), got {t.bucket_factor}")
+        choice("train.edge_detector", t.edge_detector, ("canny", "hed"))
+        text("train.hed_weights", t.hed_weights, "the converted HED safetensors (tools/convert_hed.py) or null")
+        choice("train.mixed_precision", t.mixed_precision, ("bf16", "no"))
+        choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
+        at_least("train.nonfinite_max_skips", t.nonfinite_max_skips, 1)
+
+        # ---- sample
+        at_least("sample.every", s.every, 0)  # 0: only at the end
+        choice("sample.sampler", s.sampler, ("ddim", "ddpm"))
         if not 1 <= s.steps <= d.T:
             bad("sample.steps", f"must lie in [1, T={d.T}], got {s.steps}")
-        if s.guidance < 0:
-            bad("sample.guidance", f"must be >= 0, got {s.guidance}")
-        if not s.prompts or not all(isinstance(p, str) for p in s.prompts):
+        if not isinstance(s.set_alpha_to_one, bool):
+            bad("sample.set_alpha_to_one", f"must be true or false, got {s.set_alpha_to_one!r}")
+        finite_at_least("sample.guidance", s.guidance, 0.0)
+        if not s.prompts:
             bad("sample.prompts", f"must be a non-empty list of strings, got {s.prompts!r}")
         return self
 
@@ -276,47 +372,121 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _coerce(field_name: str, current: Any, value: Any, optional: bool = False) -> Any:
-    """Convert a JSON/CLI value to the type of the field's current value (``None`` only for optional fields)."""
+MAX_T = 100_000  # diffusion.T: the paper uses 1000; every schedule table is T float64 entries in memory
+MAX_SEED = 2**32  # seeds in [0, 2**32): seed * world + rank stays a valid 64-bit torch seed
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of a config dataclass (they are strings under ``from __future__``)."""
+    return typing.get_type_hints(cls)
+
+
+def _optional_base(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; ``X`` -> ``(X, False)``."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return hint, False
+
+
+_SCALAR_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar_problem(kind: Any, value: Any) -> str | None:
+    if kind not in _SCALAR_NAMES:
+        raise TypeError(f"config: no type check for the annotation {kind!r}; extend _scalar_problem")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and abs(value) > 2**1023:
+            return f"expected a number in float range, got an integer of {value.bit_length()} bits"
+    else:
+        ok = isinstance(value, str)
+    return None if ok else f"expected {_SCALAR_NAMES[kind]}, got {value!r}"
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit the field annotation ``hint``, or None when it does."""
+    hint, optional = _optional_base(hint)
+    if value is None:
+        return None if optional else f"expected {_SCALAR_NAMES.get(hint, 'a list')}, got null"
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return f"expected a list, got {value!r}"
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            return f"expected a list of {len(kinds)} values, got {value!r}"
+        for kind, v in zip(kinds, value):
+            problem = _scalar_problem(kind, v)
+            if problem:
+                return f"{problem} in {value!r}"
+        return None
+    return _scalar_problem(hint, value)
+
+
+def _known_text_encoder(name: str) -> bool:
+    """'tiny', 'tiny-distinct', a .json file or folder (checked when read), or an open_clip bundled config name."""
+    if name in ("tiny", "tiny-distinct", "toy-clip") or name.endswith(".json"):
+        return True
+    try:
+        if Path(name).is_dir():
+            return True
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or spec.origin is None:
+            return True  # open_clip absent: build_text_encoder says what is missing
+        return (Path(spec.origin).parent / "model_configs" / f"{name}.json").is_file()
+    except (OSError, ValueError):  # a name the file system cannot hold (too long, NUL): not a file or config
+        return False
+
+
+def _coerce(field_name: str, hint: Any, value: Any) -> Any:
+    """Convert a JSON/CLI value to the field's annotated type ``hint``; ``X | None`` also takes None/"null".
+
+    Strings given for non-string fields are parsed as JSON (numbers, true/false, lists, NaN, Infinity);
+    whether the value is in range is ``RaphaelConfig.validate``'s business.
+    """
+    base, optional = _optional_base(hint)
     if optional and (value is None or value == "null"):
         return None
-    if isinstance(value, str) and not isinstance(current, str):
+    if isinstance(value, str) and base is not str:
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
-            if current is None:
-                return value
-            raise ValueError(f"config field {field_name}: cannot parse {value!r}") from None
-    if isinstance(current, tuple):
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"config field {field_name}: cannot parse {value!r} (a JSON value, e.g. 1e-4, true, "
+                             f"[1, 2])") from None
+    if typing.get_origin(base) is tuple:
+        args = typing.get_args(base)
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config field {field_name}: expected a list, got {value!r}")
-        kinds = {type(v) for v in current}
-        if kinds and not all(type(v) in kinds or (float in kinds and type(v) is int) for v in value):
-            raise ValueError(f"config field {field_name}: expected a list of {sorted(k.__name__ for k in kinds)}, "
-                             f"got {value!r}")
-        return tuple(value)
-    if isinstance(current, str) and not isinstance(value, str):
-        raise ValueError(f"config field {field_name}: expected a string, got {value!r}")
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"config field {field_name}: expected true/false, got {value!r}")
-        return value
-    if isinstance(current, int) and not isinstance(current, bool):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"config field {field_name}: expected an integer, got {value!r}")
-        return value
-    if isinstance(current, float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"config field {field_name}: expected a number, got {value!r}")
-        return float(value)
-    return value
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            raise ValueError(f"config field {field_name}: expected a list of {len(kinds)} values, got {value!r}")
+        return tuple(_coerce_scalar(field_name, kind, v) for kind, v in zip(kinds, value))
+    return _coerce_scalar(field_name, base, value)
 
 
-def apply_overrides(cfg: RaphaelConfig, overrides: dict[str, Any]) -> RaphaelConfig:
+def _coerce_scalar(field_name: str, kind: Any, value: Any) -> Any:
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    problem = _scalar_problem(kind, value) if kind in _SCALAR_NAMES else None
+    if problem:
+        raise ValueError(f"config field {field_name}: {problem}")
+    return float(value) if kind is float else value
+
+
+def apply_overrides(cfg: RaphaelConfig, overrides: Mapping[str, Any]) -> RaphaelConfig:
     """Set dotted fields (``{"model.n_space_experts": 4}``); unknown fields are errors naming them."""
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"config overrides must be a mapping of dotted fields to values, got {type(overrides).__name__}")
     for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ValueError(f"unknown config field {key!r}: fields are dotted strings, e.g. 'train.lr'")
         parts = key.split(".")
         obj: Any = cfg
         for p in parts[:-1]:
@@ -330,17 +500,22 @@ def apply_overrides(cfg: RaphaelConfig, overrides: dict[str, Any]) -> RaphaelCon
         current = getattr(obj, leaf)
         if dataclasses.is_dataclass(current):
             raise ValueError(f"config field {key!r} is a section; set its fields, e.g. {key}.<name>")
-        declared = next(f.type for f in dataclasses.fields(obj) if f.name == leaf)
-        optional = "None" in str(declared)  # annotations are strings here (``from __future__ import annotations``)
-        setattr(obj, leaf, _coerce(key, current, value, optional))
+        setattr(obj, leaf, _coerce(key, _hints(type(obj))[leaf], value))
     return cfg
 
 
 # ---------------------------------------------------------------- presets
 
 def paper() -> RaphaelConfig:
-    """Table 2 (App. 7.1): the 3B model. Widths chosen so the U-Net lands at ~3.0B parameters."""
-    return RaphaelConfig(name="paper").validate()
+    """Table 2 (App. 7.1): the 3B model. Widths chosen so the U-Net lands at ~3.0B parameters.
+
+    I_edge from HED as Sec. 3.2 prints (erratum E63): the run needs ``train.hed_weights`` (a local
+    file made by ``bash tools/fetch_hed_weights.sh``) and stops at start without it;
+    ``--set train.edge_detector=canny`` trains with Canny instead.
+    """
+    cfg = RaphaelConfig(name="paper")
+    cfg.train.edge_detector = "hed"
+    return cfg.validate()
 
 
 def small() -> RaphaelConfig:
@@ -355,35 +530,29 @@ def small() -> RaphaelConfig:
 
 
 def toy() -> RaphaelConfig:
-    """Pixel space 24x24, tiny widths, all 16 transformer blocks kept; trains on 2 CPU cores.
+    """Pixel space 24 x 24, tiny widths, every RAPHAEL component on; trains on 2 CPU cores.
 
-    ``python tools/train.py`` runs 3000 steps of 16 images (48,000 images) at lr 1e-3 after 50
-    warm-up steps, EMA 0.99 (a horizon of ~100 steps), with sample grids (20 DDIM steps) and
-    checkpoints every 1000 steps: about 53 minutes of one idle core (1.06 s per step, measured).
-    head_dim 32: one head at the finest level (the CPU attention kernels run ~15% faster than with
-    two heads of 16).
-
-    Sizing, measured (docs/training.md, docs/evaluation.md): a step at 24 x 24 px and batch 16 costs
-    what one at 32 x 32 px and batch 8 does (self-attention over 1024 positions is a third of the
-    32 px step), so 24 px sees twice the images per second; objects are 7 px and the detector is
-    exact from 16 px. The first version (32 px, 600 steps of 8) drew colour blobs. At 1000 steps
-    the samples are clean shapes that ignore the text (the predicted noise changes by < 5% with
-    the prompt); between 1000 and 3000 steps the U-Net starts to read it, and at 3000 steps
-    colours follow the prompt clearly more often than for the same model trained with no text.
+    All 16 transformer blocks with space-MoE (6 experts), time-MoE (4 experts) and edge-supervised
+    learning, as the paper's model. E_theta is ``toy-clip``: the ``tiny`` text-tower shape pretrained
+    contrastively on the synthetic scenes (raphael_ref/toy_clip.py, shipped with the package), frozen,
+    as the paper's pretrained OpenCLIP is (erratum E67); the random ``tiny`` tower stays for tests
+    and as the untrained-encoder control. Sizing and what the default run reaches, measured:
+    docs/training.md ("The toy run") and docs/evaluation.md.
     """
     cfg = RaphaelConfig(name="toy")
     m = cfg.model
     m.in_channels, m.sample_size, m.codec = 3, 24, "identity"
     m.model_channels, m.channel_mult, m.head_dim, m.norm_groups = 32, (1, 2, 2, 2), 32, 8
     m.num_res_blocks = 2
-    m.d_y, m.text_encoder, m.text_layer = 32, "tiny", "last"
+    m.d_y, m.text_encoder, m.text_layer = 32, "toy-clip", "last"
     m.expert_mult, m.edge_width = 2, 8
     m.checkpoint = False
     t = cfg.train
-    t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.steps, t.multiscale = 1e-3, 50, 16, 0.99, 3000, False
-    t.log_every, t.ckpt_every = 10, 1000
+    t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.steps, t.multiscale = 1e-3, 50, 16, 0.99, 800, False
+    t.loss_weight = "v"  # not the paper's loss: the v-prediction weighting of the eps loss (E70), measured better
+    t.log_every, t.ckpt_every = 10, 400
     s = cfg.sample
-    s.every, s.steps, s.guidance, s.prompts = 1000, 20, 3.0, SYNTHETIC_PROMPTS
+    s.every, s.steps, s.guidance, s.prompts = 0, 20, 7.5, SYNTHETIC_PROMPTS
     return cfg.validate()
 
 

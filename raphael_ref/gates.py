@@ -204,3 +204,23 @@ def time_route(
     _check_gate(gate, t_emb, "t_emb", 2, "(B, d_t)")
     logits = gate(t_emb)  # (B, n_t)
     return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator)
+
+
+def interval_route(t: Tensor, n_experts: int, T: int) -> tuple[Tensor, Tensor]:
+    """eDiff-I-style fixed time routing (seed 003; Balaji et al., 2022): expert e takes the timesteps of
+    the e-th of ``n_experts`` equal intervals of [0, T), route(t) = floor(t n_experts / T).
+
+    Not RAPHAEL: a control for Fig. 6 (a time-MoE whose route is a fixed function of t, no gate).
+    eDiff-I splits its denoisers by noise level (a binary tree of intervals; uniformly spaced
+    intervals are the alternative its authors name). ``t`` (B,) 0-based timesteps. Returns
+    ``(routes (B,) long, weights (B,) ones)``.
+    """
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"t must be a 1-d integer tensor of timesteps; got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be an int >= 1; got {n_experts!r}")
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be an int >= 1; got {T!r}")
+    routes = torch.div(t.long().clamp(0, T - 1) * n_experts, T, rounding_mode="floor")  # (B,)
+    return routes, torch.ones(t.shape, dtype=torch.float32, device=t.device)

@@ -28,7 +28,7 @@ from raphael_ref.attention import cross_attention
 from raphael_ref.config import ModelConfig
 from raphael_ref.edge import EdgePredictor, pooled_attention_map
 from raphael_ref.experts import ExpertBank
-from raphael_ref.gates import DEFAULT_NOISE_STD, GateFFN, text_route, time_route
+from raphael_ref.gates import DEFAULT_NOISE_STD, GateFFN, interval_route, text_route, time_route
 from raphael_ref.masks import threshold_mask
 from raphael_ref.space_moe import space_moe
 from raphael_ref.time_moe import time_moe
@@ -85,7 +85,8 @@ class TransformerBlock(nn.Module):
         self.to_out = nn.Linear(width, width)
         self.norm3 = LayerNorm32(width)
         if cfg.use_time_moe:
-            self.time_gate = GateFFN(d_t, cfg.n_time_experts, hidden=cfg.gate_hidden_mult * d_t)  # G'
+            if cfg.time_router == "learned":  # "intervals": a fixed function of t (eDiff-I control), no gate
+                self.time_gate = GateFFN(d_t, cfg.n_time_experts, hidden=cfg.gate_hidden_mult * d_t)  # G'
             self.time_experts = ExpertBank(cfg.n_time_experts, width, hidden)  # te_1..te_{n_t}
         else:
             self.time_ffn = ExpertBank(1, width, hidden)
@@ -102,7 +103,8 @@ class TransformerBlock(nn.Module):
         return DEFAULT_NOISE_STD if self.cfg.gate_noise_std is None else self.cfg.gate_noise_std
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], y: torch.Tensor, y_valid: torch.Tensor,
-                pooled_index: torch.Tensor, temb: torch.Tensor, return_masks: bool = False):
+                pooled_index: torch.Tensor, temb: torch.Tensor, return_masks: bool = False,
+                fixed_time_routes: tuple[torch.Tensor, torch.Tensor] | None = None):
         cfg = self.cfg
         # 1. self-attention
         x = x + self.self_attn(self.norm1(x))  # (B, n_x, w)
@@ -116,8 +118,11 @@ class TransformerBlock(nn.Module):
         h = self.norm3(x)
         t_routes = None
         if cfg.use_time_moe:
-            t_routes, t_w = time_route(self.time_gate, temb, training=self.training,
-                                       noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B,), (B,)
+            if fixed_time_routes is not None:  # model.time_router = "intervals"
+                t_routes, t_w = fixed_time_routes  # (B,), (B,)
+            else:
+                t_routes, t_w = time_route(self.time_gate, temb, training=self.training,
+                                           noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B,), (B,)
             x = x + time_moe(h, t_routes, t_w.to(h.dtype), self.time_experts, check_values=False)  # h'
         else:
             x = x + self.time_ffn.expert(0, h)
@@ -151,10 +156,10 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False):
+    def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False, fixed_time_routes=None):
         B, C, H, W = x.shape
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, n_x, C)
-        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks)
+        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes)
         h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
         return x + h, aux
 
@@ -254,9 +259,14 @@ class RaphaelUNet(nn.Module):
         self._check_inputs(x, t, y, y_valid, pooled_index)
         aux: list[BlockAux] = []
         temb = self.time_embed(t)  # (B, d_t)
+        fixed = None
+        if self.cfg.use_time_moe and self.cfg.time_router == "intervals":
+            routes, w = interval_route(t, self.cfg.n_time_experts, self.cfg.time_router_T)
+            fixed = (routes, w.to(temb.dtype))
 
         def attn(module, h):
-            h2, (s_r, t_r, pooled, edge, masks) = self._run(module, h, y, y_valid, pooled_index, temb, return_masks)
+            h2, (s_r, t_r, pooled, edge, masks) = self._run(module, h, y, y_valid, pooled_index, temb, return_masks,
+                                                            fixed)
             aux.append(BlockAux(len(aux), tuple(h.shape[-2:]), s_r, t_r, pooled, edge, masks))
             return h2
 

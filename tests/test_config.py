@@ -79,3 +79,122 @@ def test_ignored_padding_cannot_be_counted_in_the_space_moe():
         C.get_preset("toy", {"model.attend_padding": False})
     cfg = C.get_preset("toy", {"model.attend_padding": False, "model.count_padding": False})
     assert not cfg.model.attend_padding
+
+
+# ---------------------------------------------------------------- hardening (issue 10)
+
+
+@pytest.mark.parametrize(
+    "assignment,field",
+    [
+        ("train.lr=NaN", "train.lr"),
+        ("train.lr=Infinity", "train.lr"),
+        ("train.grad_clip=NaN", "train.grad_clip"),  # NaN > 0 is False: clipping silently off
+        ("train.weight_decay=Infinity", "train.weight_decay"),
+        ("train.focal_alpha=2", "train.focal_alpha"),
+        ("train.focal_gamma=-3", "train.focal_gamma"),
+        ("train.focal_gamma=NaN", "train.focal_gamma"),
+        ("train.aesthetic_min=NaN", "train.aesthetic_min"),
+        ("train.bucket_factor=Infinity", "train.bucket_factor"),
+        ("train.seed=-1", "train.seed"),
+        ("train.source=", "train.source"),
+        ("model.dropout=-1", "model.dropout"),
+        ("model.dropout=1", "model.dropout"),
+        ("model.gate_noise_std=-0.5", "model.gate_noise_std"),
+        ("model.head_dim=0", "model.head_dim"),  # ZeroDivisionError inside validate() before
+        ("model.norm_groups=0", "model.norm_groups"),
+        ("model.sample_size=0", "model.sample_size"),
+        ("model.channel_mult=[]", "model.channel_mult"),
+        ("model.transformer_down=[2, -1, 2, 0]", "model.transformer_down"),
+        ("model.text_encoder=", "model.text_encoder"),
+        ("model.expert_mult=0", "model.expert_mult"),
+        ("diffusion.schedule=bogus", "diffusion.schedule"),
+        ("diffusion.zero_terminal_snr=true", "diffusion.zero_terminal_snr"),  # with T = 1 below
+        ("sample.guidance=NaN", "sample.guidance"),
+        ("sample.seed=-2", "sample.seed"),
+        ("model.gate_noise_std=true", "model.gate_noise_std"),
+        ("train.lr=1e999", "train.lr"),
+        ("name=", "name"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_field(assignment, field):
+    extra = ["diffusion.T=1", "sample.steps=1", "model.edge_t_cutoff=1"] if "zero_terminal" in assignment else []
+    with pytest.raises(ValueError, match=re.escape(field)):
+        C.load_config("toy", overrides=[*extra, assignment])
+
+
+def test_optional_string_fields_stay_strings():
+    """``--set train.hed_weights=123`` is a file named 123, not the JSON number 123 (was parsed as one)."""
+    assert C.load_config("toy", overrides=["train.hed_weights=123"]).train.hed_weights == "123"
+    assert C.load_config("toy", overrides=["model.vae_path=1e3"]).model.vae_path == "1e3"
+    assert C.load_config("toy", overrides=["model.vae_path=null"]).model.vae_path is None
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("model.head_dim", "64"), ("model.channel_mult", 2), ("train.adam_betas", (0.9, "a")),
+     ("train.adam_betas", (0.9,)), ("sample.prompts", ("a", 3)), ("train.multiscale", 1),
+     ("train.lr", True), ("diffusion.T", 10.0), ("model.vae_path", 3), ("name", None)],
+)
+def test_wrong_types_set_in_code_are_named(field, value):
+    """A value assigned directly (not through apply_overrides) of the wrong type: ValueError, not TypeError."""
+    cfg = C.get_preset("toy")
+    *path, leaf = field.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        cfg.validate()
+
+
+def test_paper_preset_uses_hed_as_printed():
+    """Sec. 3.2 (erratum E63): I_edge from HED in the paper preset; the one-GPU preset and the toy keep Canny."""
+    assert C.get_preset("paper").train.edge_detector == "hed"
+    assert C.get_preset("paper").train.hed_weights is None  # a local file, never downloaded
+    assert C.get_preset("toy").train.edge_detector == "canny"
+
+
+def _hed_error(cfg) -> str:
+    from raphael_ref import training as T
+
+    with pytest.raises(ValueError) as info:
+        T.build_edge_detector(cfg)
+    return str(info.value)
+
+
+def test_paper_preset_without_hed_weights_says_how_to_get_them():
+    msg = _hed_error(C.get_preset("paper"))
+    assert "train.hed_weights" in msg and "is not set" in msg
+    assert "bash tools/fetch_hed_weights.sh" in msg
+    assert "python tools/convert_hed.py" in msg
+    assert "--set train.hed_weights=" in msg and "hed_bsds500.safetensors" in msg
+    assert "--set train.edge_detector=canny" in msg
+
+
+def test_missing_hed_weights_file_names_it_and_the_way_out(tmp_path):
+    missing = tmp_path / "nowhere" / "hed.safetensors"
+    msg = _hed_error(C.get_preset("paper", {"train.hed_weights": str(missing)}))
+    assert str(missing) in msg and "does not exist" in msg
+    assert "bash tools/fetch_hed_weights.sh" in msg
+    # the Canny way out must also drop the weights path, or build_edge_detector refuses the pair
+    assert "--set train.edge_detector=canny --set train.hed_weights=null" in msg
+    cfg = C.load_config("paper", overrides=[f"train.hed_weights={missing}", "train.edge_detector=canny",
+                                           "train.hed_weights=null"])
+    from raphael_ref import training as T
+
+    assert T.build_edge_detector(cfg).describe().startswith("canny")
+
+
+def test_train_stops_on_missing_hed_weights_before_the_run_folder(tmp_path, capsys):
+    """tools/train.py reports the HED error at start: exit code 2, no run folder, no model built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_tool", ROOT / "tools" / "train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "run"
+    assert tool.main(["--out", str(out), "--device", "cpu", "--set", "train.edge_detector=hed"]) == 2
+    err = capsys.readouterr().err
+    assert "bash tools/fetch_hed_weights.sh" in err and "train.edge_detector=canny" in err
+    assert not out.exists()

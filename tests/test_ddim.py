@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raphael_ref.diffusion.ddim import DEFAULT_SPACING, SPACINGS, ddim_sigma, ddim_step, ddim_timesteps
+from raphael_ref.diffusion.ddim import (DEFAULT_SPACING, SPACINGS, ddim_prev_timesteps, ddim_sigma, ddim_step,
+                                        ddim_timesteps)
 from raphael_ref.diffusion.ddpm import posterior_step, predict_x0_from_eps, q_sample
 from raphael_ref.diffusion.schedule import KNOWN_KINDS, NoiseSchedule
 
@@ -201,3 +202,89 @@ def test_ddim_validation():
         ddim_step(x, 10, 5, x, s, clip_x0=-1.0)
     with pytest.raises(ValueError, match=r"<= 999"):
         ddim_step(x, 10, 1000, x, s)
+
+
+@pytest.mark.spec_id("ddim.timesteps")
+def test_prev_timesteps_pinned():
+    # DDIM's rule: the next timestep of the list, -1 after the last
+    ts = ddim_timesteps(10, 1000, "linspace")
+    assert ddim_prev_timesteps(ts, 1000).tolist() == [888, 777, 666, 555, 444, 333, 222, 111, 0, -1]
+    # diffusers' rule t - T // n: 100 below each step (the last one lands below 0: "before the first step")
+    assert ddim_prev_timesteps(ts, 1000, "stride").tolist() == [899, 788, 677, 566, 455, 344, 233, 122, 11, -1]
+    # trailing 30 steps (T % n != 0): the list steps by 33 or 34, diffusers always by 33
+    tr = ddim_timesteps(30, 1000, "trailing")
+    assert tr.tolist()[:4] == [999, 966, 932, 899]
+    assert ddim_prev_timesteps(tr, 1000).tolist()[:3] == [966, 932, 899]
+    assert ddim_prev_timesteps(tr, 1000, "stride").tolist()[:3] == [966, 933, 899]
+    # leading with T // n > steps_offset, and trailing with n | T: the two rules are the same steps
+    for spacing, n in (("leading", 50), ("trailing", 50), ("leading", 3)):
+        ts = ddim_timesteps(n, 1000, spacing)
+        assert torch.equal(ddim_prev_timesteps(ts, 1000), ddim_prev_timesteps(ts, 1000, "stride"))
+    # leading with T // n == steps_offset (n = 600): diffusers' last step goes to t = 0, DDIM's past it
+    ts = ddim_timesteps(600, 1000, "leading")
+    assert ddim_prev_timesteps(ts, 1000).tolist()[-1] == -1 and ddim_prev_timesteps(ts, 1000, "stride").tolist()[-1] == 0
+
+
+@pytest.mark.spec_id("ddim.timesteps")
+def test_prev_timesteps_validation():
+    ts = ddim_timesteps(10, 1000)
+    with pytest.raises(ValueError, match="prev_timestep rule"):
+        ddim_prev_timesteps(ts, 1000, "previous")
+    with pytest.raises(ValueError, match="1-D long"):
+        ddim_prev_timesteps(ts.float(), 1000)
+    with pytest.raises(ValueError, match="descending"):
+        ddim_prev_timesteps(ts.flip(0), 1000)
+
+
+@pytest.mark.spec_id("ddim.step")
+@settings(max_examples=15)
+@given(kind=kinds, B=st.integers(1, 3), seed=seeds)
+def test_set_alpha_to_one_false_ends_on_abar_0(kind, B, seed):
+    """set_alpha_to_one=False (Stable Diffusion's config): after the last step abar = abar_0, so with the
+    true eps an eta = 0 step lands on the forward marginal at t = 0 instead of on x_0; the default lands on x_0."""
+    s, gen = SCHEDULES[kind], torch.Generator().manual_seed(seed)
+    x0, eps = _draw(gen, B, 3, 2), _draw(gen, B, 3, 2)
+    t = torch.randint(1, T, (B,), generator=gen)
+    xt = q_sample(x0, t, eps, s)
+    # rounding amplified by 1/sqrt(abar_t) <= 2e4 (cosine, t = 999), as above
+    torch.testing.assert_close(ddim_step(xt, t, -1, eps, s, set_alpha_to_one=False), q_sample(x0, 0, eps, s),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ddim_step(xt, t, -1, eps, s, set_alpha_to_one=True), x0, rtol=1e-10, atol=1e-10)
+    # only t_prev < 0 is affected; sigma uses the same abar_prev
+    torch.testing.assert_close(ddim_step(xt, t, 0, eps, s, set_alpha_to_one=True),
+                               ddim_step(xt, t, -1, eps, s, set_alpha_to_one=False), rtol=0, atol=0)
+    torch.testing.assert_close(ddim_sigma(t, -1, s, xt, 1.0, set_alpha_to_one=False), ddim_sigma(t, 0, s, xt, 1.0),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set_alpha_to_one"):
+        ddim_step(xt, t, -1, eps, s, set_alpha_to_one=0)
+
+
+def test_sample_plumbs_the_ddim_settings(monkeypatch):
+    """sampling.sample hands prev_timestep and set_alpha_to_one to every DDIM step."""
+    import raphael_ref.sampling as S
+
+    calls = []
+
+    def spy(x, t, t_prev, eps, schedule, **kw):
+        calls.append((t, t_prev, kw["set_alpha_to_one"]))
+        return ddim_step(x, t, t_prev, eps, schedule, **kw)
+
+    class Zero(torch.nn.Module):  # eps = 0 model: the plumbing, not the network, is under test
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, hidden, valid, pooled, return_masks=False):
+            return x * self.w, []
+
+    monkeypatch.setattr(S, "ddim_step", spy)
+    cond = (torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
+    s = SCHEDULES["scaled_linear"]
+    for rule, one in (("next", True), ("stride", False)):
+        calls.clear()
+        S.sample(Zero(), s, cond, None, shape=(1, 1, 2, 2), steps=10, spacing="linspace", prev_timestep=rule,
+                 set_alpha_to_one=one, generator=torch.Generator().manual_seed(0))
+        ts = ddim_timesteps(10, T, "linspace")
+        assert calls == [(int(t), int(tp), one) for t, tp in zip(ts, ddim_prev_timesteps(ts, T, rule))]
+    with pytest.raises(ValueError, match="prev_timestep rule"):
+        S.sample(Zero(), s, cond, None, shape=(1, 1, 2, 2), steps=10, prev_timestep="diffusers")

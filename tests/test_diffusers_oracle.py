@@ -7,6 +7,7 @@ where we compare the *schedules* themselves, the bound is diffusers' float32 ari
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -17,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as hf_rescale  # noqa: E402
 
-from raphael_ref.diffusion.ddim import ddim_step, ddim_timesteps  # noqa: E402
+from raphael_ref.diffusion.ddim import SPACINGS, ddim_prev_timesteps, ddim_step, ddim_timesteps  # noqa: E402
 from raphael_ref.diffusion.ddpm import posterior_step, q_sample  # noqa: E402
 from raphael_ref.diffusion.schedule import NoiseSchedule, make_betas  # noqa: E402
 
@@ -36,8 +37,9 @@ def _hf(cls, kind, **kw):
 def _float64_tables(sched, ours: NoiseSchedule):
     """Run diffusers' formulas on our float64 table (they only read alphas_cumprod in step/add_noise)."""
     sched.alphas_cumprod = ours.alphas_cumprod.clone()
-    if hasattr(sched, "final_alpha_cumprod"):
-        sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(sched, "final_alpha_cumprod"):  # DDIM: abar after the last step, as diffusers builds it
+        one = sched.config.get("set_alpha_to_one", True)
+        sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if one else ours.alphas_cumprod[0].clone()
     if hasattr(sched, "one"):
         sched.one = torch.tensor(1.0, dtype=torch.float64)
     return sched
@@ -143,13 +145,14 @@ def test_timesteps_every_count_agrees_except_documented_cases(spacing):
 
 
 @pytest.mark.spec_id("ddim.step")
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("kind", ["scaled_linear", "cosine"])
-def test_ddim_step_matches_ddim_scheduler(kind, spacing, eta):
+def test_ddim_step_matches_ddim_scheduler(kind, spacing, eta, set_alpha_to_one):
     ours = NoiseSchedule.make(kind, T)
     n = 50
-    hf = _hf(DDIMScheduler, kind, clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon",
+    hf = _hf(DDIMScheduler, kind, clip_sample=False, set_alpha_to_one=set_alpha_to_one, prediction_type="epsilon",
              timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
     hf.set_timesteps(n)
     hf = _float64_tables(hf, ours)
@@ -159,5 +162,110 @@ def test_ddim_step_matches_ddim_scheduler(kind, spacing, eta):
     z = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     for t in hf.timesteps[[0, 1, 25, n - 1]].tolist():
         ref = hf.step(eps, t, x, eta=eta, variance_noise=z if eta > 0 else None).prev_sample
-        t_prev = t - T // n  # diffusers' previous timestep (negative after the last step: abar = 1)
-        torch.testing.assert_close(ddim_step(x, t, t_prev, eps, ours, eta=eta, noise=z), ref, rtol=1e-12, atol=1e-12)
+        t_prev = t - T // n  # diffusers' previous timestep (negative after the last step: final_alpha_cumprod)
+        got = ddim_step(x, t, t_prev, eps, ours, eta=eta, noise=z, set_alpha_to_one=set_alpha_to_one)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+    # the setting matters on the last step only, and there by sqrt(1 - abar_0) eps (pins both branches)
+    t_last = int(hf.timesteps[-1])
+    last = {one: ddim_step(x, t_last, t_last - T // n, eps, ours, set_alpha_to_one=one) for one in (True, False)}
+    assert (last[True] - last[False]).abs().max().item() > 1e-3
+
+
+# --- whole DDIM trajectories: every spacing at the step counts people use (E62, E65) ---------------
+
+STEP_COUNTS = [10, 20, 25, 30, 50, 100]
+# Where DDIM's "next timestep of the list" and diffusers' "t - T // n" are the same step by design:
+# "leading" whenever T // n > steps_offset (all counts here), "trailing" when n divides T = 1000.
+AGREE_BY_DESIGN = {"leading": set(STEP_COUNTS), "trailing": {10, 20, 25, 50, 100}, "linspace": set()}
+# Tolerance of a whole trajectory, float64 on both sides: one step agrees to 1e-12 (test above);
+# the n <= 100 step errors add up (this eps stand-in has |d eps / dx| <= 1.5, each step's map is
+# O(1)-Lipschitz in x), so n * 1e-12 <= 1e-10.
+LOOP_TOL = 1e-10
+
+
+def _eps_model(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A deterministic stand-in for eps_theta(x_t, t), nonlinear in x and dependent on t."""
+    return torch.tanh(x) * (0.5 + t / T) + 0.1 * math.cos(t / 37)
+
+
+def _x_T_and_noises(n: int):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    return x, [torch.randn(x.shape, generator=gen, dtype=torch.float64) for _ in range(n)]
+
+
+def _hf_trajectory(kind, spacing, n, set_alpha_to_one, eta=0.0):
+    ours = NoiseSchedule.make(kind, T)
+    hf = _hf(DDIMScheduler, kind, clip_sample=False, set_alpha_to_one=set_alpha_to_one, prediction_type="epsilon",
+             timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    hf.set_timesteps(n)
+    hf = _float64_tables(hf, ours)
+    x, noises = _x_T_and_noises(n)
+    for i, t in enumerate(hf.timesteps.tolist()):
+        x = hf.step(_eps_model(x, t), t, x, eta=eta, variance_noise=noises[i] if eta > 0 else None).prev_sample
+    return hf.timesteps, x
+
+
+def _our_trajectory(kind, spacing, n, rule, set_alpha_to_one, eta=0.0):
+    ours = NoiseSchedule.make(kind, T)
+    ts = ddim_timesteps(n, T, spacing)
+    x, noises = _x_T_and_noises(n)
+    for i, (t, tp) in enumerate(zip(ts.tolist(), ddim_prev_timesteps(ts, T, rule).tolist())):
+        x = ddim_step(x, t, tp, _eps_model(x, t), ours, eta=eta, noise=noises[i] if eta > 0 else None,
+                      set_alpha_to_one=set_alpha_to_one)
+    return ts, x
+
+
+def _literal_ddim_trajectory(kind, spacing, n, set_alpha_to_one):
+    """DDIM (Song et al. 2021) Eq. 12 with eta = 0 along the sub-sequence tau: each step goes to the
+    next timestep of tau; after the last one abar = 1 (alpha_0 = 1) or abar_0. Python floats per step."""
+    abar = NoiseSchedule.make(kind, T).alphas_cumprod.tolist()
+    tau = ddim_timesteps(n, T, spacing).tolist()
+    x, _ = _x_T_and_noises(n)
+    for i, t in enumerate(tau):
+        a_t = abar[t]
+        a_prev = abar[tau[i + 1]] if i + 1 < len(tau) else (1.0 if set_alpha_to_one else abar[0])
+        e = _eps_model(x, t)
+        x0_hat = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
+        x = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev) * e
+    return x
+
+
+@pytest.mark.spec_id("ddim.step")
+@pytest.mark.spec_id("ddim.timesteps")
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("n", STEP_COUNTS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_trajectory_stride_rule_is_diffusers(spacing, n, set_alpha_to_one):
+    """prev_timestep="stride" reproduces diffusers' DDIMScheduler loop for every spacing and count,
+    with either set_alpha_to_one (eta = 0, and eta = 0.5 with the same injected noise)."""
+    for eta in (0.0, 0.5):
+        hf_ts, hf_x = _hf_trajectory("scaled_linear", spacing, n, set_alpha_to_one, eta)
+        ts, x = _our_trajectory("scaled_linear", spacing, n, "stride", set_alpha_to_one, eta)
+        assert ts.tolist() == hf_ts.tolist()
+        torch.testing.assert_close(x, hf_x, rtol=LOOP_TOL, atol=LOOP_TOL)
+
+
+@pytest.mark.spec_id("ddim.step")
+@pytest.mark.spec_id("ddim.timesteps")
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("n", STEP_COUNTS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_trajectory_default_rule(spacing, n, set_alpha_to_one):
+    """The default prev_timestep="next" is DDIM's definition for every spacing and count. Where that is
+    diffusers' step by design (AGREE_BY_DESIGN) it equals diffusers' loop; elsewhere ("linspace", and
+    "trailing" with n not dividing T) diffusers differs by design, and this test pins that it does."""
+    ts, x = _our_trajectory("scaled_linear", spacing, n, "next", set_alpha_to_one)
+    torch.testing.assert_close(x, _literal_ddim_trajectory("scaled_linear", spacing, n, set_alpha_to_one),
+                               rtol=LOOP_TOL, atol=LOOP_TOL)
+    same_rule = torch.equal(ddim_prev_timesteps(ts, T, "next"), ddim_prev_timesteps(ts, T, "stride"))
+    assert same_rule == (n in AGREE_BY_DESIGN[spacing])
+    _, hf_x = _hf_trajectory("scaled_linear", spacing, n, set_alpha_to_one)
+    if same_rule:
+        torch.testing.assert_close(x, hf_x, rtol=LOOP_TOL, atol=LOOP_TOL)
+    else:
+        # different steps, not rounding: measured 0.4 (linspace, 100) to 3.1 (linspace, 10), 0.49 at 30 trailing
+        # steps; agreeing trajectories differ by <= 1.1e-13
+        assert (x - hf_x).abs().max().item() > 1e-3

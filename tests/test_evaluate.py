@@ -200,14 +200,15 @@ def test_reference_renders_bound_the_metric(evaluate, tmp_path):
         evaluate.parse_args(["--out", str(tmp_path)])
 
 
-def test_evaluate_cli_unconditional_and_weight_choice(evaluate, tiny_checkpoint, tmp_path):
+def test_evaluate_cli_unconditional_and_weight_choice(evaluate, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "uncond"
     result = evaluate.main([str(tiny_checkpoint), "--out", str(out), "--steps", "1", "--per-prompt", "1",
                             "--prompts-per-category", "1", "--categories", "colors", "--unconditional",
                             "--attention", "0", "--device", "cpu"])
     assert result["settings"]["unconditional"] and "unconditional" in (out / "results.md").read_text()
-    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
+    with pytest.raises(SystemExit, match="2"):  # a user error: an `error:` line before any sampling (issue 10)
         evaluate.main([str(tiny_checkpoint), "--out", str(out), "--ema", "--device", "cpu"])
+    assert "ema.safetensors" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --fid without a local Inception file is refused up front
         evaluate.parse_args([str(tiny_checkpoint), "--out", str(out), "--fid"])
 
@@ -227,7 +228,7 @@ def test_attention_record_matches_sampling_paths(tiny_checkpoint, tmp_path):
     enc = TextEncoder.tiny(seed=0)
     c, u = enc(["a red circle on the left", "two blue squares at the top and at the bottom"]), enc([""])
     sched = NoiseSchedule.make(T=1000)
-    kw = dict(shape=(2, 3, 16, 16), steps=3, guidance=3.0)  # steps 0, 1, 2; record the last two
+    kw = dict(shape=(2, cfg.model.in_channels, 16, 16), steps=3, guidance=3.0)  # steps 0, 1, 2; record the last two
     cond, uncond = (c.hidden, c.valid, c.pooled_index), (u.hidden, u.valid, u.pooled_index)
     x_ref, paths = sample(model, sched, cond, uncond, generator=torch.Generator().manual_seed(1),
                           collect_paths=True, collect_masks=True, **kw)
@@ -244,7 +245,9 @@ def test_attention_record_matches_sampling_paths(tiny_checkpoint, tmp_path):
             assert rec.pooled[s][k].shape == (2, h, w)
             # a column of a row-stochastic map: each entry in [0, 1]
             assert (rec.pooled[s][k] >= 0).all() and (rec.pooled[s][k] <= 1 + 1e-6).all()
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    from raphael_ref import training as T
+
+    images = ((T.build_codec(cfg).decode(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (2, 3, 16, 16)
     block = AV.default_view_block(rec)
     written = AV.write_attention_views(tmp_path, images, rec, c.ids, c.valid, step=2, block=block, names=["a", "b"])
     from PIL import Image

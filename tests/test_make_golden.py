@@ -58,3 +58,22 @@ def test_missing_golden_message_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="tools/make_golden.py --only demo.none"):
         G.load_golden(case, tmp_path)
 
+
+
+def test_last_bit_changes_of_another_cpu_are_not_changes(tool, tmp_path, capsys, monkeypatch):
+    """A re-run on a CPU whose kernels round the last bit differently keeps the stored golden, even
+    with --force, and --check passes; a change beyond the cross-CPU tolerance still fails (above)."""
+    mod, case = tool
+    mod.main(["--root", str(tmp_path)])
+    before = (tmp_path / "demo.double.safetensors").read_bytes()
+    eps = torch.finfo(torch.float64).eps
+    other_cpu = G.GoldenCase(id=case.id, tol=case.tol,
+                             make_inputs=lambda g: {k: v * (1 + 2 * eps) for k, v in case.make_inputs(g).items()},
+                             compute=lambda inp: {"y": 2 * inp["x"] * (1 + 4 * eps)})
+    monkeypatch.setattr(mod.G, "all_cases", lambda: [other_cpu])
+    capsys.readouterr()
+    assert mod.main(["--root", str(tmp_path), "--check"]) == 0
+    assert mod.main(["--root", str(tmp_path), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "within the cross-CPU tolerance" in out and "in.x: max abs change" in out and "CHANGED" not in out
+    assert (tmp_path / "demo.double.safetensors").read_bytes() == before

@@ -296,20 +296,20 @@ def _fake_state(step):
 def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
     cfg = get_preset("toy")
     T.save_checkpoint(tmp_path, 10, cfg=cfg, **_fake_state(10))
-    real = T.save_file
+    real = T.save_tensors
 
-    def dying_save_file(tensors, path, *a, **k):  # the process "dies" after the weights are written
-        if path.endswith("optimizer.safetensors"):
+    def dying_save_tensors(tensors, path, *a, **k):  # the process "dies" after the weights are written
+        if str(path).endswith("optimizer.safetensors"):
             raise KeyboardInterrupt
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(T, "save_file", dying_save_file)
+    monkeypatch.setattr(T, "save_tensors", dying_save_tensors)
     with pytest.raises(KeyboardInterrupt):
         T.save_checkpoint(tmp_path, 20, cfg=cfg, **_fake_state(20))
     assert (tmp_path / "checkpoints" / "step_0000020.tmp").exists()
     assert T.latest_checkpoint(tmp_path).name == "step_0000010"
     assert json.loads((T.resolve_checkpoint(tmp_path) / "state.json").read_text())["step"] == 10
-    monkeypatch.setattr(T, "save_file", real)
+    monkeypatch.setattr(T, "save_tensors", real)
     T.save_checkpoint(tmp_path, 20, cfg=cfg, keep=1, **_fake_state(20))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_0000020"]

@@ -55,6 +55,7 @@ from raphael_ref.evaluation import ablation as A  # noqa: E402
 from raphael_ref.evaluation.prompts import CATEGORIES  # noqa: E402
 
 TRAIN = ROOT / "tools" / "train.py"
+TOY_CLIP_SIZE = 24  # image side of the shipped toy CLIP (raphael_ref/toy_clip.py): its axes need 24 px images
 EVALUATE = ROOT / "tools" / "evaluate.py"
 EXIT_INTERRUPTED = 130
 
@@ -268,7 +269,7 @@ def eval_settings(args, ckpt: Path) -> dict:
     return {"checkpoint": ckpt.name, "sampler": "ddim", "sampler_steps": args.sampler_steps,
             "prompts_per_category": args.prompts_per_category, "seeds": list(args.seeds),
             "per_prompt": args.per_prompt, "categories": list(args.categories),
-            "fidelity": "FID" if args.inception_weights else "pixel-FD"}
+            "fidelity": "FID" if args.inception_weights else "pixel-FD", "toy_clip_axes": True}
 
 
 def guidance_of(args, v: A.Variant) -> list[float]:
@@ -324,6 +325,8 @@ def evaluate_run(args, run: str, device: torch.device, E, log=print, guidance: l
             fidelity = A.pixel_fd(images, reference)
         res = {"settings": settings, "guidance": g, "summary": summary, "fidelity": fidelity,
                "fidelity_name": settings["fidelity"], "n_images": int(images.shape[0]), "seconds": time.time() - t0}
+        if images.shape[-1] == TOY_CLIP_SIZE:  # Fig. 6b's own axes at toy scale: toy CLIP score, FD in its features
+            res["toy_clip"] = E.toy_clip_axes(images, records, specs, device)
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
         results[g] = res
@@ -390,7 +393,11 @@ def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[di
                  "pixel-FD, a Frechet distance of colour histograms + 4x4 pooled pixels against ground-truth "
                  "renders (NOT FID; comparable only within this study).")]
     all_g = sorted(set(args.guidance) | set(args.sweep_guidance))
-    (out / "ablation.md").write_text(A.markdown_report(rows, plan, all_g, header, fidelity_name))
+    report = A.markdown_report(rows, plan, all_g, header, fidelity_name)
+    clip_rows = A.toy_clip_rows(rows)
+    if clip_rows:
+        report += "\n" + A.toy_clip_table(clip_rows, plan, all_g)
+    (out / "ablation.md").write_text(report)
     plan_json = [{"name": v.name, "group": v.group, "value": v.value, "run": v.run,
                   "overrides": {k: x for k, x in v.overrides}} for v in plan]
     settings = {k: v for k, v in vars(args).items()}
@@ -402,6 +409,12 @@ def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[di
     if module_rows:
         files.append(plots.tradeoff_plot(module_rows, out / "tradeoff.png", fidelity_name=fidelity_name,
                                          variants=[v.name for v in plan if v.group == "module"]))
+        clip_module_rows = [r for r in clip_rows if r["group"] == "module"]
+        if clip_module_rows:  # Fig. 6b as printed: FD against CLIP score, here the toy CLIP's
+            files.append(plots.tradeoff_plot(clip_module_rows, out / "tradeoff_toy_clip.png",
+                                             fidelity_name="FD in toy-CLIP image features",
+                                             alignment_name="toy CLIP score",
+                                             variants=[v.name for v in plan if v.group == "module"]))
     sweep_rows = [r for r in rows if r["group"] in ("alpha", "t_c")]
     if sweep_rows:
         files.append(plots.sweep_plot(sweep_rows, out / "sweeps.png", fidelity_name=fidelity_name))
@@ -456,7 +469,8 @@ def main(argv=None) -> dict:
     if args.only_run is not None:
         return {"runs": runs, "timings": timings}
     rows = [A.result_row(v, g, results[v.run][g]["summary"], results[v.run][g]["fidelity"],
-                         results[v.run][g]["fidelity_name"], n_images=results[v.run][g]["n_images"])
+                         results[v.run][g]["fidelity_name"], n_images=results[v.run][g]["n_images"],
+                         toy_clip=results[v.run][g].get("toy_clip"))
             for v in plan for g in guidance_of(args, v)]
     files = write_reports(args, cfg, plan, rows, timings)
     print((out / "ablation.md").read_text())

@@ -242,6 +242,80 @@ def run_params(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# train-step: one full training step (forward, L_denoise + L_edge, backward, AdamW) of toy variants
+
+# name -> overrides of the toy preset: the choices measured when sizing the 10-minute toy (E68).
+_S2D = {"model.codec": "space_to_depth", "model.codec_factor": 3, "model.in_channels": 27, "model.sample_size": 8}
+TRAIN_STEP_VARIANTS: dict[str, dict] = {
+    "toy: 24px pixels, dense, b16": {},
+    "24px pixels, gather, b16": {"model.moe_impl": "gather"},
+    "24px pixels, dense, b32": {"train.batch_size": 32},
+    "24px s2d f3 (8x8x27), width 32, gather, b32": {**_S2D, "model.moe_impl": "gather", "train.batch_size": 32},
+    "24px s2d f3 (8x8x27), width 64, gather, b32": {**_S2D, "model.moe_impl": "gather", "train.batch_size": 32,
+                                                    "model.model_channels": 64, "model.norm_groups": 16},
+}
+
+
+def add_train_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", nargs="*", default=None, metavar="NAME",
+                   help=f"subset of the variants (default: all): {list(TRAIN_STEP_VARIANTS)}")
+    p.add_argument("--clock", choices=["process", "wall"], default="process",
+                   help="process CPU time (default: robust to other load on the machine) or wall time")
+
+
+def run_train_step(args: argparse.Namespace) -> dict:
+    from raphael_ref.config import get_preset
+    from raphael_ref.diffusion import NoiseSchedule
+    from raphael_ref.models import RaphaelUNet
+    from raphael_ref.objective import training_losses
+
+    names = args.variants or list(TRAIN_STEP_VARIANTS)
+    unknown = [n for n in names if n not in TRAIN_STEP_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(TRAIN_STEP_VARIANTS)}")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    rows, times = [], {}
+    for name in names:
+        cfg = get_preset("toy", TRAIN_STEP_VARIANTS[name])
+        m = cfg.model
+        f = m.codec_factor if m.codec == "space_to_depth" else 1
+        B, S, C = cfg.train.batch_size, m.sample_size, m.in_channels
+        gen = torch.Generator().manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+        model = RaphaelUNet(m).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        sched = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
+        x0 = torch.randn(B, C, S, S, generator=gen)
+        y = torch.randn(B, m.n_y, m.d_y, generator=gen)
+        valid = (torch.arange(m.n_y)[None] < 10).expand(B, m.n_y)
+        pooled = torch.full((B,), 9)
+        edge = torch.rand(B, 1, S * f, S * f, generator=gen)
+
+        def step():
+            t = torch.randint(0, cfg.diffusion.T, (B,), generator=gen)
+            out = training_losses(model, sched, x0, t, torch.randn(x0.shape, generator=gen), y, valid, pooled, edge)
+            opt.zero_grad(set_to_none=True)
+            out["total"].mean().backward()
+            opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        ts = []
+        for _ in range(args.repeats):
+            t0 = clock()
+            step()
+            ts.append(clock() - t0)
+        sec = statistics.median(ts)
+        times[name] = {"s_per_step": sec, "images_per_s": B / sec, "batch": B}
+        rows.append((name, f"{sec:.3f}", f"{B / sec:.1f}"))
+    base = times[names[0]]["images_per_s"]
+    rows = [(*r, f"{times[n]['images_per_s'] / base:.2f}") for r, n in zip(rows, names)]
+    print(f"toy training step, {args.clock} time, median of {args.repeats}, {torch.get_num_threads()} thread(s)")
+    print_table(rows, ("variant", "s/step", "images/s", f"images/s vs {names[0]!r}"))
+    return {"clock": args.clock, "variants": {n: TRAIN_STEP_VARIANTS[n] for n in names}, "times": times}
+
+
+# ---------------------------------------------------------------------------------------------
 # registry and CLI
 
 
@@ -259,6 +333,8 @@ COMMANDS: list[Command] = [
     Command("block", "one transformer block: MoE (6 space + 4 time experts) vs dense FFNs",
             add_block_args, run_block),
     Command("params", "parameter count per component of a preset (meta device)", add_params_args, run_params),
+    Command("train-step", "one toy training step (fwd, loss, bwd, AdamW): the variants behind the fast toy preset",
+            add_train_step_args, run_train_step),
 ]
 
 

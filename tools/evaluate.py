@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -86,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"torch-fidelity feature extractor; {M.TINY_EXTRACTOR!r} is a random stand-in for smoke tests")
     p.add_argument("--clip", default=None, help="CLIP score with this open_clip folder or model name (local weights)")
     p.add_argument("--clip-weights", default=None, help="local checkpoint file when --clip is a model name")
+    p.add_argument("--toy-clip", action="store_true",
+                   help="the toy axes of Fig. 6b with the shipped toy CLIP (raphael_ref/toy_clip.py): toy CLIP score, "
+                        "Frechet distance in its image-feature space (torch-fidelity, registered extractor) and pixel-FD, "
+                        "each against ground-truth renders of the prompts")
     p.add_argument("--attention", type=int, default=1, help="attention views for the first N prompts per category")
     p.add_argument("--attention-step", type=int, default=None, help="sampler step of the views (default: middle)")
     p.add_argument("--attention-block", type=int, default=None,
@@ -102,7 +108,41 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.fid and args.fid_extractor == M.INCEPTION_EXTRACTOR and args.inception_weights is None:
         p.error(f"--fid needs --inception-weights PATH (a local {M.INCEPTION_FILE}; nothing is downloaded)")
+    check_user_errors(p, args)
     return args
+
+
+def check_user_errors(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`error:` lines (exit code 2) for what the user can fix, before anything long runs: the checkpoint and
+    its weights, numbers out of range (--steps <= T of the checkpoint), an --out that takes no files."""
+    if not 0.0 <= args.eta <= 1.0:  # NaN fails too
+        p.error(f"--eta must lie in [0, 1] (0: deterministic DDIM), got {args.eta}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0.0):
+        p.error(f"--guidance must be a finite number >= 0 (1 = no guidance), got {args.guidance}")
+    if args.checkpoint is not None:
+        from raphael_ref import training as T
+        from raphael_ref.config import RaphaelConfig
+
+        try:
+            ckpt = T.resolve_checkpoint(args.checkpoint)
+            weights_file(ckpt, args.weights)
+            cfg = RaphaelConfig.from_json(ckpt / "config.json")
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        n_steps = args.steps if args.sampler == "ddim" else cfg.diffusion.T
+        if args.sampler == "ddim" and args.steps > cfg.diffusion.T:
+            p.error(f"--steps must lie in [1, T = {cfg.diffusion.T}] for {ckpt}, got {args.steps}")
+        if args.attention and args.attention_step is not None and not 0 <= args.attention_step < n_steps:
+            p.error(f"--attention-step must lie in [0, {n_steps}) ({n_steps} sampler steps), got {args.attention_step}")
+        if args.attention_block is not None and not 0 <= args.attention_block < cfg.n_transformer_blocks:
+            p.error(f"--attention-block must lie in [0, {cfg.n_transformer_blocks}), got {args.attention_block}")
+    try:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        p.error(f"--out {args.out} is not a writable folder: {e.strerror or e}")
 
 
 # ------------------------------------------------------------------------------ the model side
@@ -149,7 +189,8 @@ class ModelGenerator:
         uncond = None if a.unconditional else (self.empty.hidden, self.empty.valid, self.empty.pooled_index)
         kw = dict(shape=(n, self.cfg.model.in_channels, self.size, self.size), steps=a.steps,
                   guidance=1.0 if a.unconditional else a.guidance, sampler=a.sampler, eta=a.eta,
-                  generator=torch.Generator().manual_seed(image_seed(seed, spec)))
+                  generator=torch.Generator().manual_seed(image_seed(seed, spec)),
+                  set_alpha_to_one=self.cfg.sample.set_alpha_to_one)
         if record_step is None:
             from raphael_ref.sampling import sample
 
@@ -315,6 +356,8 @@ def main(argv=None) -> dict:
         extra["clip_score"] = {"mean": float(clip.mean()), "n": int(clip.numel())}
         for r, v in zip(records, clip.tolist()):
             r["clip_score"] = v
+    if args.toy_clip:
+        extra["toy_clip"] = toy_clip_axes(all_images, records, specs, device)
     for cat, cat_specs in specs.items():
         shown = cat_specs[:args.grid_prompts]
         per_row = min(args.per_prompt, 8)
@@ -339,10 +382,34 @@ def main(argv=None) -> dict:
               f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
               f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
               f"(one binary verdict per image)."]
-    labels = {"fid_kid": "FID/KID vs ground-truth renders", "clip_score": "CLIP score"}
+    labels = {"fid_kid": "FID/KID vs ground-truth renders", "clip_score": "CLIP score",
+              "toy_clip": "toy CLIP axes (Fig. 6b at toy scale)"}
     (out / "results.md").write_text(markdown_table(summary, header, {labels[k]: v for k, v in extra.items()}))
     print((out / "results.md").read_text())
     return result
+
+
+def toy_clip_axes(images: torch.Tensor, records: list[dict], specs: dict, device) -> dict:
+    """Toy CLIP score (mean, standard error), FD in the toy CLIP's image-feature space and pixel-FD.
+
+    References are the ground-truth renders of each record's prompt; the toy CLIP is the shipped
+    pretrained tiny CLIP whose text tower is the toy preset's E_theta (raphael_ref/toy_clip.py).
+    """
+    from raphael_ref import toy_clip as TC
+    from raphael_ref.evaluation.ablation import pixel_fd
+
+    spec_of = {s.uid: s for c in specs.values() for s in c}
+    reference = torch.stack([render(spec_of[r["uid"]].scene) for r in records])  # (N, 3, S, S) uint8
+    scorer = M.load_clip(TC.TOY_CLIP_DIR, device=device)
+    clip = M.clip_score(images, [r["prompt"] for r in records], scorer)  # (N,)
+    ref_clip = M.clip_score(reference, [r["prompt"] for r in records], scorer)
+    for r, v in zip(records, clip.tolist()):
+        r["toy_clip_score"] = v
+    fd = M.fid_kid(images, reference, device=device, feature_extractor=TC.register_toy_clip_extractor(), kid=False)
+    n = int(clip.numel())
+    return {"clip_score": float(clip.mean()), "clip_score_se": float(clip.std() / math.sqrt(n)) if n > 1 else None,
+            "clip_score_of_references": float(ref_clip.mean()), "fd_toy_clip": fd["fid"],
+            "pixel_fd": float(pixel_fd(images, reference)), "n": n}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
     python tools/make_golden.py --force         # overwrite changed goldens (prints what changed)
 
 A golden whose stored values differ from the freshly computed ones is never overwritten without
---force: the command prints which tensors changed and by how much, and exits non-zero.
+--force: the command prints which tensors changed and by how much, and exits non-zero. Changes
+within the cross-CPU tolerance (a few float64 ulps; raphael_ref/testing/golden.py, "Across CPUs")
+are reported but are not changes: the stored golden is kept, even with --force.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             if not changes:
                 print(f"unchanged  {case.id}")
                 entries[case.id] = G.manifest_entry(case, inputs, outputs)
+                continue
+            if not G.reproduction_errors(case, (old_in, old_out), (inputs, outputs)):
+                # last-bit changes of another CPU's kernels (golden.py, "Across CPUs"): not a change
+                print(f"unchanged  {case.id} (within the cross-CPU tolerance; the stored golden is kept)")
+                print("\n".join(changes))
+                entries[case.id] = G.manifest_entry(case, old_in, old_out)
                 continue
             print(f"CHANGED    {case.id}")
             print("\n".join(changes))

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,7 +90,44 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.folds}-fold CV needs >= {args.folds} per word: give >= {args.folds} --template")
     if args.classifier == "auto":
         args.classifier = R.available_classifier()
+    check_user_errors(p, args)
     return args
+
+
+def check_user_errors(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`error:` lines (exit code 2) for what the user can fix, before anything long runs: the checkpoint, its
+    weights and space-MoE, numbers out of range (steps <= T of the checkpoint), --words, an unwritable --out."""
+    from raphael_ref import training as T
+    from raphael_ref.config import RaphaelConfig
+
+    if not (math.isfinite(args.guidance) and args.guidance >= 0.0):
+        p.error(f"--guidance must be a finite number >= 0 (1 = no guidance), got {args.guidance}")
+    if args.words and not Path(args.words).is_file():
+        p.error(f"--words {args.words} is not a file (one word per line)")
+    try:
+        ckpt = T.resolve_checkpoint(args.checkpoint)
+        if args.weights == "ema" and not (ckpt / "ema.safetensors").exists():
+            raise FileNotFoundError(f"--ema: {ckpt} has no ema.safetensors (use --raw)")
+        cfg = RaphaelConfig.from_json(ckpt / "config.json")
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    if not cfg.model.use_space_moe:
+        p.error(f"{ckpt} was trained without space-MoE (model.use_space_moe = false): no paths")
+    T_ = cfg.diffusion.T
+    if args.sampler == "ddim":
+        for name in ("steps", "fig9_steps"):
+            if getattr(args, name) > T_:
+                p.error(f"--{name.replace('_', '-')} must lie in [1, T = {T_}] for {ckpt}, got {getattr(args, name)}")
+    n_steps = args.steps if args.sampler == "ddim" else T_
+    if not 0 <= args.feature_step < n_steps:
+        p.error(f"--feature-step must lie in [0, {n_steps}) ({n_steps} sampler steps), got {args.feature_step}")
+    try:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        p.error(f"--out {args.out} is not a writable folder: {e.strerror or e}")
 
 
 def load_weights(path: Path, choice: str, device: torch.device):
@@ -197,8 +236,6 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, cfg, ckpt, weights = load_weights(Path(args.checkpoint), args.weights, device)
-    if not cfg.model.use_space_moe:
-        raise SystemExit(f"error: {ckpt} was trained without space-MoE (model.use_space_moe = false): no paths")
     encoder = T.build_text_encoder(cfg, device)
     d = cfg.diffusion
     schedule = NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)

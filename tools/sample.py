@@ -11,6 +11,10 @@ text token and block; time expert per step and block); with ``--save-masks`` the
 Mhat_i of each text token (Sec. 3.1) at the last sampling step, averaged over the 16 blocks, laid
 over the image (``NNN_<prompt>.masks.png``). EMA weights unless ``--raw``. On the CPU a seed and
 batch size give the same bytes on every run (noise is drawn on the CPU from the seed).
+
+User errors (a missing checkpoint or prompt file, --steps outside 1..T, --eta outside [0, 1], a negative or
+non-finite --guidance, an --out that takes no files, a VAE run without diffusers) are one ``error:`` line and
+exit code 2, found before the model is loaded. A prompt longer than the text context warns once (errata E41).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import json
 import math
 import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from raphael_ref import training as T  # noqa: E402
 from raphael_ref.checkpoint import load_model  # noqa: E402
+from raphael_ref.config import RaphaelConfig  # noqa: E402
 from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+from raphael_ref.text_encoder import PromptTruncatedWarning  # noqa: E402
 
 # distinct colours for expert ids 0..11 (ids beyond wrap around)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -43,10 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts-file", default=None, help="text file, one prompt per line (blank lines skipped)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the run's sample.sampler")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample.steps); "
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps, 1..T (default: the run's sample.steps); "
                    "DDPM always runs all T steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (default: the "
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (0: deterministic DDIM)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight >= 0 (default: the "
                    "run's sample.guidance; 1 = no guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -163,9 +171,30 @@ def masks_figure(image: torch.Tensor, tokens: list[str], masks: list[torch.Tenso
 # ------------------------------------------------------------------------------ main
 
 
+def check_sampling_numbers(steps: int, eta: float, guidance: float, T_: int) -> None:
+    """ValueError naming the flag when --steps is not in [1, T], --eta not in [0, 1] or --guidance not finite >= 0."""
+    if not 1 <= steps <= T_:
+        raise ValueError(f"--steps must lie in [1, T = {T_}] (one model call per distinct timestep), got {steps}")
+    if not 0.0 <= eta <= 1.0:  # NaN fails too
+        raise ValueError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if not (math.isfinite(guidance) and guidance >= 0.0):
+        raise ValueError(f"--guidance must be a finite number >= 0 (1 = no guidance), got {guidance}")
+
+
+def writable_dir(path: Path, flag: str = "--out") -> Path:
+    """Create ``path`` (and its parents) and prove that a file can be written there; ValueError naming ``flag``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not a writable folder: {e.strerror or e}") from e
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    try:  # user errors: an `error:` line and exit code 2, before anything long runs
         prompts = read_prompts(args)
         ckpt = T.resolve_checkpoint(args.checkpoint)
         weights = "model.safetensors" if args.raw else "ema.safetensors"
@@ -173,21 +202,23 @@ def main(argv=None) -> int:
             raise ValueError(f"{ckpt} has no {weights}" + ("" if args.raw else "; pass --raw for the raw weights"))
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    except (ValueError, FileNotFoundError) as e:
+        cfg = RaphaelConfig.from_json(ckpt / "config.json")
+        sc = cfg.sample
+        sampler = args.sampler or sc.sampler
+        steps = sc.steps if args.steps is None else args.steps  # --steps 0 is an error, not "the default"
+        guidance = sc.guidance if args.guidance is None else args.guidance
+        check_sampling_numbers(steps, args.eta, guidance, cfg.diffusion.T)
+        out = writable_dir(Path(args.out))
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        codec = T.build_codec(cfg, device)  # a missing diffusers or VAE folder is reported here
+        encoder = T.build_text_encoder(cfg, device)  # and missing text-tower weights here
+        model, cfg = load_model(ckpt, weights_name=weights)  # a damaged file: CheckpointError (a ValueError)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg = load_model(ckpt, weights_name=weights)
     model = model.to(device).eval()
-    sc = cfg.sample
-    sampler = args.sampler or sc.sampler
-    steps = args.steps or sc.steps
-    guidance = sc.guidance if args.guidance is None else args.guidance
-    encoder = T.build_text_encoder(cfg, device)
-    codec = T.build_codec(cfg, device)
     schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T, cfg.diffusion.zero_terminal_snr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    all_ids = encoder.tokenize(prompts)  # (N, n_y); warns once per prompt longer than the context (E41)
     print(f"{ckpt} ({'raw' if args.raw else 'EMA'} weights), {sampler} "
           f"{steps if sampler == 'ddim' else schedule.T} steps, guidance {guidance}, seed {args.seed}, "
           f"{len(prompts)} prompt(s) -> {out}", flush=True)
@@ -198,12 +229,15 @@ def main(argv=None) -> int:
     all_images = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        images, paths = T.generate_images(model, schedule, encoder, codec, batch, size=size, sampler=sampler,
-                                          steps=steps, guidance=guidance, eta=args.eta, generator=generator,
-                                          collect_paths=args.save_paths,
-                                          collect_masks=[n_steps - 1] if args.save_masks else False)  # the last step only
+        with warnings.catch_warnings():  # already warned above, with the prompt's index in the whole list
+            warnings.simplefilter("ignore", PromptTruncatedWarning)
+            images, paths = T.generate_images(model, schedule, encoder, codec, batch, size=size, sampler=sampler,
+                                              steps=steps, guidance=guidance, eta=args.eta, generator=generator,
+                                              set_alpha_to_one=cfg.sample.set_alpha_to_one,
+                                              collect_paths=args.save_paths,
+                                              collect_masks=[n_steps - 1] if args.save_masks else False)  # last step
         all_images.append(images)
-        ids = encoder.tokenize(batch)  # (b, n_y)
+        ids = all_ids[start:start + args.batch_size]  # (b, n_y)
         for j, prompt in enumerate(batch):
             stem = f"{start + j:03d}_{slug(prompt)}"
             T.save_image_grid(images[j:j + 1], out / f"{stem}.png", nrow=1, min_tile=1, pad=0)

@@ -11,11 +11,17 @@ One process trains on one device; under ``torchrun`` every rank trains with DDP 
 ``--fsdp`` / ``train.fsdp``), on CUDA with NCCL or on CPU with gloo. The run folder layout is in
 ``raphael_ref/training.py``. Ctrl-C (SIGINT) or SIGTERM: the current step finishes, a checkpoint
 is written and the process exits with code 130. See docs/training.md.
+
+Exit codes: 0 done; 2 a user error (``error: ...``, found before any training); 3 the run diverged
+(a non-finite loss or gradient norm, ``train.nonfinite``; nothing was written after it, the newest
+checkpoint is finite); 4 a sample grid (or the final loss plot) failed, after a checkpoint of that
+step was written; 130 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -32,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
 from raphael_ref import training as T  # noqa: E402
+from raphael_ref.checkpoint import check_state_dict  # noqa: E402
 from raphael_ref.config import PRESETS, load_config  # noqa: E402
 from raphael_ref.data.buckets import BUCKETS, scaled_buckets  # noqa: E402
 from raphael_ref.data.loader import make_train_loader  # noqa: E402
@@ -39,12 +46,23 @@ from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
 from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count  # noqa: E402
 from raphael_ref.objective import training_losses  # noqa: E402
 
+EXIT_USAGE = 2  # a user error, reported before any training
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm (train.nonfinite)
+EXIT_AFTER_TRAINING = 4  # a sample grid or the final loss plot failed; a checkpoint of that step is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a run stopped by Ctrl-C
+
+# Config fields a resumed run may change (everything else must match the checkpoint's config): the
+# run's length, cadences, optimiser settings, data and sample grids (train.*, sample.*), and model
+# fields that change neither the weights nor what the network computes (memory, kernels, where
+# frozen weights live on this machine).
+RESUME_MAY_CHANGE = ("train.", "sample.", "model.checkpoint", "model.moe_impl", "model.text_encoder_weights",
+                     "model.vae_path")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="toy", help="config preset (default: toy)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="config preset (default: toy; a resumed run keeps its checkpoint's)")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="JSON/TOML file of fields, nested or dotted, applied over the preset (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -124,16 +142,77 @@ def say(rank: int, *msg) -> None:
         print(*msg, flush=True)
 
 
-def fail(rank: int, msg: str) -> int:
-    """Print ``error: msg`` on rank 0 (stderr) and return exit code 2 (every rank)."""
+def fail(rank: int, msg: str, code: int = EXIT_USAGE) -> int:
+    """Print ``error: msg`` on rank 0 (stderr) and return ``code`` (every rank); 2 unless told."""
     if rank == 0:
         print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
+    return code
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm (or non-finite weights at a checkpoint); ``step`` is where it was seen."""
+
+    def __init__(self, step: int, detail: str = ""):
+        super().__init__(step, detail)
+        self.step, self.detail = step, detail
+
+
+def _flat(cfg) -> dict:
+    out, todo = {}, [("", cfg.to_dict())]
+    while todo:
+        prefix, d = todo.pop()
+        for k, v in d.items():
+            if isinstance(v, dict):
+                todo.append((f"{prefix}{k}.", v))
+            else:
+                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def locked_differences(ckpt_cfg, cfg) -> list[str]:
+    """``field (checkpoint X, now Y)`` for each field outside RESUME_MAY_CHANGE that differs."""
+    a, b = _flat(ckpt_cfg), _flat(cfg)
+    return [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+
+
+def _listed(items: list[str], n: int = 8) -> str:
+    return "; ".join(items[:n]) + (f"; ... and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_run_folder(out: str | None, resume_from: Path | None) -> str | None:
+    """Why ``--out`` cannot take this run (it holds another run), or None. Nothing is written."""
+    if out is None:
+        return None  # a fresh runs/<time>-<preset>
+    run_dir = Path(out)
+    if resume_from is not None and resume_from.resolve().parent.parent == run_dir.resolve():
+        return None  # continuing this folder's own run
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"--out {run_dir} is a file, not a folder"
+    if T.latest_checkpoint(run_dir) is not None:
+        return f"{run_dir} already holds checkpoints; pass --resume to continue that run, or another --out"
+    held = [n for n in ("config.json", "log.jsonl") if (run_dir / n).exists()]
+    if held:
+        return (f"{run_dir} holds another run ({', '.join(held)}) but no checkpoint to resume; --out never "
+                f"overwrites a run: choose another --out (or delete {run_dir} to start over)")
+    return None
+
+
+def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
+    """The global gradient norm (clipped to ``clip`` when > 0), a 0-d tensor on the device: no host sync."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    elif hasattr(torch.nn.utils, "get_total_norm"):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:  # torch < 2.6: an infinite bound scales by 1
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     # ---- config: preset (or the checkpoint's config when resuming) + files + --set
-    resume_from = None
+    resume_from, ck = None, None
     try:
         if args.resume is not None:
             if args.resume == "latest":
@@ -144,30 +223,52 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     raise ValueError(f"--resume: {args.out} has no checkpoint in {args.out}/{T.CKPT_DIR}")
             else:
                 resume_from = T.resolve_checkpoint(args.resume)
-            base = load_config(files=[resume_from / "config.json"])
+            ck = T.load_checkpoint(resume_from)  # every file's SHA-256 checked: a damaged one is named here
+            base = ck["cfg"]
+            if args.preset is not None and args.preset != base.name:
+                diff = locked_differences(base, load_config(args.preset, args.config, args.set))
+                raise ValueError(f"--preset {args.preset}: the checkpoint {resume_from} was trained from preset "
+                                 f"{base.name!r} and a resumed run keeps its model"
+                                 f"{': ' + _listed(diff) if diff else ''}; drop --preset to resume, or start a "
+                                 f"new run in another --out")
             cfg = load_config(base=base, files=args.config, overrides=args.set)
+            diff = locked_differences(base, cfg)
+            if diff:
+                raise ValueError(f"--resume: {len(diff)} field(s) differ from the checkpoint's config and cannot "
+                                 f"change on resume: {_listed(diff)}. A resumed run may change "
+                                 f"{', '.join(f + '*' if f.endswith('.') else f for f in RESUME_MAY_CHANGE)}; "
+                                 f"start a new run in another --out for a different model")
         else:
-            cfg = load_config(args.preset, args.config, args.set)
+            cfg = load_config(args.preset or "toy", args.config, args.set)
         if args.fsdp:
             cfg.train.fsdp = True
         if cfg.train.batch_size % world:
             raise ValueError(f"config field train.batch_size: the global batch {cfg.train.batch_size} must be "
                              f"divisible by the world size {world}")
+        # the edge detector first: missing HED weights stop the run before its folder exists (E63)
+        edge_detector = T.build_edge_detector(cfg, device) if cfg.model.use_edge else None
     except (ValueError, FileNotFoundError) as e:
         return fail(rank, str(e))
     tc, mc = cfg.train, cfg.model
 
-    # ---- run folder (rank 0 decides its name)
+    # ---- run folder (rank 0 looks and decides its name): never another run's folder
     if resume_from is not None and args.out is None:
         args.out = str(resume_from.parent.parent)
+    problem = broadcast_object(check_run_folder(args.out, resume_from) if rank == 0 else None, rank)
+    if problem is not None:
+        return fail(rank, problem)
     run_dir = Path(broadcast_object(str(T.make_run_dir(args.out, cfg.name)) if rank == 0 else None, rank))
-    if resume_from is None and T.latest_checkpoint(run_dir) is not None:
-        return fail(rank, f"{run_dir} already holds checkpoints; pass --resume to continue that run, or another --out")
 
     # ---- seeds: one model init for all ranks, then per-rank streams seed * world + rank (DiT)
     torch.manual_seed(tc.seed)
     model = RaphaelUNet(mc)
     ema = T.make_ema(model)  # an exact copy; updated after every step, used for the sample grids
+    if ck is not None:  # a hand-edited config.json beside the weights: name the keys, not a 100-line RuntimeError
+        try:
+            for name in ("model", "ema"):
+                check_state_dict(model.state_dict(), ck[name], str(resume_from / f"{name}.safetensors"))
+        except ValueError as e:
+            return fail(rank, str(e))
     rank_seed = tc.seed * world + rank
     torch.manual_seed(rank_seed)  # the model's own draws (gate noise; dropout)
     gen = torch.Generator().manual_seed(rank_seed)  # t, noise and the VAE posterior, drawn on the CPU
@@ -200,9 +301,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     # ---- frozen parts: text encoder, image codec, edge detector; the noise schedule
-    encoder = T.build_text_encoder(cfg, device)
-    codec = T.build_codec(cfg, device)
-    edge_detector = T.build_edge_detector(cfg, device) if mc.use_edge else None
+    try:
+        encoder = T.build_text_encoder(cfg, device)
+        codec = T.build_codec(cfg, device)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(rank, str(e))
     schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T, cfg.diffusion.zero_terminal_snr)
     image_size = mc.sample_size * codec.downsample_factor
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.mixed_precision == "bf16"
@@ -212,26 +315,22 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- resume: weights, EMA, optimizer, RNG streams, data position, log window
-    step = 0
-    window = torch.zeros(4, dtype=torch.float64)  # sums of (loss, denoise, edge) over the log window, count
+    step, skipped_steps = 0, 0
+    # sums of (loss, denoise, edge) over the log window and its step count, kept on the device (read at log lines)
+    window = torch.zeros(4, dtype=torch.float64, device=device)
     if resume_from is not None:
-        ck = T.load_checkpoint(resume_from)
         set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
         set_model_state_dict(ema, ck["ema"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
         st = ck["state"]
         step = int(st["step"])
-        window = torch.tensor(st["window"], dtype=torch.float64)
+        window = torch.tensor(st["window"], dtype=torch.float64, device=device)
+        skipped_steps = int(st.get("skipped_steps", 0))
         rng_states = ck["rng"] if st["world_size"] == world else None
         if rng_states is None:
             say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: RNG streams "
                       f"reseeded from (seed, rank, step); the run goes on but is not bit-identical to an uninterrupted one")
         del ck
-    if rank == 0:
-        T.truncate_log(run_dir / "log.jsonl", step)  # drop lines of steps after the checkpoint (or of a run
-        cfg.to_json(run_dir / "config.json")          # killed before its first checkpoint)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        (run_dir / "samples" / "prompts.txt").write_text("\n".join(cfg.sample.prompts) + "\n")
 
     buckets = None  # the paper's bucket sizes (Sec. 4), or scaled to what the codec and the U-Net accept
     if tc.multiscale and tc.bucket_factor is not None:
@@ -239,9 +338,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             buckets = scaled_buckets(BUCKETS, tc.bucket_factor, codec.downsample_factor * 2 ** (len(mc.channel_mult) - 1))
         except ValueError as e:
             return fail(rank, f"config field train.bucket_factor: {e}")
-    loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
-                               world_size=world, seed=tc.seed, multiscale=tc.multiscale, buckets=buckets,
-                               caption_dropout=tc.caption_dropout, num_workers=tc.num_workers, start_step=step)
+    try:
+        loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
+                                   world_size=world, seed=tc.seed, multiscale=tc.multiscale, buckets=buckets,
+                                   caption_dropout=tc.caption_dropout, num_workers=tc.num_workers, start_step=step)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(rank, str(e))
     data = iter(loader)  # (draws from the loader's own generator, not from the RNG streams restored below)
     if resume_from is not None:
         if rng_states is not None:
@@ -253,6 +355,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             torch.manual_seed(rank_seed + 1_000_003 * step)
             gen.manual_seed(rank_seed + 1_000_003 * step)
 
+    if rank == 0:  # the first writes into the run folder: every user error is behind us
+        T.truncate_log(run_dir / "log.jsonl", step)  # drop lines of steps after the checkpoint
+        cfg.to_json(run_dir / "config.json")
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "samples" / "prompts.txt").write_text("\n".join(cfg.sample.prompts) + "\n")
+
     counts = count_parameters(model)
     say(rank, f"run folder: {run_dir}")
     say(rank, f"preset {cfg.name}: U-Net {format_count(counts['total'])} parameters "
@@ -262,7 +370,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
               f"{', bf16 autocast' if not isinstance(amp, nullcontext) else ', float32'}; "
               f"global batch {tc.batch_size}, steps {step} -> {tc.steps}")
     say(rank, f"data: {tc.source} at {image_size}px{f' (multi-scale buckets {buckets or BUCKETS})' if tc.multiscale else ''}; "
-              f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'random, seed 0'}); "
+              f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'shipped pretrained weights, raphael_ref/assets/toy_clip' if mc.text_encoder == 'toy-clip' else 'random, seed 0'}); "
               f"codec {mc.codec}")
     say(rank, f"edge ground truth I_edge: {edge_detector.describe() if edge_detector else 'off (model.use_edge = false)'}")
     if resume_from is not None:
@@ -273,8 +381,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
     # ---- helpers that touch every rank (collectives) and write on rank 0
     log = T.JsonlLog(run_dir / "log.jsonl") if rank == 0 else None
+    late_errors: list[str] = []  # failures after the final checkpoint (exit 4)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(final: bool = False) -> None:
+        """Write a checkpoint; raises Diverged (nothing written) when the weights are not finite."""
         model_sd = get_model_state_dict(model, options=full)
         ema_sd = get_model_state_dict(ema, options=full)
         opt_sd = get_optimizer_state_dict(model, opt, options=full)
@@ -285,30 +395,66 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, mine)
+        verdict = None  # rank 0's ("nonfinite" | "plot", message), shared with every rank
         if rank == 0:
             rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
             state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
-                     "seed": tc.seed}
-            path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
-                                     optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
-            T.plot_loss_curve(T.read_log(run_dir / "log.jsonl"), run_dir / "loss.png")
-            if bar is not None:
-                bar.write(f"saved {path}")
+                     "seed": tc.seed, "skipped_steps": skipped_steps}
+            try:
+                path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
+                                         optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
+            except T.NonFiniteError as e:
+                verdict = ("nonfinite", str(e))
             else:
-                print(f"saved {path}", flush=True)
+                (bar.write if bar is not None else lambda m: print(m, flush=True))(f"saved {path}")
+                try:
+                    T.plot_loss_curve(T.read_log(run_dir / "log.jsonl"), run_dir / "loss.png")
+                except Exception as e:  # a cosmetic failure: the checkpoint is written
+                    verdict = ("plot", f"loss curve {run_dir / 'loss.png'} not drawn ({type(e).__name__}: {e})")
+        verdict = broadcast_object(verdict, rank)
         barrier()
+        if verdict is not None and verdict[0] == "nonfinite":
+            raise Diverged(step, verdict[1])
+        if verdict is not None:
+            if final:
+                late_errors.append(verdict[1])
+            elif rank == 0:
+                print(f"warning: {verdict[1]}", file=sys.stderr, flush=True)
 
-    def sample_grid() -> None:
+    def sample_grid() -> str | None:
+        """Draw the sample grid of this step; returns what went wrong (the same on every rank), or None."""
+        err = None
         if rank == 0 or (tc.fsdp and world > 1):  # FSDP: every rank takes part in the sharded forward
             sc = cfg.sample
-            with amp:
-                images, _ = T.generate_images(ema, schedule, encoder, codec, list(sc.prompts), sampler=sc.sampler,
-                                              steps=sc.steps, guidance=sc.guidance,
-                                              generator=torch.Generator().manual_seed(sc.seed),
-                                              size=(mc.sample_size, mc.sample_size))
-            if rank == 0:
-                T.save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
+            try:
+                with amp:
+                    images, _ = T.generate_images(ema, schedule, encoder, codec, list(sc.prompts), sampler=sc.sampler,
+                                                  steps=sc.steps, guidance=sc.guidance,
+                                                  set_alpha_to_one=sc.set_alpha_to_one,
+                                                  generator=torch.Generator().manual_seed(sc.seed),
+                                                  size=(mc.sample_size, mc.sample_size))
+                if rank == 0:
+                    T.save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
+            except Exception as e:
+                err = f"sample grid of step {step} failed ({type(e).__name__}: {e})"
+        err = broadcast_object(err, rank)
         barrier()
+        return err
+
+    # ---- divergence guard (train.nonfinite; errata E66). "stop": a flag kept on the device records the
+    # first step whose loss or gradient norm was not finite; it is read (a host sync) only at log lines
+    # and before every checkpoint or sample grid, and the EMA never takes a step from such weights.
+    # "skip": each step's flag is read at once (one host sync per step, as torch.amp.GradScaler does)
+    # and the optimizer step and EMA update are skipped.
+    skip_mode = tc.nonfinite == "skip"
+    nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)  # -1: every step so far was finite
+    skipped_window, skipped_in_row = 0, 0
+
+    def check_finite() -> None:
+        if not skip_mode:
+            at = int(nonfinite_at)
+            if at >= 0:
+                raise Diverged(at)
 
     # ---- the loop
     stop = StopFlag()
@@ -318,6 +464,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
     busy, busy_steps = 0.0, 0  # time in training steps since the last log line (not sampling, not saving)
+    one = torch.ones(1, dtype=torch.float64, device=device)
     try:
         while step < tc.steps:
             t_step = time.perf_counter()
@@ -339,54 +486,103 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, h, w)
             with amp:
                 out = training_losses(net_for_loss, schedule, x0, t, noise, text.hidden, text.valid,
-                                      text.pooled_index, edges, focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma)
+                                      text.pooled_index, edges, focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
+                                      loss_weight=tc.loss_weight)
             opt.zero_grad(set_to_none=True)
             out["total"].backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            T.update_ema(ema, model, tc.ema_decay)
-            step += 1
+            norm = grad_norm(model, tc.grad_clip)  # (), after DDP / FSDP reduced the gradients: one value for all ranks
 
-            # losses of all ranks (and whether any rank was asked to stop), once per step
-            stats = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach(),
-                                 torch.tensor(float(stop.requested), device=device)]).double()
+            # losses of all ranks, whether any rank saw a non-finite loss or gradient, and (several ranks)
+            # whether any was asked to stop; all on the device
+            losses = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach()]).double()
+            bad_here = ~(torch.isfinite(losses).all() & torch.isfinite(norm))
+            stats = torch.cat([losses, bad_here.double().reshape(1),
+                               torch.full((1,), float(stop.requested), dtype=torch.float64, device=device)])
             if world > 1:
                 dist.all_reduce(stats)
                 stats[:3] /= world
-            stats = stats.cpu()
-            window += torch.cat([stats[:3], torch.ones(1, dtype=torch.float64)])
-            stopping = bool(stats[3] > 0)
+                stopping = bool(stats[4] > 0)  # every rank stops at the same step: one host sync per step
+            else:
+                stopping = stop.requested
+            bad = stats[3] > 0  # (), bool on the device, the same on every rank
+            if skip_mode:
+                if bool(bad):
+                    skipped_window, skipped_in_row, skipped_steps = skipped_window + 1, skipped_in_row + 1, skipped_steps + 1
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    skipped_in_row = 0
+                    opt.step()
+                    T.update_ema(ema, model, tc.ema_decay)
+                    window += torch.cat([stats[:3], one])
+            else:
+                opt.step()  # non-finite gradients make the weights non-finite: the run stops at the next check
+                nonfinite_at = torch.where(bad & (nonfinite_at < 0), step + 1, nonfinite_at)
+                T.update_ema(ema, model, tc.ema_decay, skip=nonfinite_at >= 0)
+                window += torch.cat([stats[:3], one])
+            step += 1
             busy, busy_steps = busy + time.perf_counter() - t_step, busy_steps + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
             if step % tc.log_every == 0 or step == tc.steps:
-                n = int(window[3])
-                mean = (window[:3] / n).tolist()
+                w = window.cpu()  # the log line's host sync
+                n = int(w[3])
+                mean = (w[:3] / n).tolist() if n else [math.nan] * 3
                 dt = busy / max(1, busy_steps)
                 record = {"step": step, "loss": mean[0], "denoise": mean[1], "edge": mean[2], "lr": lr,
                           "sec_per_step": round(dt, 4), "images_per_sec": round(tc.batch_size / dt, 2)}
+                if skip_mode:
+                    record["skipped"] = skipped_window
                 if log is not None:
                     log.write(record)
-                    if bar is None:
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    else:
                         print(f"step {step}/{tc.steps}  loss {mean[0]:.4f}  denoise {mean[1]:.4f}  edge {mean[2]:.4f}  "
-                              f"lr {lr:.2e}  {dt:.2f} s/step", flush=True)
+                              f"lr {lr:.2e}  {dt:.2f} s/step" + (f"  skipped {skipped_window}" if skipped_window else ""),
+                              flush=True)
                 window.zero_()
-                busy, busy_steps = 0.0, 0
-            if (cfg.sample.every and step % cfg.sample.every == 0) or step == tc.steps:
-                sample_grid()
-            if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
-                save_checkpoint()
+                busy, busy_steps, skipped_window = 0.0, 0, 0
+                check_finite()
+            if skip_mode and skipped_in_row >= tc.nonfinite_max_skips:
+                raise Diverged(step, f"a non-finite loss or gradient norm in {skipped_in_row} steps in a row, all "
+                                     f"skipped (train.nonfinite=skip, train.nonfinite_max_skips={tc.nonfinite_max_skips})")
+            final = step == tc.steps
+            ckpt_due = step % tc.ckpt_every == 0 or final or stopping
+            grid_due = bool(cfg.sample.every and step % cfg.sample.every == 0) or final
+            if ckpt_due or grid_due:
+                check_finite()  # never a checkpoint or sample grid from non-finite weights
+            if ckpt_due:  # before the grid: a failing grid loses nothing
+                save_checkpoint(final=final)
+            if grid_due:
+                err = sample_grid()
+                if err is not None:
+                    if not ckpt_due:
+                        save_checkpoint()
+                    where = T.latest_checkpoint(run_dir)
+                    return fail(rank, f"{err}; the checkpoint {where} is written and intact"
+                                      + ("" if final else f"; fix the sample.* settings and resume with: python "
+                                                          f"tools/train.py --out {run_dir} --resume"),
+                                EXIT_AFTER_TRAINING)
             if stopping:
                 say(rank, f"stopped at step {step}; resume with: python tools/train.py --out {run_dir} --resume")
                 return EXIT_INTERRUPTED
+    except Diverged as d:
+        last = T.latest_checkpoint(run_dir)
+        where = (f"the last finite checkpoint is {last}: resume from it with a lower learning rate, e.g. python "
+                 f"tools/train.py --out {run_dir} --resume --set train.lr={tc.lr / 10:g}" if last is not None else
+                 "no checkpoint was written: start again with a lower train.lr")
+        what = d.detail or "a non-finite loss or gradient norm (train.nonfinite=stop)"
+        return fail(rank, f"the run diverged at step {d.step}: {what}; nothing was written after it; {where}",
+                    EXIT_DIVERGED)
     finally:
         stop.restore()
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
+    if late_errors:
+        return fail(rank, "; ".join(late_errors) + f"; the final checkpoint {T.latest_checkpoint(run_dir)} is written "
+                    f"and intact", EXIT_AFTER_TRAINING)
     say(rank, f"done: {step} steps; run folder {run_dir}")
     return 0
 

@@ -55,6 +55,7 @@ from raphael_ref.data.shards import (
     AESTHETIC_MIN,
     PWATERMARK_MAX,
     DataStats,
+    image_to_rgb,
     iter_image_files,
     iter_tar_samples,
     list_image_files,
@@ -130,15 +131,19 @@ def _dropout_rng(seed: int, *stream: int) -> np.random.Generator:
 
 
 def resize_to_bucket(image, bucket: tuple[int, int]) -> torch.Tensor:
-    """RAPHAEL Sec. 4: resize a PIL image to cover `bucket` (H_b, W_b) and centre-crop it: uint8 (3, H_b, W_b)."""
+    """RAPHAEL Sec. 4: resize a PIL image to cover `bucket` (H_b, W_b) and centre-crop it: uint8 (3, H_b, W_b).
+
+    Any mode is first decoded to 8-bit RGB by `shards.image_to_rgb` (16-bit scaled, alpha on white; E64).
+    """
     from PIL import Image
 
+    image = image_to_rgb(image)
     h_b, w_b = bucket
     rh, rw, top, left = resize_crop_plan(image.height, image.width, (h_b, w_b))
     if (rh, rw) != (image.height, image.width):
         image = image.resize((rw, rh), Image.BICUBIC)
     image = image.crop((left, top, left + w_b, top + h_b))
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H_b, W_b, 3)
+    arr = np.asarray(image, dtype=np.uint8)  # (H_b, W_b, 3)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H_b, W_b)
 
 

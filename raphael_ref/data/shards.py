@@ -21,6 +21,9 @@ Filters (decisions, spec/_parts/data_pipeline_errata.md):
   or null: kept.
 - caption: `clean_caption`, then drop empty captions.
 
+Images are decoded to 8-bit RGB by `image_to_rgb` (errata E64): 16-bit grey scaled by 1/257,
+transparency composited over white (`ALPHA_BACKGROUND`).
+
 Nothing raises in the middle of an iteration: corrupt images, unreadable members, bad json and
 broken or missing shards are skipped, counted in a `DataStats` and reported by one
 `DataWarning` per kind (the first occurrence; later ones are only counted).
@@ -48,6 +51,7 @@ __all__ = [
     "AESTHETIC_MIN",
     "PWATERMARK_MAX",
     "IMAGE_EXTENSIONS",
+    "ALPHA_BACKGROUND",
     "LATENT_EXTENSIONS",
     "DataWarning",
     "DataStats",
@@ -61,12 +65,16 @@ __all__ = [
     "list_image_files",
     "iter_image_files",
     "iter_image_folder",
+    "image_to_rgb",
 ]
 
 AESTHETIC_MIN = 4.7  # Sec. 4: "remove the image-text pairs that have scores smaller than 4.7"
 PWATERMARK_MAX = 0.5  # not printed; the watermark classifier's decision boundary (errata)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXTENSIONS = ("latent.safetensors", "latent.npy")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (errata E64)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _AESTHETIC_KEYS = ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score")
 _WATERMARK_KEYS = ("pwatermark", "PWATERMARK")
 
@@ -262,12 +270,37 @@ def _load_latent(ext: str, data: bytes) -> torch.Tensor:
     raise ValueError(f"expected a tensor named 'latent' (or a single tensor); found {sorted(tensors)}")
 
 
+def image_to_rgb(img):
+    """An 8-bit RGB PIL image of any PIL image, by the decoding rules of errata E64.
+
+    - 16-bit grey ("I;16", "I;16B", "I;16L", "I;16N", and "I", the mode older Pillow gives 16-bit
+      PNGs): values in [0, 65535] scaled by 1/257 and rounded (65535 -> 255), clipped to that range,
+      copied to the three channels. PIL's own ``convert("RGB")`` clips them at 255 (white).
+    - alpha ("RGBA", "LA", "PA", premultiplied "RGBa"/"La", and "P"/"L"/"RGB" with a ``transparency``
+      entry such as a PNG tRNS chunk): composited over ``ALPHA_BACKGROUND`` (white).
+    - everything else ("RGB", "L", "1", "CMYK", "YCbCr", palettes without transparency, ...):
+      PIL's ``convert("RGB")`` ("1": 0 / 255; CMYK: PIL's naive conversion, no ICC profile).
+    """
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(img, dtype=np.float64)  # (H, W) in [0, 65535]
+        grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)  # (H, W)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")  # (H, W, 3)
+    if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def _decode_image(data: bytes):
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode now so truncated files fail here
-        return img.convert("RGB")
+        rgb = image_to_rgb(img)
+        return rgb.copy() if rgb is img else rgb  # a copy outlives the closed file
 
 
 @dataclass(frozen=True)

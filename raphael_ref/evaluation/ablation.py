@@ -59,6 +59,8 @@ __all__ = [
     "pixel_features",
     "result_row",
     "rows_by_variant",
+    "toy_clip_rows",
+    "toy_clip_table",
 ]
 
 GUIDANCE_WEIGHTS: tuple[float, ...] = (1.5, 3.0, 4.5, 6.0, 7.5, 9.0)  # Sec. 4.2, Fig. 6b
@@ -113,6 +115,9 @@ MODULE_VARIANTS: tuple[Variant, ...] = (
     Variant("no_space_moe", "module", (("model.use_space_moe", False),)),
     Variant("no_time_moe", "module", (("model.use_time_moe", False),)),
     Variant("no_edge", "module", (("model.use_edge", False),)),
+    # eDiff-I (seed 003): denoisers split by noise level; here a time-MoE whose route is floor(t n_t / T),
+    # a fixed function of t, in place of the learned time gate (not in the paper's Fig. 6; E69)
+    Variant("ediff_intervals", "module", (("model.time_router", "intervals"),)),
 )
 
 
@@ -126,7 +131,7 @@ def ablation_plan(base_alpha: float, base_t_c: int, *, modules: Sequence[str] | 
 
     base_alpha, base_t_c: ``model.mask_alpha`` and ``model.edge_t_cutoff`` of the base config; a sweep
     point equal to them is the full model and reuses its run (no second training).
-    modules: names from MODULE_VARIANTS (default: all four). A sweep needs "full" in the plan only
+    modules: names from MODULE_VARIANTS (default: all five). A sweep needs "full" in the plan only
     when one of its points equals the base value.
     """
     known = {v.name: v for v in MODULE_VARIANTS}
@@ -387,4 +392,47 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], 
                   "| claim (Sec. 4.2) | holds here | detail |", "|---|---|---|"]
         lines += [f"| {c['claim']} | {c['verdict']} | {c['detail']} |" for c in checks]
         lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 6b's own axes at toy scale: the toy CLIP score and a Frechet distance in its image features
+# ---------------------------------------------------------------------------------------------
+
+
+def toy_clip_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows re-keyed for the toy-CLIP trade-off: alignment = toy CLIP score (its standard error as
+    ``alignment_se``), fidelity = FD in the toy CLIP's image features. Rows without toy-CLIP values
+    (another image size or an older evaluation) are left out."""
+    out = []
+    for r in rows:
+        tc = r.get("toy_clip")
+        if not tc:
+            continue
+        out.append({**r, "alignment": tc["clip_score"], "alignment_se": tc.get("clip_score_se"),
+                    "fidelity": tc["fd_toy_clip"], "fidelity_name": "FD (toy CLIP)"})
+    return out
+
+
+def toy_clip_table(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], guidance: Sequence[float]) -> str:
+    """Markdown: variant x guidance cells "CLIP score +- se / FD" of :func:`toy_clip_rows`."""
+    cell = {(r["variant"], float(r["guidance"])): r for r in rows}
+    lines = ["## Toy CLIP axes (Fig. 6b as printed: FD against CLIP score)", "",
+             "Toy CLIP score (100 x cosine of the shipped toy CLIP's image and text embeddings, +- one "
+             "standard error over images) / Frechet distance in its 64-d image-embedding space against "
+             "ground-truth renders (lower is better).", "",
+             "| variant | " + " | ".join(f"g = {g:g}" for g in guidance) + " |",
+             "|---|" + "---:|" * len(guidance)]
+    for v in plan:
+        cells = []
+        for g in guidance:
+            r = cell.get((v.name, float(g)))
+            if r is None:
+                cells.append("")
+            else:
+                se = r.get("alignment_se")
+                cells.append(f"{r['alignment']:.2f}" + (f" +- {se:.2f}" if se is not None else "")
+                             + f" / {r['fidelity']:.3g}")
+        if any(cells):
+            lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

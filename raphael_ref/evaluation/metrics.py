@@ -160,8 +160,10 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
+        from raphael_ref.data.shards import image_to_rgb  # 16-bit, palette, alpha (errata E64)
+
         with Image.open(self.files[i]) as im:
-            arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+            arr = torch.frombuffer(bytearray(image_to_rgb(im).tobytes()), dtype=torch.uint8)
             return arr.reshape(im.height, im.width, 3).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 

@@ -55,7 +55,8 @@ def _by_variant(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str
 
 
 def tradeoff_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, *, variants: Sequence[str] | None = None,
-                  fidelity_name: str = "pixel-FD", title: str = "") -> Path:
+                  fidelity_name: str = "pixel-FD", title: str = "",
+                  alignment_name: str = "alignment: detector accuracy") -> Path:
     """RAPHAEL Fig. 6b: one curve per variant through its (alignment, fidelity) points, labelled by guidance.
 
     rows: ``ablation.result_row`` dicts (keys variant, guidance, alignment, fidelity; alignment_se, when
@@ -80,7 +81,7 @@ def tradeoff_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, *, varian
         for r in pts:
             ax.annotate(f"{r['guidance']:g}", (r["alignment"], r["fidelity"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color=line.get_color())
-    ax.set_xlabel("alignment: detector accuracy (higher is better)")
+    ax.set_xlabel(f"{alignment_name} (higher is better)")
     ax.set_ylabel(f"{fidelity_name} (lower is better)")
     ax.set_title(title or "Trade-off over guidance weights (cf. RAPHAEL Fig. 6b)")
     ax.grid(alpha=0.3)

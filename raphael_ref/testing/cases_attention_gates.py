@@ -168,10 +168,17 @@ GATE_TOL = {
 }
 
 
+# The gates' softmax runs in float32 whatever the logits' dtype (raphael_ref.gates), so the float64
+# reference of probs / p_route / weight_straight_through carries float32 rounding, which differs
+# across CPUs (vectorised vs scalar float32 exp: measured 1 ulp32, 7.5e-9 on probs of ~0.06).
+GATE_FLOAT32_REFERENCE = "the gate softmax runs in float32 by design (raphael_ref.gates.gate_softmax)"
+
 CASES = [
     GoldenCase(id="attn.cross_map", make_inputs=_attn_inputs, compute=_attn_map, tol=ATTN_MAP_TOL, seed=0),
     GoldenCase(id="attn.cross_output", make_inputs=_attn_inputs, compute=_attn_output, tol=ATTN_OUT_TOL, seed=1),
     GoldenCase(id="smoe.threshold_mask", make_inputs=_mask_inputs, compute=_mask, tol=MASK_TOL, seed=0),
-    GoldenCase(id="gate.text_route", make_inputs=_text_gate_inputs, compute=_text_gate, tol=GATE_TOL, seed=0),
-    GoldenCase(id="gate.time_route", make_inputs=_time_gate_inputs, compute=_time_gate, tol=GATE_TOL, seed=0),
+    GoldenCase(id="gate.text_route", make_inputs=_text_gate_inputs, compute=_text_gate, tol=GATE_TOL, seed=0,
+               float32_reference=GATE_FLOAT32_REFERENCE),
+    GoldenCase(id="gate.time_route", make_inputs=_time_gate_inputs, compute=_time_gate, tol=GATE_TOL, seed=0,
+               float32_reference=GATE_FLOAT32_REFERENCE),
 ]

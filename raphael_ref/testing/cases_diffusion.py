@@ -170,6 +170,15 @@ CFG_TOL = {"float32": (1e-5, 5e-6), "float16": (5e-3, 2e-2), "bfloat16": (3e-2, 
 
 _DEFAULT3 = {k: DEFAULT_TOL[k] for k in ("float32", "bfloat16", "float16")}
 
+
+# --- loss.denoise_weight (option "v", erratum E70) -------------------------------------------------
+def _denoise_weight(inp):
+    from raphael_ref.objective import denoise_weights
+
+    t = torch.arange(1000)
+    return {kind: denoise_weights(NoiseSchedule.make(kind, 1000), t, "v").to(inp["like"].dtype)
+            for kind in ("scaled_linear", "linear")}  # (1000,) each; cosine's abar_T ~ 0 makes w(T) ~ 1e9
+
 CASES = [
     GoldenCase("schedule.betas", _like, _betas, TABLE_TOL),
     GoldenCase("schedule.alphas_cumprod", _abar_inputs, _abar, TABLE_TOL, seed=1, keep_float64=("betas",)),
@@ -189,4 +198,6 @@ CASES = [
     # the other coefficients are <= 1: DEFAULT_TOL
     GoldenCase("ddim.step", _ddim_inputs, _ddim, _DEFAULT3, seed=6),
     GoldenCase("cfg.combine", _cfg_inputs, _cfg, CFG_TOL, seed=7),
+    # a float64 table (1/abar and its mean), cast once: TABLE_TOL
+    GoldenCase("loss.denoise_weight", _like, _denoise_weight, TABLE_TOL),
 ]

@@ -79,5 +79,10 @@ CASES = [
         # values), 2.7e-3 on the loss. 0.1 is ~3x the measured bf16 envelope.
         tol={"float32": (1e-4, 1e-5), "bfloat16": (1e-1, 1e-1)},
         seed=7,
+        # Measured across CPUs (ATEN_CPU_CAPABILITY default vs AVX-512): weights differ by 1 ulp32 in
+        # 735 of 1036 tensors, the float64 eps by up to 9.2e-7, the loss by 6.8e-9.
+        float32_reference="the weights come from torch's float32 initialisers (their last bit depends on the "
+                          "CPU's vector width: fused multiply-adds in the AVX2/AVX-512 kernels) and the gate "
+                          "softmaxes run in float32",
     )
 ]
