@@ -70,14 +70,11 @@ EXIT_INTERRUPTED = 130
 BUDGETS: dict[str, dict] = {
     # end-to-end check of the pipeline (toy preset, 8 runs: ~15-25 min on the CPU; numbers meaningless)
     "smoke": {"steps": 20, "prompts_per_category": 1, "seeds": [0], "per_prompt": 2, "sampler_steps": 10},
-    # the toy-scale study on a 2-core CPU (--jobs 2 --threads 1 --sweep-guidance 3 4.5): the toy preset
-    # (24 x 24 px, batch 16), 1000 steps = 16,000 images per run; 96 images per point, 10 DDIM steps.
-    # Measured for the 4 module variants: 22-33 min of training each with two jobs sharing the 2 cores
-    # (1.1-1.9 s/step), 40-110 s per guidance weight to evaluate, ~1.3 h in all; the 4 sweep points
-    # (2 guidance weights each) add an estimated ~40 min. Resumable. A third of the toy preset's
-    # default run: the model does not read its text yet at 1000 steps (docs/evaluation.md); use
-    # --steps 3000 to study alignment.
-    "toy": {"steps": 1000, "prompts_per_category": 4, "seeds": [0], "per_prompt": 4, "sampler_steps": 10},
+    # the toy-scale study on a 2-core CPU (--jobs 2 --threads 1): the toy preset as it is (24 x 24 px,
+    # toy-clip, 800 steps of 16 = the 10-minute default run); 96 images per point, 20 DDIM steps (the
+    # preset's). Measured: ~15-17 min of training per run with two jobs on the 2 cores (~1.15 s/step),
+    # ~95 s per guidance weight to evaluate. Resumable; --train-seed repeats it with other seeds (E60).
+    "toy": {"steps": None, "prompts_per_category": 4, "seeds": [0], "per_prompt": 4, "sampler_steps": 20},
     # a GPU study: the preset's own training length, the full evaluation set (24 prompts per category)
     "full": {"steps": None, "prompts_per_category": 24, "seeds": [0, 1], "per_prompt": 4, "sampler_steps": 50},
 }
