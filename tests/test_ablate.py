@@ -204,6 +204,27 @@ def test_markdown_report_and_plots(tmp_path):
         plots.sweep_plot([r for r in rows if r["group"] == "module"], tmp_path / "y.png")
 
 
+def test_toy_clip_rows_table_and_plot(tmp_path):
+    """Fig. 6b's own axes at toy scale: rows re-keyed to (toy CLIP score, FD in its features)."""
+    plan = A.ablation_plan(0.2, 500)
+    guidance = (3.0, 7.5)
+    rows = [A.result_row(v, g, {"overall": 0.5, "categories": {}}, 1.0, "pixel-FD",
+                         toy_clip=None if v.name == "no_edge" else
+                         {"clip_score": 30.0 + i + g, "clip_score_se": 1.5, "fd_toy_clip": 40.0 - i, "pixel_fd": 2.0})
+            for i, v in enumerate(plan) for g in guidance]
+    clip_rows = A.toy_clip_rows(rows)
+    assert len(clip_rows) == 2 * (len(plan) - 1)  # the rows without toy-CLIP values are left out
+    r = next(r for r in clip_rows if r["variant"] == "no_space_moe" and r["guidance"] == 7.5)
+    assert (r["alignment"], r["alignment_se"], r["fidelity"]) == (38.5, 1.5, 39.0)
+    table = A.toy_clip_table(clip_rows, plan, guidance)
+    assert "| no_space_moe | 34.00 +- 1.50 / 39 | 38.50 +- 1.50 / 39 |" in table
+    assert "| no_edge |" not in table and "| ediff_intervals |" in table
+    p = plots.tradeoff_plot(clip_rows, tmp_path / "clip.png", fidelity_name="FD (toy CLIP)",
+                            alignment_name="toy CLIP score")
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.width > 300
+
+
 # ------------------------------------------------------------------------------ tools/ablate.py
 
 
