@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from raphael_ref.diffusion import NoiseSchedule, loss_eps, q_sample
+from raphael_ref.diffusion.schedule import gather_float64
 from raphael_ref.edge import edge_target_to_grid
 from raphael_ref.focal import focal_loss_per_sample
 from raphael_ref.losses import total_loss
@@ -58,7 +59,7 @@ def denoise_weights(schedule: NoiseSchedule, t: torch.Tensor, kind: str = "none"
     if kind != "v":
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTS}, got {kind!r}")
     inv = 1.0 / schedule.alphas_cumprod  # (T,) float64, CPU
-    return (inv / inv.mean())[t.cpu()].to(t.device)  # (B,)
+    return gather_float64(inv / inv.mean(), t, t).to(t.device)  # (B,), t checked against [0, T)
 
 
 def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,

@@ -175,6 +175,21 @@ def build_edge_detector(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
 # run folder and log
 
 
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create ``path`` (and its parents) and prove that a file can be written there, before any long work;
+    ValueError naming ``flag`` otherwise. Used by every tool that writes a folder."""
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not a writable folder: {e.strerror or e}") from e
+    return path
+
+
 def make_run_dir(out: str | Path | None, name: str, root: str | Path = "runs") -> Path:
     """``out`` (created if needed) or a fresh ``root/<YYYYmmdd-HHMMSS>-<name>`` (suffixed if taken)."""
     if out is not None:

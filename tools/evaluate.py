@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -136,13 +135,12 @@ def check_user_errors(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             p.error(f"--attention-step must lie in [0, {n_steps}) ({n_steps} sampler steps), got {args.attention_step}")
         if args.attention_block is not None and not 0 <= args.attention_block < cfg.n_transformer_blocks:
             p.error(f"--attention-block must lie in [0, {cfg.n_transformer_blocks}), got {args.attention_block}")
+    from raphael_ref.training import writable_dir
+
     try:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        p.error(f"--out {args.out} is not a writable folder: {e.strerror or e}")
+        writable_dir(args.out)
+    except ValueError as e:
+        p.error(str(e))
 
 
 # ------------------------------------------------------------------------------ the model side

@@ -56,14 +56,12 @@ def main(argv=None) -> int:
         cfg.validate()
     except ValueError as e:
         p.error(str(e))
-    out = Path(args.out)
+    from raphael_ref.training import writable_dir
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        p.error(f"cannot write to --out {out}: {e}")
+        out = writable_dir(args.out)
+    except ValueError as e:
+        p.error(f"cannot write to --out: {e}")
     torch.set_num_threads(args.threads)
     model, metrics = TC.pretrain_toy_clip(cfg, progress=not args.no_progress)
     enc_forward = _text_features(model)

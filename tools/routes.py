@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -121,13 +120,12 @@ def check_user_errors(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     n_steps = args.steps if args.sampler == "ddim" else T_
     if not 0 <= args.feature_step < n_steps:
         p.error(f"--feature-step must lie in [0, {n_steps}) ({n_steps} sampler steps), got {args.feature_step}")
+    from raphael_ref.training import writable_dir
+
     try:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        p.error(f"--out {args.out} is not a writable folder: {e.strerror or e}")
+        writable_dir(args.out)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def load_weights(path: Path, choice: str, device: torch.device):

@@ -24,7 +24,6 @@ import json
 import math
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -181,17 +180,6 @@ def check_sampling_numbers(steps: int, eta: float, guidance: float, T_: int) -> 
         raise ValueError(f"--guidance must be a finite number >= 0 (1 = no guidance), got {guidance}")
 
 
-def writable_dir(path: Path, flag: str = "--out") -> Path:
-    """Create ``path`` (and its parents) and prove that a file can be written there; ValueError naming ``flag``."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag} {path} is not a writable folder: {e.strerror or e}") from e
-    return path
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # user errors: an `error:` line and exit code 2, before anything long runs
@@ -208,7 +196,7 @@ def main(argv=None) -> int:
         steps = sc.steps if args.steps is None else args.steps  # --steps 0 is an error, not "the default"
         guidance = sc.guidance if args.guidance is None else args.guidance
         check_sampling_numbers(steps, args.eta, guidance, cfg.diffusion.T)
-        out = writable_dir(Path(args.out))
+        out = T.writable_dir(args.out)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         codec = T.build_codec(cfg, device)  # a missing diffusers or VAE folder is reported here
         encoder = T.build_text_encoder(cfg, device)  # and missing text-tower weights here
