@@ -67,6 +67,9 @@ class ModelConfig:
     gate_grad: str = "straight_through"
     count_padding: bool = True  # n_y = 77 slots in the space-MoE mean (spec/errata.md)
     attend_padding: bool = True  # cross-attention attends all 77 slots, as Stable Diffusion does
+    # "none" (the paper: image tokens carry no position embedding, as in Stable Diffusion) or "sincos": a fixed
+    # 2D sine-cosine embedding added after each transformer's proj_in (unet_parts.sincos_position_embedding; E72)
+    pos_embed: str = "none"
     # space-MoE fast form: "dense" (every expert on every position: no host sync, cost bounded by
     # the number of experts as Sec. 4.2 states) or "gather" (only covered positions; faster on CPU)
     moe_impl: str = "dense"
@@ -90,14 +93,22 @@ class TrainConfig:
     weight_decay: float = 0.0  # Table 2
     warmup_steps: int = 20000  # Table 2
     batch_size: int = 2000  # Table 2 (global batch)
+    # micro-steps per optimizer step (gradient accumulation): each rank runs batch_size / (world x grad_accum)
+    # samples per forward/backward; batch_size stays the global batch of one optimizer step
+    grad_accum: int = 1
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     focal_alpha: float = 0.5  # Table 2: alpha in Focal Loss
     focal_gamma: float = 2.0  # Table 2: gamma in Focal Loss
     caption_dropout: float = 0.1
+    # coefficient of the load-balancing loss of the gates (Switch Transformer's n sum_i f_i P_i, averaged over
+    # the MoE layers; raphael_ref.balance): 0 = off, the paper has none (erratum E73); Switch uses 0.01
+    balance_loss: float = 0.0
     # weight of L_denoise per noise level: "none" (the paper) or "v" (the v-prediction loss written for the
     # eps network, normalised to mean 1; raphael_ref.objective.denoise_weights, erratum E70)
     loss_weight: str = "none"
+    # "v" only: cap of 1/abar before normalising (None: uncapped), so the low noise levels keep weight (E71)
+    loss_weight_max: float | None = None
     multiscale: bool = True  # Table 2: "Enable multi-scale training"
     aesthetic_min: float = 4.7  # Sec. 4 "Dataset"
     steps: int = 1_000_000
@@ -112,7 +123,11 @@ class TrainConfig:
     hed_weights: str | None = None  # converted HED safetensors (tools/convert_hed.py)
     mixed_precision: str = "bf16"  # autocast dtype on CUDA: "bf16" or "no"; the CPU always runs float32
     fsdp: bool = False  # shard with FSDP2 (fully_shard per transformer block + root) instead of DDP
+    # torch.compile the U-Net (whole model, no graph break: tests/test_compile.py); its input value checks are
+    # skipped and the MoEs run their sync-free forms inside the compiled code (docs/training.md, "torch.compile")
+    compile: bool = False
     log_every: int = 100  # steps per JSONL line (each line holds the mean over its window)
+    tensorboard: bool = False  # rank 0 also writes the log's scalars to <run>/tb/ (needs: pip install tensorboard)
     ckpt_every: int = 5000  # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 3  # newest checkpoints kept on disk; 0 keeps all
     # a non-finite loss or gradient norm (a diverging run, errata E66): "stop" (exit 3, nothing written after
@@ -280,7 +295,13 @@ class RaphaelConfig:
                 "whole image (spec/errata.md, padding keys)")
         choice("model.moe_impl", m.moe_impl, ("dense", "gather"))
         choice("model.time_router", m.time_router, ("learned", "intervals"))
+        choice("model.pos_embed", m.pos_embed, ("none", "sincos"))
         choice("train.loss_weight", t.loss_weight, ("none", "v"))
+        if t.loss_weight_max is not None:
+            finite_at_least("train.loss_weight_max", t.loss_weight_max, 1.0, " (or null: uncapped)")
+            if t.loss_weight != "v":
+                bad("train.loss_weight_max", f"caps the \"v\" weighting and needs train.loss_weight=\"v\", got "
+                    f"train.loss_weight={t.loss_weight!r}; set it to null")
         at_least("model.time_router_T", m.time_router_T, 1)
         if m.time_router == "intervals" and m.time_router_T != d.T:
             bad("model.time_router_T", f"the intervals router splits [0, T) and must use the diffusion's T = {d.T}, "
@@ -309,9 +330,15 @@ class RaphaelConfig:
         unit("train.focal_alpha", t.focal_alpha)
         finite_at_least("train.focal_gamma", t.focal_gamma, 0.0)
         unit("train.caption_dropout", t.caption_dropout)  # 1.0: no text at all (an unconditional control model)
+        finite_at_least("train.balance_loss", t.balance_loss, 0.0, " (0 switches the balancing loss off)")
+        gated = m.use_space_moe or (m.use_time_moe and m.time_router == "learned")
+        if t.balance_loss > 0 and not gated:
+            bad("train.balance_loss", f"balances the gates of the MoE layers, but the model has none (model.use_space_moe"
+                f"=false and no learned time gate); set it to 0, got {t.balance_loss}")
         if not math.isfinite(t.aesthetic_min):
             bad("train.aesthetic_min", f"must be a finite number, got {t.aesthetic_min}")
         at_least("train.batch_size", t.batch_size, 1)
+        at_least("train.grad_accum", t.grad_accum, 1)  # batch_size / (world x grad_accum): checked by tools/train.py
         for name in ("warmup_steps", "steps", "num_workers", "keep_ckpts"):
             at_least(f"train.{name}", getattr(t, name), 0)
         for name in ("log_every", "ckpt_every"):
@@ -547,9 +574,15 @@ def toy() -> RaphaelConfig:
     m.d_y, m.text_encoder, m.text_layer = 32, "toy-clip", "last"
     m.expert_mult, m.edge_width = 2, 8
     m.checkpoint = False
+    # what lets the 10-minute toy read position words (measured, E72): queries that know their place (a fixed
+    # 2D sin-cos embedding: an option, not in the paper) and attention over the caption's own tokens only
+    # (the 72 padding slots of a short caption are copies of one sentence summary that soak up the attention)
+    m.pos_embed, m.attend_padding, m.count_padding = "sincos", False, False
     t = cfg.train
     t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.steps, t.multiscale = 1e-3, 50, 16, 0.99, 800, False
-    t.loss_weight = "v"  # not the paper's loss: the v-prediction weighting of the eps loss (E70), measured better
+    # not the paper's loss: the v-prediction weighting of the eps loss (E70), capped at 5 so that the low noise
+    # levels keep their share (E71); both measured better at this budget
+    t.loss_weight, t.loss_weight_max = "v", 5.0
     t.log_every, t.ckpt_every = 10, 400
     s = cfg.sample
     s.every, s.steps, s.guidance, s.prompts = 0, 20, 7.5, SYNTHETIC_PROMPTS

@@ -135,12 +135,15 @@ def gate_route(
     noise_std: float = DEFAULT_NOISE_STD,
     grad_mode: str = "straight_through",
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_probs: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """RAPHAEL Sec. 3.1 / App. 7.3: (route, weight) with route = argmax(softmax(logits + eps)).
 
     ``eps = gate_noise(logits.shape, noise_std, generator=generator)`` in training, no noise (and
     no random draw) otherwise. ``weights`` per ``grad_mode`` (module docstring), in the logits'
-    dtype. Returns ``(routes torch.long (...), weights (...))`` for ``logits`` (..., k).
+    dtype. Returns ``(routes torch.long (...), weights (...))`` for ``logits`` (..., k); with
+    ``return_probs`` also ``p = softmax(logits + eps)`` (..., k) float32, with gradient (the router
+    probabilities of a load-balancing loss, ``raphael_ref.balance``; not in the paper).
     """
     _check_logits(logits)
     if not isinstance(training, bool):
@@ -157,7 +160,7 @@ def gate_route(
         p_route = p.gather(-1, routes.unsqueeze(-1)).squeeze(-1)  # (...), >= 1/k > 0
         weights = p_route if grad_mode == "switch" else p_route / p_route.detach()  # (...)
         weights = weights.to(logits.dtype)
-    return routes, weights
+    return (routes, weights, p) if return_probs else (routes, weights)
 
 
 def _check_gate(gate: nn.Module, x: Tensor, name: str, ndim: int, shape: str) -> None:
@@ -176,15 +179,18 @@ def text_route(
     noise_std: float = DEFAULT_NOISE_STD,
     grad_mode: str = "straight_through",
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_probs: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """RAPHAEL Sec. 3.1, Text Gate Network: route(y_i) = argmax(softmax(G(E(y_i)) + eps)) for every token.
 
     ``y`` (B, n_y, d_y): text token representations E(y). Returns ``(routes (B, n_y) long,
-    weights (B, n_y))``, one space expert per text token.
+    weights (B, n_y))``, one space expert per text token; with ``return_probs`` also the router
+    probabilities ``(B, n_y, k)`` float32 (:func:`gate_route`).
     """
     _check_gate(gate, y, "y", 3, "(B, n_y, d_y)")
     logits = gate(y)  # (B, n_y, k)
-    return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator)
+    return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator,
+                      return_probs=return_probs)
 
 
 def time_route(
@@ -195,15 +201,18 @@ def time_route(
     noise_std: float = DEFAULT_NOISE_STD,
     grad_mode: str = "straight_through",
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_probs: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """RAPHAEL App. 7.3, Time Gate Network: t_router(t_i) = argmax(softmax(G'(E'(t_i)) + eps)).
 
     ``t_emb`` (B, d_t): the U-Net's time embedding E'(t). Returns ``(routes (B,) long,
-    weights (B,))``, one time expert per sample.
+    weights (B,))``, one time expert per sample; with ``return_probs`` also the router
+    probabilities ``(B, n_t)`` float32 (:func:`gate_route`).
     """
     _check_gate(gate, t_emb, "t_emb", 2, "(B, d_t)")
     logits = gate(t_emb)  # (B, n_t)
-    return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator)
+    return gate_route(logits, training=training, noise_std=noise_std, grad_mode=grad_mode, generator=generator,
+                      return_probs=return_probs)
 
 
 def interval_route(t: Tensor, n_experts: int, T: int) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,8 @@ from raphael_ref.gates import DEFAULT_NOISE_STD, GateFFN, interval_route, text_r
 from raphael_ref.masks import threshold_mask
 from raphael_ref.space_moe import space_moe
 from raphael_ref.time_moe import time_moe
-from raphael_ref.unet_parts import Downsample, GroupNorm32, LayerNorm32, ResBlock, TimestepMLP, Upsample
+from raphael_ref.unet_parts import (Downsample, GroupNorm32, LayerNorm32, ResBlock, TimestepMLP, Upsample,
+                                    sincos_position_embedding)
 
 
 @dataclasses.dataclass
@@ -46,6 +47,25 @@ class BlockAux:
     pooled_map: torch.Tensor  # (B, 1, h, w): attention map of the pooled (EOT) token, with gradient
     edge_logits: torch.Tensor | None  # (B, 1, h, w): P_theta(pooled_map), None without edge supervision
     masks: torch.Tensor | None = None  # (B, n_x, n_y) bool, only when asked (return_masks=True)
+    # router probabilities softmax(G(.) + eps), float32 with gradient, only when asked (return_probs=True):
+    # the load-balancing loss (raphael_ref.balance; not in the paper, erratum E73)
+    space_probs: torch.Tensor | None = None  # (B, n_y, k)
+    time_probs: torch.Tensor | None = None  # (B, n_t); None for the "intervals" router (no gate)
+
+
+def _time_moe_impl() -> str:
+    """The time-MoE form: "dense" (no host sync) under ``torch.compile``, else "grouped" (least arithmetic).
+
+    Both equal ``time_moe_literal`` (tests/test_time_moe.py); "grouped" is the faster one in eager
+    (docs/training.md, "torch.compile"), "dense" the only one without a graph break.
+    """
+    return "dense" if torch.compiler.is_compiling() else "grouped"
+
+
+def _space_moe_impl(moe_impl: str) -> str:
+    """``model.moe_impl``, except under ``torch.compile``: "gather" has data-dependent shapes (``nonzero``),
+    so compiled code runs "dense", the equal form without a graph break (tests/test_space_moe.py)."""
+    return "dense" if torch.compiler.is_compiling() else moe_impl
 
 
 class SelfAttention(nn.Module):
@@ -104,7 +124,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], y: torch.Tensor, y_valid: torch.Tensor,
                 pooled_index: torch.Tensor, temb: torch.Tensor, return_masks: bool = False,
-                fixed_time_routes: tuple[torch.Tensor, torch.Tensor] | None = None):
+                fixed_time_routes: tuple[torch.Tensor, torch.Tensor] | None = None, return_probs: bool = False):
+        """Returns ``(x, (space_routes, time_routes, pooled_map, edge_logits, masks))``; with ``return_probs``
+        the tuple also ends with ``(space_probs, time_probs)`` (:class:`BlockAux`)."""
         cfg = self.cfg
         # 1. self-attention
         x = x + self.self_attn(self.norm1(x))  # (B, n_x, w)
@@ -116,32 +138,36 @@ class TransformerBlock(nn.Module):
         x = x + self.to_out(attn)  # h_c
         # 3. time-MoE: one expert per sample, chosen from the time embedding
         h = self.norm3(x)
-        t_routes = None
+        t_routes, t_probs = None, None
         if cfg.use_time_moe:
             if fixed_time_routes is not None:  # model.time_router = "intervals"
                 t_routes, t_w = fixed_time_routes  # (B,), (B,)
             else:
-                t_routes, t_w = time_route(self.time_gate, temb, training=self.training,
-                                           noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B,), (B,)
-            x = x + time_moe(h, t_routes, t_w.to(h.dtype), self.time_experts, check_values=False)  # h'
+                t_routes, t_w, *p = time_route(self.time_gate, temb, training=self.training, noise_std=self.noise_std,
+                                               grad_mode=cfg.gate_grad, return_probs=return_probs)  # (B,), (B,)
+                t_probs = p[0] if p else None  # (B, n_t)
+            x = x + time_moe(h, t_routes, t_w.to(h.dtype), self.time_experts, check_values=False,
+                             impl=_time_moe_impl())  # h'
         else:
             x = x + self.time_ffn.expert(0, h)
         # 4. space-MoE: token i's expert acts on the region Mhat_i of h'
         h = self.norm4(x)
-        s_routes, masks = None, None
+        s_routes, masks, s_probs = None, None, None
         if cfg.use_space_moe:
             with torch.no_grad():
                 masks = threshold_mask(M.detach(), cfg.mask_alpha, check_values=False)  # (B, n_x, n_y) bool
-            s_routes, s_w = text_route(self.text_gate, y, training=self.training,
-                                       noise_std=self.noise_std, grad_mode=cfg.gate_grad)  # (B, n_y), (B, n_y)
+            s_routes, s_w, *p = text_route(self.text_gate, y, training=self.training, noise_std=self.noise_std,
+                                           grad_mode=cfg.gate_grad, return_probs=return_probs)  # (B, n_y), (B, n_y)
+            s_probs = p[0] if p else None  # (B, n_y, k)
             x = x + space_moe(h, masks, s_routes, s_w.to(h.dtype), self.space_experts, valid=y_valid,
-                              count_padding=cfg.count_padding, impl=cfg.moe_impl, check_values=False)
+                              count_padding=cfg.count_padding, impl=_space_moe_impl(cfg.moe_impl), check_values=False)
         else:
             x = x + self.space_ffn.expert(0, h)
         # edge supervision on the pooled-token attention map (gradient flows into to_q / to_k)
         pooled = pooled_attention_map(M, pooled_index, *grid, check_values=False)  # (B, 1, h, w)
         edge_logits = self.edge(pooled.to(x.dtype)) if self.edge is not None else None  # (B, 1, h, w)
-        return x, (s_routes, t_routes, pooled, edge_logits, masks if return_masks else None)
+        out = (s_routes, t_routes, pooled, edge_logits, masks if return_masks else None)
+        return x, (out + (s_probs, t_probs) if return_probs else out)
 
 
 class SpatialTransformer(nn.Module):
@@ -155,11 +181,17 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        self.pos_embed = cfg.pos_embed
+        if cfg.pos_embed == "sincos" and channels % 4:
+            raise ValueError(f"model.pos_embed='sincos' needs transformer widths that are multiples of 4, got {channels}")
 
-    def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False, fixed_time_routes=None):
+    def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False, fixed_time_routes=None,
+                return_probs=False):
         B, C, H, W = x.shape
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, n_x, C)
-        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes)
+        if self.pos_embed == "sincos":  # erratum E72 (not in the paper)
+            h = h + sincos_position_embedding(H, W, C).to(device=h.device, dtype=h.dtype)  # (n_x, C) broadcast
+        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes, return_probs)
         h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
         return x + h, aux
 
@@ -170,7 +202,8 @@ class RaphaelUNet(nn.Module):
     three down levels, 1 in the middle, 3 per level on the last three up levels).
 
     ``forward(x_t, t, y, y_valid, pooled_index)`` -> ``(eps_hat, aux)`` where aux is a list of
-    :class:`BlockAux`, one per transformer block in forward order.
+    :class:`BlockAux`, one per transformer block in forward order (router probabilities in it only
+    with ``return_probs=True``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -247,7 +280,11 @@ class RaphaelUNet(nn.Module):
             raise ValueError(f"y_valid must be a bool tensor of shape {tuple(y.shape[:2])}; got {tuple(y_valid.shape)} {y_valid.dtype}")
         if pooled_index.shape != (B,) or pooled_index.dtype != torch.long:
             raise ValueError(f"pooled_index must be a long tensor of shape ({B},); got {tuple(pooled_index.shape)} {pooled_index.dtype}")
-        # the only value checks of a forward (host syncs): inner layers run with check_values=False
+        # the only value checks of a forward (host syncs): inner layers run with check_values=False. Under
+        # torch.compile they are skipped (a host sync is a graph break); the shape checks above still run
+        # while tracing. A compiled training step still stops on a non-finite loss (train.nonfinite).
+        if torch.compiler.is_compiling():
+            return
         if not torch.isfinite(x).all():
             raise ValueError("x_t contains NaN or inf")
         if pooled_index.numel() and (pooled_index.min() < 0 or pooled_index.max() >= y.shape[1]):
@@ -255,7 +292,8 @@ class RaphaelUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,
-                pooled_index: torch.Tensor, return_masks: bool = False) -> tuple[torch.Tensor, list[BlockAux]]:
+                pooled_index: torch.Tensor, return_masks: bool = False,
+                return_probs: bool = False) -> tuple[torch.Tensor, list[BlockAux]]:
         self._check_inputs(x, t, y, y_valid, pooled_index)
         aux: list[BlockAux] = []
         temb = self.time_embed(t)  # (B, d_t)
@@ -265,9 +303,9 @@ class RaphaelUNet(nn.Module):
             fixed = (routes, w.to(temb.dtype))
 
         def attn(module, h):
-            h2, (s_r, t_r, pooled, edge, masks) = self._run(module, h, y, y_valid, pooled_index, temb, return_masks,
-                                                            fixed)
-            aux.append(BlockAux(len(aux), tuple(h.shape[-2:]), s_r, t_r, pooled, edge, masks))
+            h2, (s_r, t_r, pooled, edge, masks, *probs) = self._run(module, h, y, y_valid, pooled_index, temb,
+                                                                    return_masks, fixed, return_probs)
+            aux.append(BlockAux(len(aux), tuple(h.shape[-2:]), s_r, t_r, pooled, edge, masks, *probs))
             return h2
 
         h = self.conv_in(x)  # (B, mc, H, W)

@@ -4,6 +4,7 @@
     L_den  = ||eps - D_theta(x_t, t, E(y))||^2               (ddpm.loss_eps, per sample)
     L_edge = Focal(P_theta(M_pooled), I_edge) per block      (focal.focal_loss_per_sample)
     L      = L_den + 1[t < T_c] L_edge                       (losses.total_loss)
+    L     += c_bal L_bal, only when c_bal > 0 (not the paper)  (balance.model_balance_loss, erratum E73)
 
 Nothing is re-implemented here: this module only wires the model's outputs into those functions.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from raphael_ref.balance import model_balance_loss
 from raphael_ref.diffusion import NoiseSchedule, loss_eps, q_sample
 from raphael_ref.diffusion.schedule import gather_float64
 from raphael_ref.edge import edge_target_to_grid
@@ -44,7 +46,8 @@ def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5,
 LOSS_WEIGHTS = ("none", "v")
 
 
-def denoise_weights(schedule: NoiseSchedule, t: torch.Tensor, kind: str = "none") -> torch.Tensor:
+def denoise_weights(schedule: NoiseSchedule, t: torch.Tensor, kind: str = "none",
+                    max_weight: float | None = None) -> torch.Tensor:
     """Per-sample weight w(t) of L_denoise, (B,) float64 on t's device. Not in the paper (erratum E70).
 
     ``"none"``: w = 1, the paper's ||eps - eps_hat||^2.
@@ -53,36 +56,59 @@ def denoise_weights(schedule: NoiseSchedule, t: torch.Tensor, kind: str = "none"
     (SNR + 1) ||x0 - x0_hat||^2, up to the constant mean: the network, its output and the sampler stay
     the paper's; only how much each noise level counts changes. Normalised to mean 1 over t so the
     loss scale (and gradient clipping) stay comparable.
+    ``max_weight`` (``"v"`` only; None: no cap): w = min(1 / abar_t, max_weight) / mean_s min(1 / abar_s, max_weight),
+    so the weight of the high noise levels is at most ``max_weight`` times that of the lowest ones (whose
+    weight 1 / abar ~ 1 is the paper's). Uncapped, the levels t < T/4 get ~1.4% of the total weight under
+    ``scaled_linear`` and the last denoising steps stay undertrained (erratum E71).
     """
     if kind == "none":
         return torch.ones(t.shape, dtype=torch.float64, device=t.device)
     if kind != "v":
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTS}, got {kind!r}")
     inv = 1.0 / schedule.alphas_cumprod  # (T,) float64, CPU
+    if max_weight is not None:
+        if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)) or not max_weight >= 1.0 \
+                or max_weight == float("inf"):
+            raise ValueError(f"max_weight must be None or a finite number >= 1 (1 gives the paper's uniform "
+                             f"weighting), got {max_weight!r}")
+        inv = inv.clamp(max=float(max_weight))  # (T,)
     return gather_float64(inv / inv.mean(), t, t).to(t.device)  # (B,), t checked against [0, T)
 
 
 def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
                     noise: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor, pooled_index: torch.Tensor,
                     edge_map: torch.Tensor | None = None, *, focal_alpha: float = 0.5,
-                    focal_gamma: float = 2.0, loss_weight: str = "none") -> dict[str, torch.Tensor]:
+                    focal_gamma: float = 2.0, loss_weight: str = "none",
+                    loss_weight_max: float | None = None, balance_loss: float = 0.0) -> dict[str, torch.Tensor]:
     """One evaluation of L = L_denoise + L_edge on a batch; returns {total, denoise, edge, aux}.
 
     x0 (B, C, H, W) latents (or pixels for the toy preset); t (B,) 0-based timesteps; noise like x0;
     y (B, n_y, d_y), y_valid (B, n_y) bool, pooled_index (B,) from the text encoder; edge_map
     (B, 1, H', W') in [0, 1], required when ``model.cfg.use_edge`` (None otherwise).
+    ``balance_loss`` > 0 (not in the paper, erratum E73): total += balance_loss * L_bal, the mean
+    Switch-Transformer load-balancing loss of the MoE layers (``balance.model_balance_loss``), returned
+    unweighted under ``"balance"``; 0 (default) leaves the paper's loss and forward untouched.
     """
+    if isinstance(balance_loss, bool) or not isinstance(balance_loss, (int, float)) \
+            or not 0.0 <= balance_loss < float("inf"):
+        raise ValueError(f"balance_loss must be a finite number >= 0 (0: off, the paper), got {balance_loss!r}")
     cfg = getattr(model, "module", model).cfg  # the model's config, also through a DDP wrapper (.module)
     x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
-    eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
+    if balance_loss > 0:
+        eps_hat, aux = model(x_t, t, y, y_valid, pooled_index, return_probs=True)
+    else:
+        eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
     acc = torch.promote_types(eps_hat.dtype, torch.float32)  # the loss of a bf16/fp16 model in float32
     denoise = loss_eps(eps_hat.to(acc), noise.to(acc), reduction="none")  # (B,)
     if loss_weight != "none":
-        denoise = denoise * denoise_weights(schedule, t, loss_weight).to(acc)  # (B,), erratum E70
+        denoise = denoise * denoise_weights(schedule, t, loss_weight, loss_weight_max).to(acc)  # (B,), erratum E70
     if cfg.use_edge and edge_map is None:
         raise ValueError("the model has edge supervision on (model.use_edge) but no edge_map was given: "
                          "pass the batch's edge maps (raphael_ref.edge_gt.make_edge_detector) or set model.use_edge=false")
     edge = edge_losses(aux, edge_map, focal_alpha, focal_gamma) if cfg.use_edge else None  # (n_blocks, B)
     out = total_loss(denoise, edge, t, cfg.edge_t_cutoff)
+    if balance_loss > 0:  # erratum E73
+        out["balance"] = model_balance_loss(aux, y_valid).to(out["total"].dtype)  # ()
+        out["total"] = out["total"] + balance_loss * out["balance"]
     out["aux"] = aux
     return out

@@ -7,16 +7,26 @@ b go through expert te_{r_b}. We multiply by the gate weight w_b (spec decision;
 value for the default "straight_through" gate mode). The output has the input's shape.
 
 * ``time_moe_literal``: a loop over samples, one expert call each.
-* ``time_moe``: the batch grouped by expert (index_select / index_copy), each expert run once.
+* ``time_moe``, two fast forms, equal to the literal one in values and gradients:
+  ``impl="grouped"`` groups the batch by expert (index_select / index_copy) and runs each expert
+  once on its samples: the least arithmetic, but the group sizes are data (one host sync per
+  call, a graph break under ``torch.compile``). ``impl="dense"`` runs every expert on every
+  sample and picks row b of expert r_b (``ExpertBank.forward`` then an index by (r_b, b)): no
+  host sync and no data-dependent shape, for compiled or graph-captured code, at n_t times the
+  expert arithmetic (the space-MoE's ``impl="dense"`` makes the same trade).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
 from raphael_ref.experts import ExpertBank
 
 __all__ = ["time_moe_literal", "time_moe"]
+
+Impl = Literal["grouped", "dense"]
 
 
 def _check_inputs(h, routes, weights, bank, check_values: bool = True) -> int:
@@ -55,13 +65,22 @@ def time_moe_literal(h: torch.Tensor, routes: torch.Tensor, weights: torch.Tenso
 
 
 def time_moe(h: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor, bank: ExpertBank,
-             *, check_values: bool = True) -> torch.Tensor:
-    """RAPHAEL App. 7.3, time-MoE grouped by expert: each expert runs once on its samples; equals time_moe_literal.
+             *, check_values: bool = True, impl: Impl = "grouped") -> torch.Tensor:
+    """RAPHAEL App. 7.3, time-MoE, each expert run once (grouped by expert or on all samples); equals time_moe_literal.
 
-    Same arguments and result as :func:`time_moe_literal`. The group sizes cost one host sync per
-    call (``bincount().tolist()``); ``check_values=False`` skips the route range check (another).
+    Same arguments and result as :func:`time_moe_literal`. ``impl="grouped"`` (default): each
+    expert runs on its own samples; the group sizes cost one host sync per call
+    (``bincount().tolist()``). ``impl="dense"``: every expert runs on every sample and sample b
+    keeps expert r_b's rows; no host sync, no data-dependent shape (``torch.compile`` without a
+    graph break). ``check_values=False`` skips the route range check (another host sync).
     """
-    _check_inputs(h, routes, weights, bank, check_values)
+    if impl not in ("grouped", "dense"):
+        raise ValueError(f"impl must be 'grouped' or 'dense'; got {impl!r}.")
+    B = _check_inputs(h, routes, weights, bank, check_values)
+    if impl == "dense":
+        every = bank(h)  # (k, B, n_x, d)  te_e(h[b]) for every expert e and sample b
+        picked = every[routes, torch.arange(B, device=h.device)]  # (B, n_x, d)  te_{r_b}(h[b])
+        return weights.to(h.dtype)[:, None, None] * picked  # (B, n_x, d)
     order = torch.argsort(routes, stable=True)  # (B,) samples sorted by expert
     counts = torch.bincount(routes, minlength=bank.n_experts).tolist()  # the one host sync: group sizes
     out = torch.empty_like(h)  # (B, n_x, d); every row is written once below

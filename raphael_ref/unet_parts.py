@@ -26,6 +26,40 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def sincos_position_embedding(h: int, w: int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine embedding of the (h, w) image-token grid, (h * w, dim) float32, row-major tokens.
+
+    Not in the paper (an option, erratum E72): ``model.pos_embed = "sincos"`` adds it to the image tokens
+    after each transformer's ``proj_in``, so that a query knows where it is without relying on the
+    zero padding of the convolutions. As in MAE / DiT: the first dim / 2 channels embed the row, the
+    rest the column, each as :func:`timestep_embedding` of the integer coordinate (cos half, sin half).
+    dim must be a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_position_embedding: dim must be a multiple of 4, got {dim}")
+    if h < 1 or w < 1:
+        raise ValueError(f"sincos_position_embedding: grid must be at least 1 x 1, got {h} x {w}")
+    rows = torch.arange(h).repeat_interleave(w)  # (h*w,) row of each token
+    cols = torch.arange(w).repeat(h)  # (h*w,) column of each token
+    return torch.cat([timestep_embedding(rows, dim // 2, max_period),
+                      timestep_embedding(cols, dim // 2, max_period)], dim=1)  # (h*w, dim)
+
+
+def sincos_position_embedding_literal(h: int, w: int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Literal form of :func:`sincos_position_embedding`: one token and one frequency at a time, float64."""
+    half, quarter = dim // 2, dim // 4
+    out = torch.zeros(h * w, dim, dtype=torch.float64)
+    for r in range(h):
+        for c in range(w):
+            for k in range(quarter):
+                f = math.exp(-math.log(max_period) * k / quarter)
+                out[r * w + c, k] = math.cos(r * f)
+                out[r * w + c, quarter + k] = math.sin(r * f)
+                out[r * w + c, half + k] = math.cos(c * f)
+                out[r * w + c, half + quarter + k] = math.sin(c * f)
+    return out
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the autocast/compute dtype, cast back after."""
 

@@ -173,7 +173,12 @@ def test_half_inputs_softmax_runs_in_float32(problem, dtype_name):
     assert torch.equal(M, cross_attention_map(q.float(), k.float(), heads, key_valid=key_valid).to(dtype))
     out, maps = cross_attention_literal(q, k, v, heads, key_valid=key_valid)
     out32, maps32 = cross_attention_literal(q.float(), k.float(), v.float(), heads, key_valid=key_valid)
-    assert torch.equal(out, out32.to(dtype)) and torch.equal(maps, maps32.to(dtype))
+    assert torch.equal(maps, maps32.to(dtype))
+    # the value product: a half matmul accumulates in float32, but its kernel's blocking (hence the float32
+    # sum's last bits) may differ from the float32 kernel's, by CPU, thread count and load; a sum near a
+    # half-precision rounding boundary then rounds to the neighbouring value: one unit in the last place
+    # (2 u relative), and the fp16 subnormal spacing 6e-8 absolute. Seen once in a full-suite run.
+    torch.testing.assert_close(out.float(), out32.to(dtype).float(), rtol=2 * UNIT_ROUNDOFF[dtype], atol=6e-8)
     # ... hence within one rounding (u relative) of the float64 map, up to float32 error; the
     # atol covers fp16 subnormals (spacing 6e-8).
     M64 = cross_attention_map(q.double(), k.double(), heads, key_valid=key_valid)

@@ -76,8 +76,10 @@ def test_unknown_preset():
 
 def test_ignored_padding_cannot_be_counted_in_the_space_moe():
     with pytest.raises(ValueError, match="model.count_padding"):
-        C.get_preset("toy", {"model.attend_padding": False})
-    cfg = C.get_preset("toy", {"model.attend_padding": False, "model.count_padding": False})
+        C.get_preset("toy", {"model.attend_padding": False, "model.count_padding": True})
+    with pytest.raises(ValueError, match="model.count_padding"):
+        C.get_preset("small", {"model.attend_padding": False})  # small keeps the paper's count_padding=true
+    cfg = C.get_preset("small", {"model.attend_padding": False, "model.count_padding": False})
     assert not cfg.model.attend_padding
 
 

@@ -259,3 +259,33 @@ def test_attention_record_matches_sampling_paths(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="not recorded"):
         AV.write_attention_views(tmp_path, images, rec, c.ids, c.valid, step=0, block=block)
     assert AV.token_labels(c.ids[0, :n_tokens])[:3] == ["<sot>", "a", "red"]
+
+
+# ------------------------------------------------------------------------------ diagnostic category
+
+
+def test_single_position_is_a_diagnostic_outside_the_overall_mean(evaluate, tmp_path):
+    """single_position: one object, scored on its shape at its named cell; reported, never averaged in."""
+    from raphael_ref.evaluation.prompts import ALL_CATEGORIES, DIAGNOSTIC_CATEGORIES
+
+    assert DIAGNOSTIC_CATEGORIES == ("single_position",) and ALL_CATEGORIES[:len(CATEGORIES)] == CATEGORIES
+    specs = prompt_set("single_position", 20, image_size=24)
+    assert len({s.prompt for s in specs}) == 20
+    for s in specs:
+        (obj,) = s.scene.objects
+        assert [(r.shape, r.color, r.position) for r in s.requirements] == [(obj.shape, None, obj.position)]
+        assert score(s, detect(render(s.scene)))  # its own render passes
+        moved = [p for p in ("left", "right", "top", "bottom", "center") if p != obj.position][0]
+        assert not score(s, detect(render(make_scene([(obj.shape, obj.color, moved)], 24))))  # elsewhere fails
+    # the GenEval categories keep their prompt sets (their seeds did not move)
+    assert [s.prompt for s in prompt_set("position", 5)] == [s.prompt for s in evaluation_prompts(["position"], 5)["position"]]
+    # a painter that draws the right shape in the wrong place: 0 on single_position, 1 on single_object
+    records = [{"category": "single_object", "correct": True, "uid": "a"},
+               {"category": "single_position", "correct": False, "uid": "b"}]
+    summary = evaluate.summarize(records, ["single_object", "single_position"])
+    assert summary["overall"] == 1.0 and summary["categories"]["single_position"]["accuracy"] == 0.0
+    table = evaluate.markdown_table(summary, ["# t"])
+    assert "| single_position | 0.000 |" in table and "without single_position" in table
+    out = evaluate.main(["--reference", "matched", "--out", str(tmp_path / "m"), "--prompts-per-category", "3",
+                         "--per-prompt", "1", "--seeds", "0", "--categories", "colors", "single_position"])
+    assert out["summary"]["categories"]["single_position"]["accuracy"] == 1.0

@@ -294,7 +294,9 @@ def test_overfit_one_batch():
 
 
 @pytest.mark.spec_id("model.unet")
-def test_block_equals_composition_of_literal_forms():
+@pytest.mark.parametrize("padding", [{}, {"model.attend_padding": True, "model.count_padding": True}],
+                         ids=["caption-tokens", "all-77-slots"])
+def test_block_equals_composition_of_literal_forms(padding):
     """TransformerBlock (fast forms, SDPA) == the paper's block composed by hand from the literal
     equation functions, in float64: values and gradients (order, residuals, norms, mask source)."""
     from raphael_ref.attention import cross_attention_literal
@@ -303,7 +305,7 @@ def test_block_equals_composition_of_literal_forms():
     from raphael_ref.space_moe import space_moe_literal
     from raphael_ref.time_moe import time_moe_literal
 
-    cfg = micro_cfg()
+    cfg = micro_cfg(**padding)
     torch.manual_seed(0)
     blk = TransformerBlock(16, cfg.d_y, 64, cfg).double().eval()
     g = torch.Generator().manual_seed(1)
@@ -317,7 +319,9 @@ def test_block_equals_composition_of_literal_forms():
     out, (s_r, t_r, pooled_map, edge_logits, _) = blk(x, (side, side), y, valid, pooled, temb)
 
     h = x + blk.self_attn(blk.norm1(x))  # self-attention sublayer
-    attn, maps = cross_attention_literal(blk.to_q(blk.norm2(h)), blk.to_k(y), blk.to_v(y), blk.heads)
+    key_valid = None if cfg.attend_padding else valid  # the toy preset attends the caption's tokens only (E72)
+    attn, maps = cross_attention_literal(blk.to_q(blk.norm2(h)), blk.to_k(y), blk.to_v(y), blk.heads,
+                                         key_valid=key_valid)
     M = maps.mean(dim=1)  # (B, n_x, n_y)
     h_c = h + blk.to_out(attn)  # h_c: the stream after cross-attention
     tr, tw = time_route(blk.time_gate, temb, training=False)

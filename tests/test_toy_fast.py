@@ -166,3 +166,97 @@ def test_training_losses_applies_the_weighting():
             v = training_losses(*args, loss_weight="v")["denoise"]
         torch.testing.assert_close(v, plain * w[b], rtol=1e-6, atol=0)  # float32 product of the same numbers
     assert w[2] > 5 * w[0]  # high noise levels count more: the point of the option
+
+
+@pytest.mark.spec_id("loss.denoise_weight")
+@pytest.mark.parametrize("cap", [1.0, 5.0, 50.0])
+def test_capped_v_weighting(cap):
+    from raphael_ref.diffusion import NoiseSchedule
+    from raphael_ref.objective import denoise_weights
+
+    s = NoiseSchedule.make("scaled_linear", T=1000)
+    t_all = torch.arange(1000)
+    w = denoise_weights(s, t_all, "v", cap)
+    assert w.dtype == torch.float64 and abs(float(w.mean()) - 1.0) < 1e-12
+    # literal: min(1/abar_t, cap) / mean_s min(1/abar_s, cap), one t at a time
+    inv = [min(1.0 / float(s.alphas_cumprod[k]), cap) for k in range(1000)]
+    mean = sum(inv) / 1000
+    for k in (0, 250, 600, 800, 999):
+        assert abs(float(w[k]) - inv[k] / mean) <= 1e-12 * inv[k] / mean
+    assert float(w.max() / w.min()) <= cap * (1 + 1e-12)  # the point of the cap: the spread is bounded
+    if cap == 1.0:
+        torch.testing.assert_close(w, torch.ones(1000, dtype=torch.float64), rtol=1e-12, atol=0)
+    # the uncapped v weighting leaves the low noise levels almost nothing; the cap gives them weight back
+    share = lambda ws: float(ws[:250].sum() / ws.sum())  # noqa: E731
+    assert share(w) > share(denoise_weights(s, t_all, "v"))
+    # a zero-terminal-SNR schedule has 1/abar = inf at t = T-1: uncapped it is unusable, capped it is finite
+    z = NoiseSchedule.make("scaled_linear", T=1000, zero_terminal_snr=True)
+    assert torch.isfinite(denoise_weights(z, t_all, "v", cap)).all()
+
+
+@pytest.mark.parametrize("bad", [0.5, float("inf"), float("nan"), True, "5"])
+def test_capped_v_weighting_rejects_bad_caps(bad):
+    from raphael_ref.diffusion import NoiseSchedule
+    from raphael_ref.objective import denoise_weights
+
+    with pytest.raises(ValueError, match="max_weight"):
+        denoise_weights(NoiseSchedule.make("scaled_linear", T=100), torch.arange(3), "v", bad)
+
+
+def test_loss_weight_max_config():
+    assert get_preset("toy", {"train.loss_weight_max": "5"}).train.loss_weight_max == 5.0
+    with pytest.raises(ValueError, match="train.loss_weight_max"):
+        get_preset("toy", {"train.loss_weight_max": "0.5"})
+    with pytest.raises(ValueError, match="train.loss_weight_max"):
+        get_preset("toy", {"train.loss_weight": "none", "train.loss_weight_max": "5"})
+
+
+# ------------------------------------------------------------------------ 2D sin-cos position embedding option
+
+
+@pytest.mark.spec_id("model.pos_embed")
+@pytest.mark.parametrize("h,w,dim", [(1, 1, 4), (3, 5, 16), (6, 6, 64), (24, 24, 32)])
+def test_sincos_position_embedding_equals_literal(h, w, dim):
+    from raphael_ref.unet_parts import sincos_position_embedding, sincos_position_embedding_literal
+
+    fast = sincos_position_embedding(h, w, dim)
+    assert fast.shape == (h * w, dim) and fast.dtype == torch.float32
+    # float32 sin/cos of arguments up to max(h, w) <= 24 rad: error ~ a few float32 ulps of the argument
+    torch.testing.assert_close(fast.double(), sincos_position_embedding_literal(h, w, dim), rtol=0, atol=1e-5)
+    if h * w > 1:  # every token gets its own embedding
+        d = torch.cdist(fast, fast) + torch.eye(h * w) * 10
+        assert float(d.min()) > 1e-3
+
+
+def test_sincos_position_embedding_rejects_bad_sizes():
+    from raphael_ref.unet_parts import sincos_position_embedding
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_position_embedding(2, 2, 6)
+    with pytest.raises(ValueError, match="at least 1 x 1"):
+        sincos_position_embedding(0, 2, 8)
+
+
+def test_pos_embed_option_changes_the_forward_only_when_on():
+    cfg0 = get_preset("toy", {"model.use_edge": False, "model.sample_size": 8, "model.pos_embed": "none"})
+    cfg1 = get_preset("toy", {"model.use_edge": False, "model.sample_size": 8, "model.pos_embed": "sincos"})
+    torch.manual_seed(0)
+    m0 = RaphaelUNet(cfg0.model).eval()
+    m1 = RaphaelUNet(cfg1.model).eval()
+    m1.load_state_dict(m0.state_dict())  # no new parameters: the embedding is fixed
+    for st in m0.modules():  # proj_out is zero-initialised; open it so the transformer output reaches eps_hat
+        if hasattr(st, "proj_out"):
+            torch.nn.init.normal_(st.proj_out.weight, std=0.1)
+    m1.load_state_dict(m0.state_dict())
+    torch.nn.init.normal_(m0.conv_out.weight, std=0.1)
+    m1.load_state_dict(m0.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    y = torch.randn(2, 77, 32, generator=g)
+    valid = torch.ones(2, 77, dtype=torch.bool)
+    args = (x, torch.tensor([10, 900]), y, valid, torch.tensor([3, 3]))
+    with torch.no_grad():
+        a, b = m0(*args)[0], m1(*args)[0]
+    assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="model.pos_embed"):
+        get_preset("toy", {"model.pos_embed": "learned"})

@@ -248,6 +248,9 @@ def run_params(args: argparse.Namespace) -> dict:
 _S2D = {"model.codec": "space_to_depth", "model.codec_factor": 3, "model.in_channels": 27, "model.sample_size": 8}
 TRAIN_STEP_VARIANTS: dict[str, dict] = {
     "toy: 24px pixels, dense, b16": {},
+    # the previous toy's attention (E72): no position embedding, all 77 slots attended and counted
+    "toy, padding attended, no pos-embed": {"model.pos_embed": "none", "model.attend_padding": True,
+                                            "model.count_padding": True},
     "24px pixels, gather, b16": {"model.moe_impl": "gather"},
     "24px pixels, dense, b32": {"train.batch_size": 32},
     "24px s2d f3 (8x8x27), width 32, gather, b32": {**_S2D, "model.moe_impl": "gather", "train.batch_size": 32},

@@ -8,13 +8,15 @@
     torchrun --standalone --nproc_per_node=8 tools/train.py --preset paper --config paper_local.toml --fsdp
 
 One process trains on one device; under ``torchrun`` every rank trains with DDP (or FSDP2 with
-``--fsdp`` / ``train.fsdp``), on CUDA with NCCL or on CPU with gloo. The run folder layout is in
+``--fsdp`` / ``train.fsdp``), on CUDA with NCCL or on CPU with gloo. ``train.grad_accum=K`` runs K
+micro-steps of batch_size / (world x K) per rank for each optimizer step (gradient accumulation; the
+global batch stays ``train.batch_size``). The run folder layout is in
 ``raphael_ref/training.py``. Ctrl-C (SIGINT) or SIGTERM: the current step finishes, a checkpoint
 is written and the process exits with code 130. See docs/training.md.
 
 Exit codes: 0 done; 2 a user error (``error: ...``, found before any training); 3 the run diverged
 (a non-finite loss or gradient norm, ``train.nonfinite``; nothing was written after it, the newest
-checkpoint is finite); 4 a sample grid (or the final loss plot) failed, after a checkpoint of that
+checkpoint is finite); 4 a sample grid (or a final plot) failed, after a checkpoint of that
 step was written; 130 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 
@@ -27,7 +29,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,11 +46,13 @@ from raphael_ref.data.buckets import BUCKETS, scaled_buckets  # noqa: E402
 from raphael_ref.data.loader import make_train_loader  # noqa: E402
 from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
 from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count  # noqa: E402
+from raphael_ref.monitoring import (  # noqa: E402
+    ExpertUsage, TensorBoardLog, check_tensorboard, collapse_warning, plot_expert_usage)
 from raphael_ref.objective import training_losses  # noqa: E402
 
 EXIT_USAGE = 2  # a user error, reported before any training
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm (train.nonfinite)
-EXIT_AFTER_TRAINING = 4  # a sample grid or the final loss plot failed; a checkpoint of that step is written
+EXIT_AFTER_TRAINING = 4  # a sample grid or a final plot (loss, expert usage) failed; its checkpoint is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a run stopped by Ctrl-C
 
 # Config fields a resumed run may change (everything else must match the checkpoint's config): the
@@ -198,6 +202,59 @@ def check_run_folder(out: str | None, resume_from: Path | None) -> str | None:
     return None
 
 
+def micro_batch_problem(batch_size: int, world: int, accum: int) -> str | None:
+    """Why the global ``batch_size`` cannot split into ``world`` ranks x ``accum`` micro-steps of equal size, or None.
+
+    Each rank runs batch_size / (world x accum) samples per forward/backward (its micro-batch). The
+    message names train.grad_accum and suggests the accumulations and the batch sizes that fit.
+    """
+    unit = world * accum
+    if batch_size % unit == 0:
+        return None
+    per_rank = batch_size // world if batch_size % world == 0 else None
+    fits = [k for k in range(1, per_rank + 1) if per_rank % k == 0] if per_rank is not None else []
+    lo, hi = batch_size // unit * unit, (batch_size // unit + 1) * unit
+    sizes = " or ".join(f"train.batch_size={b}" for b in (lo, hi) if b > 0)
+    return (f"config field train.grad_accum: the global batch train.batch_size={batch_size} must split into "
+            f"{world} rank(s) x train.grad_accum={accum} = {unit} equal micro-batches (each rank runs batch_size / "
+            f"(world x grad_accum) samples per forward/backward); "
+            + (f"with {world} rank(s) use train.grad_accum in [{', '.join(map(str, fits[:12]))}"
+               f"{', ...' if len(fits) > 12 else ''}] (the divisors of "
+               f"{per_rank} = batch_size / world), or " if fits else "")
+            + f"set {sizes}")
+
+
+def micro_slices(batch: int, accum: int) -> list[slice]:
+    """The ``accum`` equal, consecutive slices of a per-rank batch of ``batch`` samples (one per micro-step)."""
+    if accum < 1 or batch % accum:
+        raise ValueError(f"a per-rank batch of {batch} samples does not split into train.grad_accum={accum} "
+                         f"equal micro-batches")
+    size = batch // accum
+    return [slice(k * size, (k + 1) * size) for k in range(accum)]
+
+
+def grad_sync(net: torch.nn.Module, sync: bool):
+    """Context of one micro-step (forward and backward): ``sync=False`` keeps the gradients local (accumulated
+    on each rank, no communication: DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``); the
+    last micro-step of an optimizer step syncs, reducing the sum of all of them. One process: nothing to do."""
+    if sync:
+        return nullcontext()
+    if hasattr(net, "no_sync"):  # DistributedDataParallel
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2 (torch.distributed.fsdp.FSDPModule)
+        return _fsdp_no_sync(net)
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(net):
+    net.set_requires_gradient_sync(False)  # recurses into every fully_shard unit
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
+
+
 def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
     """The global gradient norm (clipped to ``clip`` when > 0), a 0-d tensor on the device: no host sync."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -245,6 +302,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if cfg.train.batch_size % world:
             raise ValueError(f"config field train.batch_size: the global batch {cfg.train.batch_size} must be "
                              f"divisible by the world size {world}")
+        problem = micro_batch_problem(cfg.train.batch_size, world, cfg.train.grad_accum)
+        if problem is not None:
+            raise ValueError(problem)
+        if cfg.train.tensorboard:
+            check_tensorboard()  # a missing package stops the run here, with the pip command
         # the edge detector first: missing HED weights stop the run before its folder exists (E63)
         edge_detector = T.build_edge_detector(cfg, device) if cfg.model.use_edge else None
     except (ValueError, FileNotFoundError) as e:
@@ -276,6 +338,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     # ---- model on device, wrapped for data parallelism
     model.to(device)
     ema.to(device)
+    if tc.compile:  # in place (nn.Module.compile): state-dict keys, DDP / FSDP wrapping and the EMA are unchanged
+        # the whole U-Net, one graph without a break (tests/test_compile.py); under FSDP2 one compiled region per
+        # transformer block, its all-gather hooks left outside (as torchtitan does). The EMA (sample grids) stays eager.
+        sharded = tc.fsdp and world > 1
+        for net in [m for m in model.modules() if isinstance(m, SpatialTransformer)] if sharded else [model]:
+            net.compile()
     if tc.fsdp and world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -318,6 +386,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     step, skipped_steps = 0, 0
     # sums of (loss, denoise, edge) over the log window and its step count, kept on the device (read at log lines)
     window = torch.zeros(4, dtype=torch.float64, device=device)
+    # route counts per block and expert over the log window (raphael_ref.monitoring), on the device
+    usage = ExpertUsage.for_config(cfg, device)
+    balance = tc.balance_loss > 0  # the optional load-balancing loss (E73): its sum over the window
+    balance_window = torch.zeros((), dtype=torch.float64, device=device)
     if resume_from is not None:
         set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
         set_model_state_dict(ema, ck["ema"], options=StateDictOptions(full_state_dict=True))
@@ -326,6 +398,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         step = int(st["step"])
         window = torch.tensor(st["window"], dtype=torch.float64, device=device)
         skipped_steps = int(st.get("skipped_steps", 0))
+        usage.load_window_state(st.get("expert_usage"), rank)  # absent in older checkpoints: a fresh window
+        balance_window.fill_(float(st.get("balance_window", 0.0)))
         rng_states = ck["rng"] if st["world_size"] == world else None
         if rng_states is None:
             say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: RNG streams "
@@ -368,7 +442,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
               f"time experts), {cfg.n_transformer_blocks} transformer blocks")
     say(rank, f"device {device} x {world} rank(s), {'FSDP2' if tc.fsdp and world > 1 else 'DDP' if world > 1 else 'single process'}"
               f"{', bf16 autocast' if not isinstance(amp, nullcontext) else ', float32'}; "
-              f"global batch {tc.batch_size}, steps {step} -> {tc.steps}")
+              f"global batch {tc.batch_size}"
+              + (f" = {world} rank(s) x {tc.grad_accum} micro-steps x micro-batch {tc.batch_size // (world * tc.grad_accum)}"
+                 if tc.grad_accum > 1 else "")
+              + f", steps {step} -> {tc.steps}")
     say(rank, f"data: {tc.source} at {image_size}px{f' (multi-scale buckets {buckets or BUCKETS})' if tc.multiscale else ''}; "
               f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'shipped pretrained weights, raphael_ref/assets/toy_clip' if mc.text_encoder == 'toy-clip' else 'random, seed 0'}); "
               f"codec {mc.codec}")
@@ -381,6 +458,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
     # ---- helpers that touch every rank (collectives) and write on rank 0
     log = T.JsonlLog(run_dir / "log.jsonl") if rank == 0 else None
+    tb = TensorBoardLog(run_dir / "tb", purge_step=step + 1 if resume_from is not None else None) \
+        if rank == 0 and tc.tensorboard else None
     late_errors: list[str] = []  # failures after the final checkpoint (exit 4)
 
     def save_checkpoint(final: bool = False) -> None:
@@ -395,11 +474,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, mine)
+        usage_state = usage.window_state()  # collective: the window's route counts of all ranks
         verdict = None  # rank 0's ("nonfinite" | "plot", message), shared with every rank
         if rank == 0:
             rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
             state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
-                     "seed": tc.seed, "skipped_steps": skipped_steps}
+                     "seed": tc.seed, "skipped_steps": skipped_steps, "expert_usage": usage_state,
+                     "balance_window": float(balance_window)}
             try:
                 path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
                                          optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
@@ -407,10 +488,15 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 verdict = ("nonfinite", str(e))
             else:
                 (bar.write if bar is not None else lambda m: print(m, flush=True))(f"saved {path}")
-                try:
-                    T.plot_loss_curve(T.read_log(run_dir / "log.jsonl"), run_dir / "loss.png")
-                except Exception as e:  # a cosmetic failure: the checkpoint is written
-                    verdict = ("plot", f"loss curve {run_dir / 'loss.png'} not drawn ({type(e).__name__}: {e})")
+                records, failed = T.read_log(run_dir / "log.jsonl"), []
+                for what, draw, png in (("loss curve", T.plot_loss_curve, "loss.png"),
+                                        ("expert usage plot", plot_expert_usage, "expert_usage.png")):
+                    try:
+                        draw(records, run_dir / png)
+                    except Exception as e:  # a cosmetic failure: the checkpoint is written
+                        failed.append(f"{what} {run_dir / png} not drawn ({type(e).__name__}: {e})")
+                if failed:
+                    verdict = ("plot", "; ".join(failed))
         verdict = broadcast_object(verdict, rank)
         barrier()
         if verdict is not None and verdict[0] == "nonfinite":
@@ -465,6 +551,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
     busy, busy_steps = 0.0, 0  # time in training steps since the last log line (not sampling, not saving)
     one = torch.ones(1, dtype=torch.float64, device=device)
+    accum = tc.grad_accum  # micro-steps per optimizer step; train() checked that they split the batch
     try:
         while step < tc.steps:
             t_step = time.perf_counter()
@@ -484,23 +571,43 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             B = x0.shape[0]
             t = torch.randint(0, schedule.T, (B,), generator=gen).to(device)  # (B,) uniform over 0..T-1
             noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, h, w)
-            with amp:
-                out = training_losses(net_for_loss, schedule, x0, t, noise, text.hidden, text.valid,
-                                      text.pooled_index, edges, focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
-                                      loss_weight=tc.loss_weight)
+            # gradient accumulation (train.grad_accum = K): the per-rank batch, its frozen features, t and noise
+            # are made exactly as for K = 1 and cut into K consecutive micro-batches of B / K, so K micro-steps
+            # see the samples and draws of one step of B (only the model's own draws, gate noise and dropout,
+            # come per micro-batch) and the data stream and RNG streams advance once per optimizer step. Each
+            # micro-loss is divided by K: the summed gradient is that of the batch mean; the ranks reduce it
+            # once, in the last micro-step's backward (grad_sync).
             opt.zero_grad(set_to_none=True)
-            out["total"].backward()
+            sums = None  # (total, denoise, edge[, balance]) summed over the micro-batches, float64 on the device
+            for k, mb in enumerate(micro_slices(B, accum)):
+                with grad_sync(net_for_loss, k == accum - 1):
+                    with amp:
+                        out = training_losses(net_for_loss, schedule, x0[mb], t[mb], noise[mb], text.hidden[mb],
+                                              text.valid[mb], text.pooled_index[mb], None if edges is None else edges[mb],
+                                              focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
+                                              loss_weight=tc.loss_weight, loss_weight_max=tc.loss_weight_max,
+                                              balance_loss=tc.balance_loss)
+                    usage.update(out["aux"], text.valid[mb])  # no host sync
+                    (out["total"] if accum == 1 else out["total"] / accum).backward()
+                micro = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach()]
+                                    + ([out["balance"].detach()] if balance else [])).double()
+                sums = micro if sums is None else sums + micro  # a non-finite micro-loss makes the sum non-finite
+                del out  # the micro-step's routes and losses; its graph is freed by backward
+            usage.steps -= accum - 1  # ExpertUsage counts update calls; its window counts optimizer steps
+            mean = sums if accum == 1 else sums / accum  # the mean over the micro-batches = the batch mean
             norm = grad_norm(model, tc.grad_clip)  # (), after DDP / FSDP reduced the gradients: one value for all ranks
 
-            # losses of all ranks, whether any rank saw a non-finite loss or gradient, and (several ranks)
-            # whether any was asked to stop; all on the device
-            losses = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach()]).double()
+            # losses of all ranks, whether any rank saw a non-finite loss (in any micro-step) or gradient, and
+            # (several ranks) whether any was asked to stop; all on the device
+            losses = mean[:3]
             bad_here = ~(torch.isfinite(losses).all() & torch.isfinite(norm))
             stats = torch.cat([losses, bad_here.double().reshape(1),
-                               torch.full((1,), float(stop.requested), dtype=torch.float64, device=device)])
+                               torch.full((1,), float(stop.requested), dtype=torch.float64, device=device)]
+                              + ([mean[3:]] if balance else []))
             if world > 1:
                 dist.all_reduce(stats)
                 stats[:3] /= world
+                stats[5:] /= world
                 stopping = bool(stats[4] > 0)  # every rank stops at the same step: one host sync per step
             else:
                 stopping = stop.requested
@@ -514,11 +621,15 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     opt.step()
                     T.update_ema(ema, model, tc.ema_decay)
                     window += torch.cat([stats[:3], one])
+                    if balance:
+                        balance_window += stats[5]
             else:
                 opt.step()  # non-finite gradients make the weights non-finite: the run stops at the next check
                 nonfinite_at = torch.where(bad & (nonfinite_at < 0), step + 1, nonfinite_at)
                 T.update_ema(ema, model, tc.ema_decay, skip=nonfinite_at >= 0)
                 window += torch.cat([stats[:3], one])
+                if balance:
+                    balance_window += stats[5]
             step += 1
             busy, busy_steps = busy + time.perf_counter() - t_step, busy_steps + 1
             if bar is not None:
@@ -532,8 +643,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                           "sec_per_step": round(dt, 4), "images_per_sec": round(tc.batch_size / dt, 2)}
                 if skip_mode:
                     record["skipped"] = skipped_window
+                if balance:
+                    record["balance"] = float(balance_window) / n if n else math.nan
+                record["expert_usage"] = usage.summary()  # collective under DDP / FSDP: every rank
                 if log is not None:
                     log.write(record)
+                    if tb is not None:
+                        tb.write(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
                     else:
@@ -541,8 +657,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                               f"lr {lr:.2e}  {dt:.2f} s/step" + (f"  skipped {skipped_window}" if skipped_window else ""),
                               flush=True)
                 window.zero_()
+                balance_window.zero_()
+                usage.reset()
                 busy, busy_steps, skipped_window = 0.0, 0, 0
                 check_finite()
+                collapsed = collapse_warning(record["expert_usage"], step) if rank == 0 else None
+                if collapsed is not None:  # after check_finite: the routes of a diverged window mean nothing
+                    (bar.write if bar is not None else print)(f"warning: {collapsed}", file=sys.stderr)
             if skip_mode and skipped_in_row >= tc.nonfinite_max_skips:
                 raise Diverged(step, f"a non-finite loss or gradient norm in {skipped_in_row} steps in a row, all "
                                      f"skipped (train.nonfinite=skip, train.nonfinite_max_skips={tc.nonfinite_max_skips})")
@@ -580,6 +701,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             bar.close()
         if log is not None:
             log.close()
+        if tb is not None:
+            tb.close()
     if late_errors:
         return fail(rank, "; ".join(late_errors) + f"; the final checkpoint {T.latest_checkpoint(run_dir)} is written "
                     f"and intact", EXIT_AFTER_TRAINING)

@@ -17,6 +17,12 @@ training caption template ``caption_for``, so it names colour, shape and positio
     color_attribution  two objects, different shapes/colours  -> each shape in its own colour
                                                                  (a swapped binding fails)
 
+Diagnostic category (not GenEval's, never in the "overall" mean, asked for by name):
+
+    single_position    one object                             -> the shape at its named cell
+                                                                 (does the model read position words
+                                                                 at all, without binding two objects?)
+
 Extra objects are tolerated except where the count is the question (counting), as in GenEval.
 
 "Held-out": the training generator samples from the same templates and the combinatorial space
@@ -38,7 +44,9 @@ from raphael_ref.data.synthetic import COLORS, COUNT_WORDS, POSITIONS, SHAPES, S
 from raphael_ref.evaluation.detector import DetectedObject
 
 __all__ = [
+    "ALL_CATEGORIES",
     "CATEGORIES",
+    "DIAGNOSTIC_CATEGORIES",
     "EVAL_SEED",
     "HELDOUT_PAIRS",
     "PromptSpec",
@@ -51,6 +59,8 @@ __all__ = [
 ]
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
+DIAGNOSTIC_CATEGORIES: tuple[str, ...] = ("single_position",)  # not in the GenEval-style "overall" mean
+ALL_CATEGORIES: tuple[str, ...] = CATEGORIES + DIAGNOSTIC_CATEGORIES
 EVAL_SEED = 20230531  # the evaluation set's own seed; training seeds are small integers
 # A default compositional split: one pair per shape, colours all different.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "circle"), ("blue", "square"))
@@ -139,7 +149,7 @@ def uses_pair(scene: Scene, pairs: Iterable[tuple[str, str]] = HELDOUT_PAIRS) ->
 
 def _draw_objects(rng: np.random.Generator, category: str, max_count: int) -> list[tuple[str, str, str]]:
     colors = tuple(COLORS)
-    if category in ("single_object", "colors"):
+    if category in ("single_object", "colors", "single_position"):
         n_obj, distinct_shapes, distinct_colors = 1, True, False
     elif category == "counting":
         k = int(rng.integers(2, max_count + 1))
@@ -159,9 +169,9 @@ def _requirements(category: str, objects: Sequence[tuple[str, str, str]]) -> tup
         return tuple(Requirement(s) for s, _, _ in objects), category == "counting"
     if category in ("colors", "color_attribution"):
         return tuple(Requirement(s, color=c) for s, c, _ in objects), False
-    if category == "position":
+    if category in ("position", "single_position"):
         return tuple(Requirement(s, position=p) for s, _, p in objects), False
-    raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
+    raise ValueError(f"unknown category {category!r}; choose from {ALL_CATEGORIES}")
 
 
 def prompt_set(category: str, n: int, *, seed: int = EVAL_SEED, image_size: int = 32, max_count: int = 3,
@@ -172,8 +182,8 @@ def prompt_set(category: str, n: int, *, seed: int = EVAL_SEED, image_size: int 
     ``max_objects``). holdout_pairs: if given, every prompt names at least one of these
     (colour, shape) pairs (a compositional split; see the module docstring).
     """
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
+    if category not in ALL_CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose from {ALL_CATEGORIES}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"prompt_set: n must be an int >= 1; got {n!r}")
     if not 2 <= max_count <= max(COUNT_WORDS):
@@ -183,7 +193,7 @@ def prompt_set(category: str, n: int, *, seed: int = EVAL_SEED, image_size: int 
         if bad or not holdout_pairs:
             raise ValueError(f"prompt_set: holdout_pairs must be non-empty (colour, shape) pairs with colours "
                              f"{tuple(COLORS)} and shapes {SHAPES}; got {list(holdout_pairs)!r}")
-    rng = np.random.default_rng([seed, CATEGORIES.index(category)])
+    rng = np.random.default_rng([seed, ALL_CATEGORIES.index(category)])  # GenEval categories keep their index
     specs: list[PromptSpec] = []
     seen: set[frozenset] = set()
     attempts = 0
@@ -207,7 +217,7 @@ def prompt_set(category: str, n: int, *, seed: int = EVAL_SEED, image_size: int 
 
 def evaluation_prompts(categories: Sequence[str] = CATEGORIES, n_per_category: int = 24, **kwargs) -> dict[str, list[PromptSpec]]:
     """The evaluation set: ``{category: prompt_set(category, n_per_category, **kwargs)}``."""
-    unknown = [c for c in categories if c not in CATEGORIES]
+    unknown = [c for c in categories if c not in ALL_CATEGORIES]
     if unknown:
-        raise ValueError(f"unknown categories {unknown}; choose from {CATEGORIES}")
+        raise ValueError(f"unknown categories {unknown}; choose from {ALL_CATEGORIES}")
     return {c: prompt_set(c, n_per_category, **kwargs) for c in categories}

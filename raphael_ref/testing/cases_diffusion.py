@@ -176,8 +176,13 @@ def _denoise_weight(inp):
     from raphael_ref.objective import denoise_weights
 
     t = torch.arange(1000)
-    return {kind: denoise_weights(NoiseSchedule.make(kind, 1000), t, "v").to(inp["like"].dtype)
-            for kind in ("scaled_linear", "linear")}  # (1000,) each; cosine's abar_T ~ 0 makes w(T) ~ 1e9
+    out = {kind: denoise_weights(NoiseSchedule.make(kind, 1000), t, "v").to(inp["like"].dtype)
+           for kind in ("scaled_linear", "linear")}  # (1000,) each; cosine's abar_T ~ 0 makes w(T) ~ 1e9
+    out["scaled_linear_max5"] = denoise_weights(NoiseSchedule.make("scaled_linear", 1000), t, "v", 5.0).to(
+        inp["like"].dtype)  # (1000,) the capped form (train.loss_weight_max, E71)
+    out["zero_snr_max5"] = denoise_weights(NoiseSchedule.make("scaled_linear", 1000, zero_terminal_snr=True), t, "v",
+                                           5.0).to(inp["like"].dtype)  # (1000,) finite at abar_(T-1) = 0
+    return out
 
 CASES = [
     GoldenCase("schedule.betas", _like, _betas, TABLE_TOL),
