@@ -307,7 +307,7 @@ def test_train_tool_with_compile(tmp_path):
     from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parents[1]
-    micro = ["model.sample_size=8", "model.model_channels=16", "model.head_dim=8", "model.norm_groups=4",
+    micro = ["model.sample_size=16", "model.model_channels=16", "model.head_dim=8", "model.norm_groups=4",
              "model.expert_mult=2", "model.edge_width=4", "train.batch_size=4", "train.log_every=1",
              "train.warmup_steps=2", "sample.steps=2", "train.steps=2", "train.ckpt_every=2"]
     runs = {}
