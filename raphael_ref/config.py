@@ -40,7 +40,12 @@ class ModelConfig:
     transformer_mid: int = 1
     transformer_up: tuple[int, ...] = (0, 3, 3, 3)  # up levels listed from the deepest
     head_dim: int = 64
+    # heads per transformer block: None = width // head_dim (the default); an int fixes the head count at every
+    # width instead (Stable Diffusion 1.x: 8 heads; weights converted by tools/convert_sd.py, erratum E76)
+    num_heads: int | None = None
     norm_groups: int = 32
+    # eps of the GroupNorm before each transformer's proj_in (Stable Diffusion: 1e-6; E76); ResBlocks keep 1e-5
+    transformer_norm_eps: float = 1e-5
     dropout: float = 0.0
     # --- text conditioning (Sec. 2) ---
     n_y: int = 77  # Table 2: n_y (text tokens)
@@ -61,6 +66,9 @@ class ModelConfig:
     # expert sizes, only the total (3B, abstract): with Stable Diffusion 1.x widths (320, 640,
     # 1280, 1280) a hidden width of 9x brings the U-Net to 2.99B (spec/errata.md).
     expert_mult: int = 9
+    # expert form: "gelu" (Table 2: GELU(x W1 + b1) W2 + b2) or "geglu" ((a * GELU(g)) W2 + b2, [a, g] = x W1 + b1:
+    # Stable Diffusion's FFN, so that its weights can be copied into the experts; raphael_ref.experts, E76)
+    expert_act: str = "gelu"
     gate_hidden_mult: int = 1  # gate FFN hidden width = gate_hidden_mult * input width
     mask_alpha: float = 0.2  # Table 2: alpha of the threshold eta_i = alpha * max_j M[j, i]
     gate_noise_std: float | None = None  # None: the gates' module default (spec/errata.md)
@@ -130,6 +138,10 @@ class TrainConfig:
     tensorboard: bool = False  # rank 0 also writes the log's scalars to <run>/tb/ (needs: pip install tensorboard)
     ckpt_every: int = 5000  # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 3  # newest checkpoints kept on disk; 0 keeps all
+    # "full": rank 0 gathers and writes every tensor (model.safetensors, optimizer.safetensors, ...); "sharded":
+    # every rank writes its own shards with torch.distributed.checkpoint (for FSDP2; any world size resumes),
+    # plus the gathered ema.safetensors for sampling (raphael_ref.training.save_sharded_checkpoint)
+    checkpoint_format: str = "full"
     # a non-finite loss or gradient norm (a diverging run, errata E66): "stop" (exit 3, nothing written after
     # it) or "skip" (that optimizer step is skipped; the run stops after nonfinite_max_skips in a row)
     nonfinite: str = "stop"
@@ -269,9 +281,14 @@ class RaphaelConfig:
             bad("model.transformer_up", f"each entry in [0, num_res_blocks+1={m.num_res_blocks + 1}], got {m.transformer_up}")
         if m.transformer_mid not in (0, 1):
             bad("model.transformer_mid", f"must be 0 or 1, got {m.transformer_mid}")
+        if m.num_heads is not None:
+            at_least("model.num_heads", m.num_heads, 1)
         for i, mult in enumerate(m.channel_mult):
             width = m.model_channels * mult
-            if width % m.head_dim:
+            if m.num_heads is not None:
+                if width % m.num_heads:
+                    bad("model.num_heads", f"level {i} width {width} is not a multiple of num_heads {m.num_heads}")
+            elif width % m.head_dim:
                 bad("model.head_dim", f"level {i} width {width} is not a multiple of head_dim {m.head_dim}")
             if width % m.norm_groups:
                 bad("model.norm_groups", f"level {i} width {width} is not a multiple of norm_groups {m.norm_groups}")
@@ -281,9 +298,14 @@ class RaphaelConfig:
         # ---- model: text, MoE, edge, codec
         text("model.text_encoder", m.text_encoder, "'tiny', an open_clip model name (e.g. 'ViT-g-14') or a JSON file")
         if not _known_text_encoder(m.text_encoder):
-            bad("model.text_encoder", f"{m.text_encoder!r} is not 'tiny', 'tiny-distinct', a .json file, a folder or "
+            bad("model.text_encoder", f"{m.text_encoder!r} is not 'tiny', 'tiny-distinct', 't5', a .json file, a folder or "
                 "an open_clip model config name (open_clip.list_models(), e.g. 'ViT-g-14')")
         text("model.text_encoder_weights", m.text_encoder_weights, "a local file or null")
+        if m.text_encoder == "t5" and not m.text_encoder_weights:
+            bad("model.text_encoder_weights", "model.text_encoder='t5' reads a local T5 folder (config.json, "
+                "model.safetensors, tokenizer.json); set model.text_encoder_weights=DIR")
+        if m.text_encoder == "t5" and m.text_layer != "last":
+            bad("model.text_layer", "the T5 encoder offers 'last' only (its output after the final layer norm)")
         choice("model.text_layer", m.text_layer, ("last", "penultimate"))
         unit("model.mask_alpha", m.mask_alpha)
         if m.gate_noise_std is not None:
@@ -294,6 +316,9 @@ class RaphaelConfig:
                 "cross-attention ignores have an all-zero map column, and their threshold mask would cover the "
                 "whole image (spec/errata.md, padding keys)")
         choice("model.moe_impl", m.moe_impl, ("dense", "gather"))
+        choice("model.expert_act", m.expert_act, ("gelu", "geglu"))
+        if not (math.isfinite(m.transformer_norm_eps) and m.transformer_norm_eps > 0):
+            bad("model.transformer_norm_eps", f"must be a finite number > 0, got {m.transformer_norm_eps}")
         choice("model.time_router", m.time_router, ("learned", "intervals"))
         choice("model.pos_embed", m.pos_embed, ("none", "sincos"))
         choice("train.loss_weight", t.loss_weight, ("none", "v"))
@@ -353,6 +378,7 @@ class RaphaelConfig:
         text("train.hed_weights", t.hed_weights, "the converted HED safetensors (tools/convert_hed.py) or null")
         choice("train.mixed_precision", t.mixed_precision, ("bf16", "no"))
         choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
+        choice("train.checkpoint_format", t.checkpoint_format, ("full", "sharded"))
         at_least("train.nonfinite_max_skips", t.nonfinite_max_skips, 1)
 
         # ---- sample
@@ -459,7 +485,7 @@ def _type_problem(hint: Any, value: Any) -> str | None:
 
 def _known_text_encoder(name: str) -> bool:
     """'tiny', 'tiny-distinct', a .json file or folder (checked when read), or an open_clip bundled config name."""
-    if name in ("tiny", "tiny-distinct", "toy-clip") or name.endswith(".json"):
+    if name in ("tiny", "tiny-distinct", "toy-clip", "t5") or name.endswith(".json"):
         return True
     try:
         if Path(name).is_dir():

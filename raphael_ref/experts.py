@@ -8,6 +8,14 @@ experts and gate network: GELU". An expert maps one image token to one image tok
 with the exact (erf) GELU. The paper gives no hidden width; it is a constructor argument here.
 Experts act position-wise, so ``e(0) = GELU(b1) W2 + b2`` is what an expert returns on a masked
 (zeroed) position; the space-MoE needs it (see ``raphael_ref.space_moe``).
+
+A second form, ``act="geglu"`` (not in the paper: the FFN of Stable Diffusion's transformer blocks,
+Shazeer 2020, so that its weights can be copied into the experts, ``tools/convert_sd.py``, erratum E76):
+
+    e(x) = (a * GELU(g)) W2 + b2,   [a, g] = x W1 + b1,   W1 in R^{d x 2h} (a: first h columns, g: last h)
+
+as diffusers' ``GEGLU`` (``proj`` then ``chunk(2)``: value first, gate second). ``hidden`` is h, the
+width entering W2, in both forms.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["expert_ffn", "ExpertBank"]
+__all__ = ["expert_ffn", "ExpertBank", "EXPERT_ACTS"]
+
+EXPERT_ACTS = ("gelu", "geglu")  # the expert forms: GELU MLP (the paper) or GEGLU (Stable Diffusion's FFN)
 
 
 def _check_float(name: str, x: torch.Tensor, ndim: int, hint: str) -> None:
@@ -30,26 +40,49 @@ def _check_float(name: str, x: torch.Tensor, ndim: int, hint: str) -> None:
         raise ValueError(f"{name} must have {ndim} dims {hint}; got shape {tuple(x.shape)}.")
 
 
-def expert_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def _check_act(act: str) -> int:
+    """Columns of w1 per hidden unit: 1 for "gelu", 2 for "geglu" (value and gate)."""
+    if act not in EXPERT_ACTS:
+        raise ValueError(f"act must be one of {list(EXPERT_ACTS)} (the expert form, model.expert_act); got {act!r}.")
+    return 2 if act == "geglu" else 1
+
+
+def _activate(z: torch.Tensor, act: str) -> torch.Tensor:
+    """GELU(z) for "gelu"; a * GELU(g) with [a, g] = z split in halves along the last axis for "geglu"."""
+    if act == "geglu":
+        a, g = z.chunk(2, dim=-1)  # (..., h) each: value first, gate second (diffusers' GEGLU)
+        return a * F.gelu(g, approximate="none")  # (..., h)
+    return F.gelu(z, approximate="none")  # (..., h)
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+               act: str = "gelu") -> torch.Tensor:
     """RAPHAEL App. 7.1 Table 2, expert = FFN with GELU: e(x) = GELU(x w1 + b1) w2 + b2 (exact erf GELU).
 
     x: (..., d); w1: (d, h); b1: (h,); w2: (h, d); b2: (d,). Returns (..., d). Acts on each
-    position independently (the last axis is the feature axis).
+    position independently (the last axis is the feature axis). ``act="geglu"`` (erratum E76):
+    w1: (d, 2h), b1: (2h,) and e(x) = (a * GELU(g)) w2 + b2 with [a, g] = x w1 + b1 split in halves.
     """
-    _check_float("w1", w1, 2, "of shape (d, hidden)")
-    d, hidden = w1.shape
-    _check_float("b1", b1, 1, f"of shape (hidden,) = ({hidden},)")
+    per = _check_act(act)
+    shape = "(d, 2 * hidden)" if per == 2 else "(d, hidden)"
+    _check_float("w1", w1, 2, f"of shape {shape}")
+    d, cols = w1.shape
+    if cols % per:
+        raise ValueError(f"w1 must have shape (d, 2 * hidden) for act='geglu' (value and gate columns); "
+                         f"got {tuple(w1.shape)} with an odd column count.")
+    hidden = cols // per
+    _check_float("b1", b1, 1, f"of shape ({cols},)")
     _check_float("w2", w2, 2, f"of shape (hidden, d) = ({hidden}, {d})")
     _check_float("b2", b2, 1, f"of shape (d,) = ({d},)")
-    if b1.shape != (hidden,) or w2.shape != (hidden, d) or b2.shape != (d,):
+    if b1.shape != (cols,) or w2.shape != (hidden, d) or b2.shape != (d,):
         raise ValueError(
-            f"expert parameters disagree: w1 {tuple(w1.shape)} needs b1 ({hidden},), w2 ({hidden}, {d}), "
+            f"expert parameters disagree ({act}): w1 {tuple(w1.shape)} needs b1 ({cols},), w2 ({hidden}, {d}), "
             f"b2 ({d},); got b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}."
         )
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != d:
         got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating tensor of shape (..., d) with d = {d} (rows of w1); got {got}.")
-    a = F.gelu(x @ w1 + b1, approximate="none")  # (..., h)
+    a = _activate(x @ w1 + b1, act)  # (..., h)
     return a @ w2 + b2  # (..., d)
 
 
@@ -57,19 +90,22 @@ class ExpertBank(nn.Module):
     """RAPHAEL Sec. 3.1 / App. 7.3, the set of experts {e_1, ..., e_k}: k FFNs stored as stacked tensors.
 
     Parameters (initialized like ``nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
-    and biases): w1 (k, d, h), b1 (k, h), w2 (k, h, d), b2 (k, d).
+    and biases): w1 (k, d, h), b1 (k, h), w2 (k, h, d), b2 (k, d); with ``act="geglu"`` (E76)
+    w1 (k, d, 2h) and b1 (k, 2h), value columns first, gate columns second.
     """
 
     def __init__(self, n_experts: int, d: int, hidden: int, *, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 act: str = "gelu") -> None:
         super().__init__()
         for name, v in (("n_experts", n_experts), ("d", d), ("hidden", hidden)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int; got {v!r}.")
-        self.n_experts, self.d, self.hidden = n_experts, d, hidden
+        per = _check_act(act)
+        self.n_experts, self.d, self.hidden, self.act = n_experts, d, hidden, act
         kw = {"device": device, "dtype": dtype}
-        self.w1 = nn.Parameter(torch.empty(n_experts, d, hidden, **kw))
-        self.b1 = nn.Parameter(torch.empty(n_experts, hidden, **kw))
+        self.w1 = nn.Parameter(torch.empty(n_experts, d, per * hidden, **kw))
+        self.b1 = nn.Parameter(torch.empty(n_experts, per * hidden, **kw))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d, **kw))
         self.b2 = nn.Parameter(torch.empty(n_experts, d, **kw))
         self.reset_parameters(generator=generator)
@@ -82,22 +118,29 @@ class ExpertBank(nn.Module):
             p.uniform_(-bound, bound, generator=generator)
 
     @classmethod
-    def from_params(cls, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> "ExpertBank":
-        """A bank holding copies of the given stacked parameters (k, d, h), (k, h), (k, h, d), (k, d)."""
-        _check_float("w1", w1, 3, "of shape (k, d, hidden)")
-        k, d, hidden = w1.shape
-        for name, p, shape in (("b1", b1, (k, hidden)), ("w2", w2, (k, hidden, d)), ("b2", b2, (k, d))):
+    def from_params(cls, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                    act: str = "gelu") -> "ExpertBank":
+        """A bank holding copies of the given stacked parameters (k, d, h), (k, h), (k, h, d), (k, d)
+        (w1 (k, d, 2h) and b1 (k, 2h) for ``act="geglu"``)."""
+        per = _check_act(act)
+        _check_float("w1", w1, 3, "of shape (k, d, hidden)" if per == 1 else "of shape (k, d, 2 * hidden)")
+        k, d, cols = w1.shape
+        if cols % per:
+            raise ValueError(f"w1 must have shape (k, d, 2 * hidden) for act='geglu'; got {tuple(w1.shape)}.")
+        hidden = cols // per
+        for name, p, shape in (("b1", b1, (k, cols)), ("w2", w2, (k, hidden, d)), ("b2", b2, (k, d))):
             _check_float(name, p, len(shape), f"of shape {shape}")
             if tuple(p.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} to match w1 {tuple(w1.shape)}; got {tuple(p.shape)}.")
-        bank = cls(k, d, hidden, device=w1.device, dtype=w1.dtype)
+        bank = cls(k, d, hidden, device=w1.device, dtype=w1.dtype, act=act)
         with torch.no_grad():
             for mine, given in ((bank.w1, w1), (bank.b1, b1), (bank.w2, w2), (bank.b2, b2)):
                 mine.copy_(given)
         return bank
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, d={self.d}, hidden={self.hidden}"
+        act = "" if self.act == "gelu" else f", act={self.act!r}"
+        return f"n_experts={self.n_experts}, d={self.d}, hidden={self.hidden}{act}"
 
     def _check_index(self, k: int) -> int:
         if isinstance(k, torch.Tensor):
@@ -111,11 +154,12 @@ class ExpertBank(nn.Module):
     def expert(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """e_k(x) for one expert k: x (..., d) -> (..., d)."""
         k = self._check_index(k)
-        return expert_ffn(x, self.w1[k], self.b1[k], self.w2[k], self.b2[k])
+        return expert_ffn(x, self.w1[k], self.b1[k], self.w2[k], self.b2[k], self.act)
 
     def expert_at_zero(self) -> torch.Tensor:
-        """e_k(0) = GELU(b1_k) w2_k + b2_k for every expert: (k, d). Zero only when the biases make it so."""
-        a = F.gelu(self.b1, approximate="none")  # (k, h)
+        """e_k(0) = GELU(b1_k) w2_k + b2_k for every expert: (k, d). Zero only when the biases make it so.
+        (GEGLU: (a0 * GELU(g0)) w2_k + b2_k with [a0, g0] = b1_k.)"""
+        a = _activate(self.b1, self.act)  # (k, h)
         return torch.einsum("kh,khd->kd", a, self.w2) + self.b2  # (k, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -88,15 +88,21 @@ class TransformerBlock(nn.Module):
 
     With ``use_time_moe`` / ``use_space_moe`` off, a dense GELU FFN of the same hidden width
     (a one-expert bank, so the same ``expert_ffn``) takes the MoE's place: the ablations of Fig. 6b.
+    ``model.expert_act = "geglu"`` makes every expert (and that FFN) a GEGLU FFN, and ``model.num_heads``
+    fixes the head count instead of the head width: both for weights converted from Stable Diffusion (E76).
     """
 
     def __init__(self, width: int, d_y: int, d_t: int, cfg: ModelConfig):
         super().__init__()
-        if width % cfg.head_dim:
+        if cfg.num_heads is not None:  # a fixed head count at every width (Stable Diffusion 1.x: 8; E76)
+            if width % cfg.num_heads:
+                raise ValueError(f"block width {width} is not a multiple of model.num_heads {cfg.num_heads}")
+        elif width % cfg.head_dim:
             raise ValueError(f"block width {width} is not a multiple of model.head_dim {cfg.head_dim}")
         self.cfg = cfg
-        self.heads = width // cfg.head_dim
+        self.heads = cfg.num_heads if cfg.num_heads is not None else width // cfg.head_dim
         hidden = cfg.expert_mult * width
+        act = cfg.expert_act  # "gelu" (the paper) or "geglu" (Stable Diffusion's FFN; E76)
         self.norm1, self.self_attn = LayerNorm32(width), SelfAttention(width, self.heads)
         self.norm2 = LayerNorm32(width)
         self.to_q = nn.Linear(width, width, bias=False)  # W_x^qry
@@ -107,15 +113,15 @@ class TransformerBlock(nn.Module):
         if cfg.use_time_moe:
             if cfg.time_router == "learned":  # "intervals": a fixed function of t (eDiff-I control), no gate
                 self.time_gate = GateFFN(d_t, cfg.n_time_experts, hidden=cfg.gate_hidden_mult * d_t)  # G'
-            self.time_experts = ExpertBank(cfg.n_time_experts, width, hidden)  # te_1..te_{n_t}
+            self.time_experts = ExpertBank(cfg.n_time_experts, width, hidden, act=act)  # te_1..te_{n_t}
         else:
-            self.time_ffn = ExpertBank(1, width, hidden)
+            self.time_ffn = ExpertBank(1, width, hidden, act=act)
         self.norm4 = LayerNorm32(width)
         if cfg.use_space_moe:
             self.text_gate = GateFFN(d_y, cfg.n_space_experts, hidden=cfg.gate_hidden_mult * d_y)  # G
-            self.space_experts = ExpertBank(cfg.n_space_experts, width, hidden)  # e_1..e_k
+            self.space_experts = ExpertBank(cfg.n_space_experts, width, hidden, act=act)  # e_1..e_k
         else:
-            self.space_ffn = ExpertBank(1, width, hidden)
+            self.space_ffn = ExpertBank(1, width, hidden, act=act)
         self.edge = EdgePredictor(cfg.edge_layers, cfg.edge_width) if cfg.use_edge else None
 
     @property
@@ -175,7 +181,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, d_y: int, d_t: int, cfg: ModelConfig):
         super().__init__()
-        self.norm = GroupNorm32(cfg.norm_groups, channels)
+        self.norm = GroupNorm32(cfg.norm_groups, channels, eps=cfg.transformer_norm_eps)
         self.proj_in = nn.Linear(channels, channels)
         self.block = TransformerBlock(channels, d_y, d_t, cfg)
         self.proj_out = nn.Linear(channels, channels)

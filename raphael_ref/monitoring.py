@@ -65,7 +65,7 @@ class ExpertUsage:
             raise ValueError(f"ExpertUsage: min_items must be None or an int >= 1, got {min_items!r}")
         self.n_blocks, self.n_space, self.n_time, self.min_items = n_blocks, n_space, n_time, min_items
         self.counts = torch.zeros(n_blocks, n_space + n_time, dtype=torch.long, device=device)  # (n_blocks, k_s + k_t)
-        self.steps = 0  # update calls in the window
+        self.steps = 0  # optimizer steps in the window (update calls with count_step=True)
 
     @classmethod
     def for_config(cls, cfg, device: torch.device | str = "cpu", min_items: int | None = None) -> "ExpertUsage":
@@ -75,9 +75,11 @@ class ExpertUsage:
                    m.n_time_experts if m.use_time_moe else 0, device, min_items)
 
     # ------------------------------------------------------------------ accumulate
-    def update(self, aux: Sequence[Any], y_valid: torch.Tensor | None = None) -> None:
+    def update(self, aux: Sequence[Any], y_valid: torch.Tensor | None = None, *, count_step: bool = True) -> None:
         """Add one forward's routes: ``aux`` the list of ``models.BlockAux``; ``y_valid`` (B, n_y) bool the
-        text tokens that count (None: every slot). No host sync: one ``index_add_`` on the device."""
+        text tokens that count (None: every slot). No host sync: one ``index_add_`` on the device.
+        ``count_step``: whether this forward ends an optimizer step (the window counts optimizer steps;
+        under gradient accumulation only the last of the K micro-batches passes True)."""
         width = self.counts.shape[1]
         idx, add = [], []  # flat (block, expert) index of each item, and 1 (or 0: padding token) per item
         for a in aux:
@@ -104,7 +106,7 @@ class ExpertUsage:
         if idx:
             dev = self.counts.device
             self.counts.view(-1).index_add_(0, torch.cat(idx).to(dev), torch.cat(add).to(dev))
-        self.steps += 1
+        self.steps += bool(count_step)
 
     def reset(self) -> None:
         self.counts.zero_()

@@ -46,9 +46,14 @@ class DiffusionPaths:
 
 
 def _routes(aux, B, n_y):
-    s = torch.stack([a.space_routes if a.space_routes is not None else torch.full((B, n_y), -1) for a in aux])
-    t = torch.stack([a.time_routes if a.time_routes is not None else torch.full((B,), -1) for a in aux])
-    return s.cpu(), t.cpu()
+    # the -1 fillers of blocks without a MoE are made on the device of the other blocks' routes (the model's):
+    # torch.stack refuses to mix CPU and CUDA tensors; one copy to the CPU per stack
+    def stacked(routes, shape):
+        dev = next((r.device for r in routes if r is not None), torch.device("cpu"))
+        return torch.stack([r if r is not None else torch.full(shape, -1, dtype=torch.long, device=dev)
+                            for r in routes]).cpu()
+
+    return stacked([a.space_routes for a in aux], (B, n_y)), stacked([a.time_routes for a in aux], (B,))
 
 
 @torch.no_grad()

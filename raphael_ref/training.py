@@ -18,6 +18,16 @@ A checkpoint is written into ``step_XXXXXX.tmp/`` and renamed when complete, the
 replaced atomically: a run killed while writing loses only that checkpoint. Nothing is pickled.
 Every tensor file records its SHA-256 (``checkpoint.save_tensors``), checked when it is loaded; a
 checkpoint whose model or EMA weights are not finite is never written (:class:`NonFiniteError`).
+
+Sharded checkpoints (``train.checkpoint_format = "sharded"``, :func:`save_sharded_checkpoint`) hold,
+instead of model.safetensors and optimizer.safetensors, a ``shards/`` folder written with
+``torch.distributed.checkpoint`` (DCP) in its safetensors layout: every rank writes the shards of the
+model weights and AdamW moments it holds (FSDP2 DTensor shards, with their offsets in each file's
+metadata; DDP and one process: the full tensors, spread over the ranks), and any world size reads
+them back (DCP reshards). ``shards.json`` records each shard file's SHA-256. The EMA is gathered
+and written as the usual ``ema.safetensors`` (tools/sample.py, evaluate and routes read it
+unchanged); resuming reads each rank's part of it through DCP. Still nothing is pickled: DCP's
+safetensors layout keeps its metadata in JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -41,11 +52,15 @@ __all__ = [
     "make_run_dir", "JsonlLog", "read_log", "truncate_log", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "resolve_checkpoint", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
     "generate_images", "to_uint8", "save_image_grid", "plot_loss_curve", "finite_record", "NonFiniteError",
-    "CheckpointError", "verify_checkpoint", "newest_intact_checkpoint",
+    "CheckpointError", "verify_checkpoint", "newest_intact_checkpoint", "save_sharded_checkpoint",
+    "load_sharded_state", "checkpoint_format", "sharded_support_problem", "sharded_shapes",
 ]
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+SHARDS = "shards"  # the DCP folder of a sharded checkpoint
+SHARDS_JSON = "shards.json"  # its manifest: layout, world size, SHA-256 of every shard file
+SHARDED_LAYOUT = "dcp-safetensors/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +126,12 @@ def build_text_encoder(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
     from raphael_ref.text_encoder import TextEncoder
 
     m = cfg.model
-    enc = TextEncoder.from_config(m.text_encoder, m.text_encoder_weights, layer=m.text_layer, seed=0, device=device)
+    if m.text_encoder == "t5":  # a frozen T5 encoder from a local folder (seed 004, Imagen), raphael_ref.t5_encoder
+        from raphael_ref.t5_encoder import T5TextEncoder
+
+        enc = T5TextEncoder.from_pretrained(m.text_encoder_weights, n_y=m.n_y, layer=m.text_layer, device=device)
+    else:
+        enc = TextEncoder.from_config(m.text_encoder, m.text_encoder_weights, layer=m.text_layer, seed=0, device=device)
     if enc.d_y != m.d_y or enc.n_y != m.n_y:
         raise ValueError(f"config field model.d_y / model.n_y: the text encoder {m.text_encoder!r} gives tokens "
                          f"of width {enc.d_y} and length {enc.n_y}, the config says d_y={m.d_y}, n_y={m.n_y}; "
@@ -408,19 +428,26 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is damaged: not valid JSON ({e})") from None
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> RaphaelConfig:
+    raw = _read_json(path / "config.json")  # not JSON: damaged; valid JSON with a field this version lacks: not
+    try:
+        return RaphaelConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+
+
+def _read_checkpoint(path: Path, part: tuple[int, int] | None = None) -> dict[str, Any]:
+    if checkpoint_format(path) == "sharded":
+        return _read_sharded(path, part)
     missing = [n for n in (*_CKPT_TENSORS, *_CKPT_JSON) if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} lacks {missing}; it was not written by tools/train.py")
     for name in _CKPT_TENSORS:  # hashes first: a damaged file is named before anything is built from it
         verify_tensors(path / name)
-    raw = _read_json(path / "config.json")  # not JSON: damaged; valid JSON with a field this version lacks: not
-    try:
-        cfg = RaphaelConfig.from_dict(raw)
-    except ValueError as e:
-        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    cfg = _read_config(path)
     return {
         "dir": path,
+        "format": "full",
         "cfg": cfg,
         "model": load_tensors(path / "model.safetensors"),
         "ema": load_tensors(path / "ema.safetensors"),
@@ -434,6 +461,12 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 def verify_checkpoint(path: str | Path) -> str | None:
     """None when the checkpoint folder ``path`` is complete and intact (hashes, JSON), else what is wrong."""
     path = Path(path)
+    if checkpoint_format(path) == "sharded":
+        try:
+            _check_sharded(path, None)
+        except (CheckpointError, FileNotFoundError) as e:
+            return str(e)
+        return None
     missing = [n for n in (*_CKPT_TENSORS, *_CKPT_JSON) if not (path / n).is_file()]
     if missing:
         return f"{path} lacks {missing}"
@@ -458,21 +491,291 @@ def newest_intact_checkpoint(run_dir: str | Path, exclude: Iterable[str | Path] 
     return None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder: {"dir", "cfg", "model", "ema", "optimizer", "state", "rng"} (CPU tensors).
+def load_checkpoint(path: str | Path, part: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Read a checkpoint folder: {"dir", "format": "full", "cfg", "model", "ema", "optimizer", "state", "rng"}
+    (CPU tensors); a sharded one (:func:`save_sharded_checkpoint`): {"dir", "format": "sharded", "cfg",
+    "optimizer_meta", "state", "rng"}, its weights to be read by :func:`load_sharded_state` once the model is
+    built and wrapped.
 
     A truncated or changed file raises :class:`CheckpointError` naming it and the newest intact
-    checkpoint of the same run to resume from instead.
+    checkpoint of the same run to resume from instead. ``part=(rank, world)`` (sharded checkpoints, every
+    rank calling): each rank checks the SHA-256 of a 1/world share of the tensor files and the ranks agree
+    (a collective), so no rank reads every shard; None: this process checks every file.
     """
     path = resolve_checkpoint(path)
     try:
-        return _read_checkpoint(path)
+        return _read_checkpoint(path, part)
     except CheckpointError as e:
         run_dir = path.parent.parent if path.parent.name == CKPT_DIR else None
         other = newest_intact_checkpoint(run_dir, exclude=[path]) if run_dir is not None else None
         hint = (f"; the newest intact checkpoint is {other}: resume from it with "
                 f"--resume {other}" if other is not None else "; no intact checkpoint of this run was found")
         raise CheckpointError(f"checkpoint {path}: {e}{hint}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# sharded checkpoints (torch.distributed.checkpoint, safetensors layout)
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """``"sharded"`` when the checkpoint folder ``path`` was written by :func:`save_sharded_checkpoint`, else ``"full"``."""
+    path = Path(path)
+    return "sharded" if (path / SHARDS_JSON).exists() or (path / SHARDS).is_dir() else "full"
+
+
+def sharded_support_problem() -> str | None:
+    """Why this torch cannot write sharded checkpoints (it lacks DCP's safetensors storage), or None."""
+    try:
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter  # noqa: F401
+    except ImportError:
+        return (f"config field train.checkpoint_format: 'sharded' needs torch.distributed.checkpoint's safetensors "
+                f"storage (HuggingFaceStorageWriter, torch >= 2.8); this is torch {torch.__version__}: upgrade "
+                f"torch or set train.checkpoint_format=full")
+    return None
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank_world() -> tuple[int, int]:
+    d = _dist()
+    return (d.get_rank(), d.get_world_size()) if d is not None else (0, 1)
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+@contextmanager
+def _one_process_quiet():
+    """DCP without a process group warns that it assumes one process: that is what we mean."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_optimizer(optim_sd: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """A name-keyed optimizer state dict -> ({param: {slot: tensor}} for DCP, JSON of the rest)."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pname, slots in optim_sd["state"].items():
+        for slot, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(pname, {})[slot] = value
+            else:
+                scalars.setdefault(pname, {})[slot] = value
+    return tensors, {"param_groups": optim_sd["param_groups"], "scalars": scalars}
+
+
+def _local_nonfinite(sd: dict[str, Any]) -> list[str]:
+    """Keys of ``sd`` whose local part (this rank's shard of a DTensor) holds NaN or inf."""
+    return [k for k, v in sd.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())]
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema: nn.Module,
+                            optimizer: torch.optim.Optimizer, cfg: RaphaelConfig, state: dict[str, Any] | None,
+                            rng: dict[str, torch.Tensor] | None, keep: int = 0) -> Path:
+    """Collective (every rank calls it): write ``run_dir/checkpoints/step_<step>/`` as a sharded checkpoint.
+
+    ``model`` / ``ema``: the modules (FSDP2-sharded, or plain under DDP / one process); ``optimizer``: over
+    ``model``'s parameters. Every rank writes, with ``torch.distributed.checkpoint.save`` in its safetensors
+    layout, the model weights and AdamW state it holds into ``shards/`` (``shard-<r+1>-model-...safetensors``;
+    replicated tensors are written once). Rank 0 writes the EMA gathered to the CPU (``ema.safetensors`` +
+    ``config.json``, what tools/sample.py reads), ``optimizer.json`` (param groups), ``rng.safetensors``,
+    ``state.json`` and ``shards.json`` (each shard file's SHA-256; the hashing is shared out over the
+    ranks). ``state`` / ``rng``: as for :func:`save_checkpoint`, used on rank 0 only.
+
+    Atomic as :func:`save_checkpoint`: everything goes into ``step_<step>.tmp/``, which rank 0 renames
+    after every rank has finished (a barrier), then ``latest`` moves; an interrupted save leaves only a
+    ``.tmp`` folder, which :func:`latest_checkpoint` never picks. Raises :class:`NonFiniteError` on every
+    rank, before writing anything, when any rank's model shard or the EMA holds NaN or inf.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    rank, world = _rank_world()
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # FSDP2: DTensor shards; else the tensors themselves
+    ema_full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    found = _gather((_local_nonfinite(model_sd), _nonfinite_keys(ema_full) if rank == 0 else []))
+    for what, bad in (("model", sorted({k for f in found for k in f[0]})), ("EMA", found[0][1])):
+        if bad:
+            raise NonFiniteError(f"step {step}: the {what} weights hold NaN or inf ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); checkpoint not written")
+    ckpts = Path(run_dir) / CKPT_DIR
+    final = ckpts / f"step_{step:07d}"
+    tmp = ckpts / f"step_{step:07d}.tmp"
+    if rank == 0:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / SHARDS).mkdir(parents=True)
+    _barrier()
+    opt_tensors, opt_meta = _split_optimizer(optim_sd)
+    with _one_process_quiet():
+        dcp.save({"model": model_sd, "optim": opt_tensors},
+                 storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+    _barrier()  # every rank's shard is on disk
+    files = sorted(p.name for p in (tmp / SHARDS).iterdir() if p.is_file())
+    digests: dict[str, str] = {}
+    for part in _gather({n: _sha256(tmp / SHARDS / n) for n in files[rank::world]}):
+        digests.update(part)
+    error = None
+    if rank == 0:
+        try:
+            save_model(tmp, _StateHolder(ema_full), cfg, weights_name="ema.safetensors")
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1, sort_keys=True) + "\n")
+            save_tensors({k: v.contiguous() for k, v in (rng or {}).items()}, tmp / "rng.safetensors")
+            (tmp / "state.json").write_text(json.dumps({**(state or {}), "checkpoint_format": "sharded"},
+                                                       indent=1, sort_keys=True) + "\n")
+            manifest = {"layout": SHARDED_LAYOUT, "world_size": world, "sha256": digests}
+            (tmp / SHARDS_JSON).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            if final.exists():  # the same step written again (a resumed run stopped at once)
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the checkpoint appears complete or not at all
+            _atomic_text(ckpts / LATEST, final.name + "\n")
+            if keep > 0:
+                done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+                for old in done[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except Exception as e:  # shared with the other ranks, which would otherwise wait for rank 0 forever
+            error = e
+    errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if errors[0] is not None:
+        raise OSError(f"rank 0 failed to write the checkpoint {final}: {errors[0]}")
+    return final
+
+
+_SHARDED_FILES = ("ema.safetensors", "rng.safetensors", "optimizer.json", "state.json", "config.json", SHARDS_JSON)
+
+
+def _check_sharded(path: Path, part: tuple[int, int] | None) -> dict[str, Any]:
+    """Check a sharded checkpoint's files (all of them, or the share ``part=(rank, world)`` of the tensor
+    files); returns its manifest. Raises FileNotFoundError (not a complete checkpoint) or CheckpointError."""
+    missing = [n for n in _SHARDED_FILES if not (path / n).is_file()] + ([] if (path / SHARDS).is_dir() else [SHARDS])
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} lacks {missing}; it was not written by tools/train.py")
+    manifest = _read_json(path / SHARDS_JSON)
+    if not isinstance(manifest, dict) or manifest.get("layout") != SHARDED_LAYOUT or not isinstance(manifest.get("sha256"), dict):
+        raise CheckpointError(f"{path / SHARDS_JSON} is damaged or of another layout (want {SHARDED_LAYOUT!r})")
+    present = sorted(p.name for p in (path / SHARDS).iterdir() if p.is_file())
+    recorded = sorted(manifest["sha256"])
+    if present != recorded:
+        lost, extra = sorted(set(recorded) - set(present)), sorted(set(present) - set(recorded))
+        raise CheckpointError(f"{path / SHARDS} is incomplete or changed: "
+                              + "; ".join(x for x in (f"missing {lost}" if lost else "", f"unexpected {extra}" if extra else "") if x))
+    for name in _SHARDED_FILES:
+        if name.endswith(".json"):
+            _read_json(path / name)
+    todo = ["ema.safetensors", "rng.safetensors"] + [f"{SHARDS}/{n}" for n in recorded]
+    rank, world = part if part is not None else (0, 1)
+    problem = None
+    for name in todo[rank::world]:
+        try:
+            if name.startswith(SHARDS + "/"):
+                digest = _sha256(path / name)
+                want = manifest["sha256"][name.split("/", 1)[1]]
+                if digest != want:
+                    raise CheckpointError(f"{path / name} is damaged: its SHA-256 is {digest[:16]}..., the checkpoint "
+                                          f"recorded {str(want)[:16]}... when it was written (a truncated copy or changed bytes)")
+            else:
+                verify_tensors(path / name)
+        except CheckpointError as e:
+            problem = str(e)
+            break
+    if part is not None and world > 1:  # every rank raises the same error, or none does
+        problem = next((p for p in _gather(problem) if p is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return manifest
+
+
+def _read_sharded(path: Path, part: tuple[int, int] | None) -> dict[str, Any]:
+    manifest = _check_sharded(path, part)
+    return {
+        "dir": path,
+        "format": "sharded",
+        "cfg": _read_config(path),
+        "manifest": manifest,
+        "optimizer_meta": _read_json(path / "optimizer.json"),
+        "state": _read_json(path / "state.json"),
+        "rng": load_tensors(path / "rng.safetensors"),
+    }
+
+
+def sharded_shapes(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{"model": ..., "ema": ...}: the tensors of a sharded checkpoint as meta tensors of their full shapes
+    (read from the safetensors headers only), to check against a model before loading."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    path = Path(path)
+    meta = HuggingFaceStorageReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+    model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype, device="meta")
+             for k, m in meta.items() if k.startswith("model.")}
+    with safe_open(str(path / "ema.safetensors"), framework="pt") as f:
+        ema = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    return {"model": model, "ema": ema}
+
+
+def load_sharded_state(path: str | Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+                       optimizer_meta: dict[str, Any] | None = None) -> None:
+    """Collective: load the sharded checkpoint ``path`` into ``model``, ``ema`` and ``optimizer``, built and
+    wrapped (FSDP2, DDP or plain) for this run, on any number of ranks: DCP reads each rank's part of every
+    tensor (resharding when the world size or the wrapping changed). The EMA is read from the
+    consolidated ``ema.safetensors`` the same way (each rank reads only the slices it holds)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # initialises AdamW's state (a step with lr 0): targets
+    opt_tensors, _ = _split_optimizer(optim_sd)
+    target = {"model": model_sd, "optim": opt_tensors}
+    with _one_process_quiet():
+        dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)))
+    meta = optimizer_meta if optimizer_meta is not None else _read_json(path / "optimizer.json")
+    state: dict[str, dict[str, Any]] = {p: dict(slots) for p, slots in target["optim"].items()}
+    for pname, slots in meta.get("scalars", {}).items():
+        state.setdefault(pname, {}).update(slots)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else dict(g) for g in meta["param_groups"]]
+    set_state_dict(model, optimizer, model_state_dict=target["model"],
+                   optim_state_dict={"state": state, "param_groups": groups})
+    ema_sd = get_model_state_dict(ema)
+    with _one_process_quiet():  # ema.safetensors (the folder's other tensor file, rng.safetensors, is not read)
+        dcp.load(ema_sd, storage_reader=HuggingFaceStorageReader(str(path)))
+    set_model_state_dict(ema, ema_sd)
 
 
 # --------------------------------------------------------------------------------------------

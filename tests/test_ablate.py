@@ -4,6 +4,7 @@ writers, and tools/ablate.py end to end on a micro config (two short trainings i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,89 @@ def test_alignment_se_is_the_binomial_standard_error_of_the_category_mean():
     claim = next(c for c in A.paper_orderings(rows) if c["claim"].startswith("space-MoE helps alignment"))
     assert f"~{(2 * want * want) ** 0.5:.3f}" in claim["detail"]
     assert f"0.500 \u00b1 {want:.3f} / 1" in A.markdown_report(rows, [full, no], [3.0])
+
+
+# ------------------------------------------------------------------------------ several training seeds
+
+def _study(seed: int, rows: dict[tuple[str, float], tuple[float, float, float, float]], **settings) -> dict:
+    """An ablation.json-like dict: rows (variant, guidance) -> (alignment, clip score, pixel-FD, toy-CLIP FD)."""
+    base = {"train_seed": seed, "out": f"runs/s{seed}", "preset": "toy", "budget": "toy", "prompts_per_category": 4,
+            "categories": ["colors"], "seeds": [0], "per_prompt": 4, "sampler_steps": 20, "jobs": 2}
+    return {"settings": {**base, **settings},
+            "rows": [{"variant": v, "group": "module", "guidance": g, "alignment": a, "fidelity": f,
+                      "toy_clip": {"clip_score": c, "fd_toy_clip": fc}} for (v, g), (a, c, f, fc) in rows.items()]}
+
+
+def test_combine_seeds_means_standard_errors_and_paired_differences():
+    full = [(0.50, 40.0, 2.0, 30.0), (0.60, 42.0, 1.8, 28.0), (0.55, 44.0, 1.9, 29.0)]
+    nsm = [(0.40, 39.0, 2.1, 32.0), (0.52, 41.5, 1.7, 31.0), (0.45, 43.0, 2.3, 31.5)]
+    studies = [_study(s, {("full", 7.5): full[s], ("no_space_moe", 7.5): nsm[s]}, jobs=1 + s) for s in range(3)]
+    c = A.combine_seeds(studies)
+    assert c["seeds"] == [0, 1, 2]
+    row = next(r for r in c["rows"] if r["variant"] == "full")
+    xs = [0.50, 0.60, 0.55]
+    sd = math.sqrt(sum((x - 0.55) ** 2 for x in xs) / 2)
+    assert row["alignment"]["mean"] == pytest.approx(0.55) and row["alignment"]["sd"] == pytest.approx(sd)
+    assert row["alignment"]["se"] == pytest.approx(sd / math.sqrt(3)) and row["alignment"]["per_seed"] == xs
+    by = {cmp["metric"]: cmp for cmp in c["comparisons"]}
+    assert set(by) == {"alignment", "clip_score", "fidelity", "fd_toy_clip"}
+    d = [0.10, 0.08, 0.10]  # paired by seed: full - no_space_moe
+    m = sum(d) / 3
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / 2) / math.sqrt(3)
+    al = by["alignment"]
+    assert al["full_minus_variant"] == pytest.approx(d) and al["mean"] == pytest.approx(m)
+    assert al["se"] == pytest.approx(se) and al["t"] == pytest.approx(m / se)
+    assert al["reading"] == "full better" and al["full_wins_seeds"] == 3
+    # lower is better for the Frechet distances: full wins on 2 seeds of 3, and the mean is a tie
+    fd = by["fidelity"]
+    assert fd["full_minus_variant"] == pytest.approx([-0.1, 0.1, -0.4]) and fd["full_wins_seeds"] == 2
+    assert fd["reading"] == "tie"
+    # lower is better: a consistently lower FD of the full model reads as "full better"
+    fc = by["fd_toy_clip"]
+    assert fc["full_minus_variant"] == pytest.approx([-2.0, -3.0, -2.5]) and fc["reading"] == "full better"
+    # and a consistent win of the ablated variant is named as such
+    swapped = A.combine_seeds([_study(s, {("full", 7.5): nsm[s], ("no_space_moe", 7.5): full[s]}) for s in range(3)])
+    assert {x["metric"]: x["reading"] for x in swapped["comparisons"]}["alignment"] == "no_space_moe better"
+    md = A.seeds_markdown(c, ["# title"])
+    assert md.startswith("# title") and "0.55 ± " in md and "| no_space_moe | 7.5 | detector accuracy |" in md
+
+
+def test_t_critical_values_and_two_seed_reading():
+    assert A.t_critical_95(1) == pytest.approx(12.706) and A.t_critical_95(2) == pytest.approx(4.303)
+    assert A.t_critical_95(100) == 1.96
+    with pytest.raises(ValueError):
+        A.t_critical_95(0)
+    # two seeds that agree in sign with t = 3 are a tie at 1 degree of freedom (t95 = 12.7)
+    rows = [{("full", 7.5): (0.50, 40.0, 2.0, 30.0), ("no_edge", 7.5): (0.49, 40.0, 2.0, 30.0)},
+            {("full", 7.5): (0.60, 40.0, 2.0, 30.0), ("no_edge", 7.5): (0.58, 40.0, 2.0, 30.0)}]
+    c = A.combine_seeds([_study(s, rows[s]) for s in range(2)])
+    al = next(x for x in c["comparisons"] if x["metric"] == "alignment")
+    assert al["t"] == pytest.approx(3.0) and al["reading"] == "tie" and al["full_wins_seeds"] == 2
+
+
+def test_combine_seeds_refuses_mixed_settings_and_repeated_seeds():
+    r = {("full", 7.5): (0.5, 40.0, 2.0, 30.0)}
+    with pytest.raises(ValueError, match="at least 2"):
+        A.combine_seeds([_study(0, r)])
+    with pytest.raises(ValueError, match="repeat a training seed"):
+        A.combine_seeds([_study(0, r), _study(0, r)])
+    with pytest.raises(ValueError, match=r"differ in more than the training seed: \['sampler_steps'\]"):
+        A.combine_seeds([_study(0, r), _study(1, r, sampler_steps=50)])
+
+
+def test_ablate_combine_cli(ablate, tmp_path, capsys):
+    rows = {("full", 3.0): (0.5, 40.0, 2.0, 30.0), ("no_edge", 3.0): (0.4, 41.0, 2.0, 31.0)}
+    dirs = []
+    for s in range(2):
+        d = tmp_path / f"s{s}"
+        d.mkdir()
+        (d / "ablation.json").write_text(json.dumps(_study(s, rows)))
+        dirs.append(str(d))
+    out = tmp_path / "seeds"
+    combined = ablate.main(["--out", str(out), "--combine", *dirs])
+    assert combined["seeds"] == [0, 1] and (out / "seeds.md").is_file()
+    saved = json.loads((out / "seeds.json").read_text())
+    assert saved["studies"] == dirs and len(saved["comparisons"]) == 4
+    assert "no_edge" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no ablation.json"):
+        ablate.main(["--out", str(out), "--combine", dirs[0], str(tmp_path / "missing")])

@@ -124,3 +124,69 @@ def test_validation_errors(call, match):
     p = (torch.randn(4, 6), torch.randn(6), torch.randn(6, 4), torch.randn(4))
     with pytest.raises(ValueError, match=match):
         call(p)
+
+
+# ---------------------------------------------------------------- GEGLU experts (model.expert_act = "geglu", E76)
+
+@pytest.mark.spec_id("moe.expert_ffn")
+@settings(max_examples=15)
+@given(d=st.integers(1, 6), hidden=st.integers(1, 8), lead=st.lists(st.integers(1, 3), max_size=2), seed=st.integers(0, 2**16))
+def test_geglu_expert_is_stable_diffusions_feedforward(d, hidden, lead, seed):
+    """act="geglu": e(x) = (a * GELU(g)) W2 + b2, [a, g] = x W1 + b1 (value first): diffusers' FeedForward(geglu)."""
+    diffusers_attention = pytest.importorskip("diffusers.models.attention")
+    gen = torch.Generator().manual_seed(seed)
+    w1, b1 = torch.randn(d, 2 * hidden, generator=gen, dtype=F64), torch.randn(2 * hidden, generator=gen, dtype=F64)
+    w2, b2 = torch.randn(hidden, d, generator=gen, dtype=F64), torch.randn(d, generator=gen, dtype=F64)
+    x = torch.randn(*lead, d, generator=gen, dtype=F64)
+    ff = diffusers_attention.FeedForward(d, activation_fn="geglu", inner_dim=hidden).to(F64)
+    with torch.no_grad():
+        ff.net[0].proj.weight.copy_(w1.T), ff.net[0].proj.bias.copy_(b1), ff.net[2].weight.copy_(w2.T), ff.net[2].bias.copy_(b2)
+    torch.testing.assert_close(expert_ffn(x, w1, b1, w2, b2, act="geglu"), ff(x), rtol=1e-12, atol=1e-12)
+    a, g = (x @ w1 + b1).chunk(2, dim=-1)
+    ref = (a * torch.nn.functional.gelu(g)) @ w2 + b2
+    torch.testing.assert_close(expert_ffn(x, w1, b1, w2, b2, act="geglu"), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.spec_id("moe.expert_ffn")
+@settings(max_examples=10)
+@given(k=st.integers(1, 4), d=st.integers(1, 5), hidden=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_geglu_bank_shapes_forward_zero_and_copy(k, d, hidden, seed):
+    """A GEGLU bank holds w1 (k, d, 2h), b1 (k, 2h); expert / forward / expert_at_zero / from_params agree."""
+    gen = torch.Generator().manual_seed(seed)
+    bank = ExpertBank(k, d, hidden, generator=gen, dtype=F64, act="geglu")
+    assert bank.w1.shape == (k, d, 2 * hidden) and bank.b1.shape == (k, 2 * hidden) and bank.w2.shape == (k, hidden, d)
+    x = torch.randn(3, 2, d, generator=gen, dtype=F64)
+    for e in range(k):
+        torch.testing.assert_close(bank.expert(e, x),
+                                   expert_ffn(x, bank.w1[e], bank.b1[e], bank.w2[e], bank.b2[e], act="geglu"))
+    torch.testing.assert_close(bank(x), torch.stack([bank.expert(e, x) for e in range(k)]))
+    zero_out = torch.stack([bank.expert(e, torch.zeros(d, dtype=F64)) for e in range(k)])  # (k, d)
+    torch.testing.assert_close(bank.expert_at_zero(), zero_out, rtol=1e-12, atol=1e-12)
+    copy = ExpertBank.from_params(*(p.detach() for p in (bank.w1, bank.b1, bank.w2, bank.b2)), act="geglu")
+    assert copy.act == "geglu" and "geglu" in repr(copy)
+    torch.testing.assert_close(copy(x), bank(x), rtol=0, atol=0)
+
+
+def test_geglu_zero_last_projection_outputs_zero():
+    """w2 = 0 and b2 = 0 make every expert output exactly 0 (the converted space-MoE at step 0, E76)."""
+    bank = ExpertBank(3, 4, 5, generator=torch.Generator().manual_seed(0), act="geglu")
+    with torch.no_grad():
+        bank.w2.zero_(), bank.b2.zero_()
+    x = torch.randn(7, 4)
+    assert torch.equal(bank(x), torch.zeros(3, 7, 4)) and torch.equal(bank.expert_at_zero(), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ExpertBank(2, 4, 6, act="relu"), "act must be one of"),
+    (lambda: expert_ffn(torch.randn(2, 4), torch.randn(4, 6), torch.randn(6), torch.randn(6, 4), torch.randn(4), act="swiglu"),
+     "act must be one of"),
+    (lambda: expert_ffn(torch.randn(2, 4), torch.randn(4, 5), torch.randn(5), torch.randn(2, 4), torch.randn(4), act="geglu"),
+     "2 \\* hidden"),
+    (lambda: expert_ffn(torch.randn(2, 4), torch.randn(4, 6), torch.randn(6), torch.randn(6, 4), torch.randn(4), act="geglu"),
+     "w2"),
+    (lambda: ExpertBank.from_params(torch.randn(2, 4, 5), torch.randn(2, 5), torch.randn(2, 2, 4), torch.randn(2, 4), act="geglu"),
+     "2 \\* hidden"),
+])
+def test_geglu_validation_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

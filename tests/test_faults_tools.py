@@ -148,7 +148,7 @@ def no_sampling(sample_tool, monkeypatch):
     """Fail the test if sample.py starts sampling: user errors must be found before."""
     def boom(*a, **k):
         raise AssertionError("sampling started before the arguments were checked")
-    monkeypatch.setattr(sample_tool.T, "generate_images", boom)
+    monkeypatch.setattr(sample_tool.RaphaelPipeline, "__call__", boom)  # sample.py samples through the pipeline
     return sample_tool
 
 
@@ -205,10 +205,10 @@ def test_sample_accepts_the_edges_of_the_ranges(sample_tool, checkpoint, tmp_pat
 
     import unittest.mock as mock
 
-    with mock.patch.object(sample_tool.T, "generate_images", stop), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(sample_tool.RaphaelPipeline, "__call__", stop), pytest.raises(KeyboardInterrupt):
         sample_tool.main([str(checkpoint), "--raw", "--out", str(tmp_path / "o"), "--prompt", "a", "--steps", "20",
                           "--eta", "1", "--guidance", "0"])
-    assert calls and calls[0]["steps"] == 20 and calls[0]["eta"] == 1.0 and calls[0]["guidance"] == 0.0
+    assert calls and calls[0]["num_inference_steps"] == 20 and calls[0]["eta"] == 1.0 and calls[0]["guidance_scale"] == 0.0
 
 
 def test_sample_warns_once_about_a_truncated_prompt(sample_tool, checkpoint, tmp_path, capsys):
@@ -297,7 +297,7 @@ def test_sample_without_diffusers_is_an_error_line(sample_tool, tmp_path, monkey
     cfg = get_preset("toy", {**MICRO, "model.codec": "vae", "model.in_channels": 4, "model.vae_path": str(vae_dir)})
     ckpt = save_model(tmp_path / "ckpt", RaphaelUNet(cfg.model), cfg)
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    monkeypatch.setattr(sample_tool.T, "generate_images", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(sample_tool.RaphaelPipeline, "__call__", lambda *a, **k: pytest.fail("sampling started"))
     assert sample_tool.main([str(ckpt), "--raw", "--out", str(tmp_path / "o"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "raphael_ref[vae]" in err

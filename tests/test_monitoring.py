@@ -112,6 +112,18 @@ def test_padding_tokens_are_not_counted():
     assert usage.summary()["space"]["fractions"][0] == pytest.approx([0.2, 0.2, 0.6])
 
 
+def test_micro_batches_count_items_of_every_forward_and_one_step():
+    """Gradient accumulation: K forwards per optimizer step add all their routes but one step to the window."""
+    usage = ExpertUsage(1, 2, 2, min_items=1)
+    aux = [_aux(torch.tensor([[0, 1]]), torch.tensor([1]))]
+    for k in range(3):  # K = 3 micro-batches of one optimizer step
+        usage.update(aux, count_step=k == 2)
+    s = usage.summary()
+    assert s["steps"] == 1 and s["space"]["items"] == [6] and s["time"]["items"] == [3]
+    usage.update(aux)  # the default: one forward = one step
+    assert usage.summary()["steps"] == 2
+
+
 def test_collapse_needs_one_expert_for_the_whole_window_and_enough_items():
     assert chance_min_items(4) == 11 and chance_min_items(6) == 9 and chance_min_items(2) == 21
     for k in (2, 4, 6):  # the smallest N with k^(1-N) <= 1e-6

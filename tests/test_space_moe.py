@@ -289,3 +289,32 @@ def test_dense_compiles_as_one_graph():
                       fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(h, masks, routes, weights), space_moe_literal(h, masks, routes, weights, bank),
                                rtol=1e-6, atol=1e-6)  # float32, n_y = 4 terms: ~ 16 u
+
+
+@pytest.mark.spec_id("smoe.output")
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=15)
+@given(c=sizes, count_padding=st.booleans())
+def test_geglu_experts_fast_equals_literal(impl, c, count_padding):
+    """model.expert_act = "geglu" (E76): the regrouped forms, e_k(0) term included, equal the token loop."""
+    h, masks, routes, weights, valid, _ = make_inputs(**c)
+    gen = torch.Generator().manual_seed(c["seed"] + 2)
+    bank = ExpertBank(c["k"], c["d"], c["hidden"], generator=gen, dtype=F64, act="geglu")
+    with torch.no_grad():  # large biases: e_k(0) = (a0 * GELU(g0)) W2 + b2 far from zero
+        bank.b1.add_(torch.randn(bank.b1.shape, generator=gen, dtype=F64))
+        bank.b2.add_(torch.randn(bank.b2.shape, generator=gen, dtype=F64))
+    h.requires_grad_(True)
+    kw = dict(valid=valid, count_padding=count_padding)
+    lit = space_moe_literal(h, masks, routes, weights, bank, **kw)
+    fast = space_moe(h, masks, routes, weights, bank, impl=impl, **kw)
+    torch.testing.assert_close(fast, lit, **TOL64)
+    if lit.requires_grad:
+        leaves = [h, *bank.parameters()]
+        g = torch.randn(h.shape, generator=gen, dtype=F64)
+        for name, a, b in zip(["h", "w1", "b1", "w2", "b2"],
+                              torch.autograd.grad((lit * g).sum(), leaves, allow_unused=True),
+                              torch.autograd.grad((fast * g).sum(), leaves, allow_unused=True)):
+            a = torch.zeros_like(b) if a is None and b is not None else a
+            b = torch.zeros_like(a) if b is None and a is not None else b
+            if a is not None:
+                torch.testing.assert_close(b, a, **TOL64, msg=lambda m: f"grad {name}: {m}")

@@ -139,6 +139,32 @@ def test_existing_run_needs_resume(full_run, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_init_starts_a_new_run_from_a_checkpoints_weights(full_run, tmp_path, capsys):
+    """--init CKPT: the checkpoint's weights in the model and the EMA at step 0. One step at lr 1e-30 (the config
+    wants lr > 0) moves no weight by more than a float32 rounding (an AdamW step is ~lr per entry), so after it the
+    run's weights are the checkpoint's to rtol 1e-6 (a fresh init differs by O(1)); a run whose model.* differs is
+    refused naming the field; --init and --resume exclude each other."""
+    src = T.latest_checkpoint(full_run)
+    out = tmp_path / "ft"
+    proc = _ok(_run(_args("train.steps=1", "train.lr=1e-30", "train.ckpt_every=1", "sample.every=0", out=out,
+                          extra=("--init", str(src)))))
+    assert f"initialised from {src / 'model.safetensors'}" in proc.stdout + proc.stderr
+    ckpt = T.latest_checkpoint(out)
+    want = load_file(str(src / "model.safetensors"))
+    for name in ("model", "ema"):
+        got = load_file(str(ckpt / f"{name}.safetensors"))
+        assert set(got) == set(want), name
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-30, msg=f"{name} {k}")
+    train = _train_module()
+    assert train.main(["--init", str(src), "--out", str(tmp_path / "x"), *sum((["--set", a] for a in MICRO), []),
+                       "--set", "model.expert_mult=4"]) == 2
+    assert "model.expert_mult (checkpoint 2, now 4)" in capsys.readouterr().err
+    assert train.main(["--init", str(src), "--resume", str(src), "--out", str(tmp_path / "y")]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 @pytest.mark.parametrize("override,field", [
     ("model.nonexistent=3", "model.nonexistent"),
     ("train.lr=-1", "train.lr"),

@@ -7,6 +7,8 @@ each over the guidance weights, write the table and the trade-off plots.
     python tools/ablate.py --out runs/ablation --budget toy --no-sweeps --variants full no_space_moe
     python tools/ablate.py --out runs/abl_small --preset small --set model.vae_path=/models/sd-vae \\
         --budget full --inception-weights weights-inception-2015-12-05-6726825d.pth   # on a GPU
+    for s in 0 1 2; do python tools/ablate.py --out runs/abl_s$s --budget toy --train-seed $s --no-sweeps; done
+    python tools/ablate.py --out runs/abl_seeds --combine runs/abl_s0 runs/abl_s1 runs/abl_s2   # mean ± se
 
 Variants (``raphael_ref.evaluation.ablation``): full, no_space_moe, no_time_moe, no_edge (Fig. 6b),
 and the sweeps alpha in --alphas and T_c in --t-cs (Fig. 6a); a sweep point equal to the base
@@ -29,6 +31,8 @@ Writes to --out:
     ablation.md                      variant x guidance tables (alignment / fidelity), the paper's orderings
     tradeoff.png                     Fig. 6b: alignment vs fidelity, one curve per module variant
     sweeps.png                       Fig. 6a: alignment and fidelity vs alpha and T_c (when swept)
+With --combine STUDY...: seeds.md / seeds.json, the studies of several --train-seed values in one table
+(mean ± standard error over seeds) and the paired full - variant differences (``combine_seeds``).
 """
 
 from __future__ import annotations
@@ -113,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained and evaluated at once (each in its own process, --threads each); e.g. 2 on a "
                         "2-core CPU with --threads 1, or one per GPU with CUDA_VISIBLE_DEVICES set per job by you")
+    p.add_argument("--combine", nargs="+", default=None, metavar="STUDY",
+                   help="combine finished studies of the same settings and different --train-seed into --out/seeds.md "
+                        "(mean ± standard error over seeds, paired full - variant differences); trains nothing")
     p.add_argument("--only-run", default=None, help=argparse.SUPPRESS)  # internal: one run of a --jobs study
     p.add_argument("--dry-run", action="store_true", help="print the training commands and the plan; run nothing")
     p.add_argument("--train-only", action="store_true", help="train (or resume) every run, evaluate nothing")
@@ -418,8 +425,37 @@ def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[di
     return files
 
 
+def combine_main(args) -> dict:
+    """--combine: one table over the studies of several training seeds (mean ± se, paired comparisons)."""
+    studies = []
+    for d in args.combine:
+        f = Path(d) / "ablation.json"
+        if not f.is_file():
+            raise SystemExit(f"error: --combine {d}: no ablation.json there (run the study first)")
+        studies.append(json.loads(f.read_text()))
+    try:
+        combined = A.combine_seeds(studies)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = studies[0]["settings"]
+    header = [f"# Ablation study over {len(studies)} training seeds (RAPHAEL Sec. 4.2, Fig. 6b): preset {s['preset']}, "
+              f"budget {s['budget']}", "", f"Studies: {', '.join(str(d) for d in args.combine)}. Each point: "
+              f"{s['prompts_per_category']} prompts x {len(s['categories'])} categories x seeds {s['seeds']} x "
+              f"{s['per_prompt']} images, DDIM {s['sampler_steps']} steps; the same prompts and noise for every "
+              "variant and seed."]
+    (out / "seeds.md").write_text(A.seeds_markdown(combined, header))
+    (out / "seeds.json").write_text(json.dumps({"studies": [str(d) for d in args.combine], **combined}, indent=1) + "\n")
+    print((out / "seeds.md").read_text())
+    print(f"wrote {out / 'seeds.md'}, {out / 'seeds.json'}")
+    return combined
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.combine:
+        return combine_main(args)
     try:
         cfg = base_config(args)
         plan = plan_of(args, cfg)

@@ -65,8 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score ground-truth renders instead of a model: each prompt's own scene, or another prompt's")
     p.add_argument("--image-size", type=int, default=32, help="render size of --reference (pixels)")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, grids/, images/)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (ddim; ddpm always runs all T)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m", "unipc", "euler", "heun"), default="ddim",
+                   help="ddim/ddpm: the project's samplers; the others: diffusers' schedulers (raphael_ref/schedulers.py; "
+                        "no attention views, pass --attention 0)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (ddpm always runs all T)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance weight (Fig. 6b)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image set per seed")
@@ -101,6 +104,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown per category grid")
     args = p.parse_args(argv)
     args.weights = args.weights or "auto"
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.sampler not in ("ddim", "ddpm") and args.attention:
+        p.error(f"--sampler {args.sampler}: the attention views need ddim or ddpm; pass --attention 0")
+    if args.sampler not in ("ddim", "ddpm"):
+        from raphael_ref.pipeline import check_sampler
+
+        try:
+            check_sampler(args.sampler, args.eta)
+        except (ValueError, ImportError) as e:
+            p.error(str(e))
     if (args.checkpoint is None) == (args.reference is None):
         p.error("give a checkpoint folder or --reference matched|shuffled (exactly one)")
     if args.reference is not None:
@@ -131,8 +147,8 @@ def check_user_errors(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             cfg = RaphaelConfig.from_json(ckpt / "config.json")
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
-        n_steps = args.steps if args.sampler == "ddim" else cfg.diffusion.T
-        if args.sampler == "ddim" and args.steps > cfg.diffusion.T:
+        n_steps = args.steps if args.sampler != "ddpm" else cfg.diffusion.T
+        if args.sampler != "ddpm" and args.steps > cfg.diffusion.T:
             p.error(f"--steps must lie in [1, T = {cfg.diffusion.T}] for {ckpt}, got {args.steps}")
         if args.attention and args.attention_step is not None and not 0 <= args.attention_step < n_steps:
             p.error(f"--attention-step must lie in [0, {n_steps}) ({n_steps} sampler steps), got {args.attention_step}")
@@ -192,7 +208,13 @@ class ModelGenerator:
                   guidance=1.0 if a.unconditional else a.guidance, sampler=a.sampler, eta=a.eta,
                   generator=torch.Generator().manual_seed(image_seed(seed, spec)),
                   set_alpha_to_one=self.cfg.sample.set_alpha_to_one)
-        if record_step is None:
+        if record_step is None and a.sampler not in ("ddim", "ddpm"):  # diffusers' schedulers
+            from raphael_ref.schedulers import sample_with_scheduler
+
+            kw.pop("eta")
+            x, _ = sample_with_scheduler(self.model, self.schedule, cond, uncond, scheduler=kw.pop("sampler"), **kw)
+            rec = None
+        elif record_step is None:
             from raphael_ref.sampling import sample
 
             x, _ = sample(self.model, self.schedule, cond, uncond, **kw)

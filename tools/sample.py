@@ -4,6 +4,12 @@
     python tools/sample.py runs/2025-toy --prompt "a red circle on the left" --out out/
     python tools/sample.py runs/x/checkpoints/step_0000400 --prompts-file prompts.txt --out out/ \\
         --sampler ddim --steps 25 --guidance 3 --seed 1 --batch-size 8 --save-paths --save-masks
+    python tools/sample.py runs/2025-toy --prompt "a red circle" --out out/ --sampler dpmpp_2m --steps 10 \\
+        --negative-prompt "a blue square"
+
+A thin command line over ``raphael_ref.RaphaelPipeline`` (raphael_ref/pipeline.py). Samplers: the
+project's ``ddim`` and ``ddpm``, and diffusers' ``dpmpp_2m``, ``unipc``, ``euler``, ``heun`` (raphael_ref/
+schedulers.py; needs ``pip install "raphael_ref[samplers]"``).
 
 Writes ``NNN_<prompt>.png`` per prompt, ``grid.png`` and ``prompts.txt``; with ``--save-paths`` the
 diffusion paths (Sec. 3.1, Fig. 4/9) as ``NNN_<prompt>.paths.json`` plus a PNG (space expert per
@@ -12,9 +18,10 @@ Mhat_i of each text token (Sec. 3.1) at the last sampling step, averaged over th
 over the image (``NNN_<prompt>.masks.png``). EMA weights unless ``--raw``. On the CPU a seed and
 batch size give the same bytes on every run (noise is drawn on the CPU from the seed).
 
-User errors (a missing checkpoint or prompt file, --steps outside 1..T, --eta outside [0, 1], a negative or
-non-finite --guidance, an --out that takes no files, a VAE run without diffusers) are one ``error:`` line and
-exit code 2, found before the model is loaded. A prompt longer than the text context warns once (errata E41).
+User errors (a missing checkpoint or prompt file, --steps outside 1..T, --eta outside [0, 1] or with another
+sampler than ddim, a negative or non-finite --guidance, an --out that takes no files, a VAE run or a diffusers
+sampler without diffusers) are one ``error:`` line and exit code 2, found before the model is loaded. A prompt
+longer than the text context warns once (errata E41).
 """
 
 from __future__ import annotations
@@ -33,9 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from raphael_ref import training as T  # noqa: E402
-from raphael_ref.checkpoint import load_model  # noqa: E402
 from raphael_ref.config import RaphaelConfig  # noqa: E402
-from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+from raphael_ref.pipeline import SAMPLERS, RaphaelPipeline, check_sampler  # noqa: E402
 from raphael_ref.text_encoder import PromptTruncatedWarning  # noqa: E402
 
 # distinct colours for expert ids 0..11 (ids beyond wrap around)
@@ -49,9 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="text file, one prompt per line (blank lines skipped)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the run's sample.sampler")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps, 1..T (default: the run's sample.steps); "
-                   "DDPM always runs all T steps")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's sample.sampler; "
+                   "ddim and ddpm are the project's own, the others diffusers' schedulers (raphael_ref/schedulers.py)")
+    p.add_argument("--negative-prompt", default=None, help="the prompt guidance steers away from, for every prompt "
+                   "(default: the empty prompt, the caption training drops)")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="LoRA adapter of tools/finetune_lora.py (adapter.safetensors, its .json beside it), merged")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength s: W + s (alpha / r) B A (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps, 1..T (default: the run's sample.steps); "
+                   "ddpm always runs all T steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (0: deterministic DDIM)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight >= 0 (default: the "
                    "run's sample.guidance; 1 = no guidance)")
@@ -196,34 +208,36 @@ def main(argv=None) -> int:
         steps = sc.steps if args.steps is None else args.steps  # --steps 0 is an error, not "the default"
         guidance = sc.guidance if args.guidance is None else args.guidance
         check_sampling_numbers(steps, args.eta, guidance, cfg.diffusion.T)
+        check_sampler(sampler, args.eta)  # eta with another sampler than ddim; diffusers missing
         out = T.writable_dir(args.out)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        codec = T.build_codec(cfg, device)  # a missing diffusers or VAE folder is reported here
-        encoder = T.build_text_encoder(cfg, device)  # and missing text-tower weights here
-        model, cfg = load_model(ckpt, weights_name=weights)  # a damaged file: CheckpointError (a ValueError)
+        # a missing diffusers or VAE folder, missing text-tower weights or a damaged file (CheckpointError,
+        # a ValueError) are reported here
+        pipe = RaphaelPipeline.from_pretrained(ckpt, weights="raw" if args.raw else "ema", device=device)
+        if args.lora is not None:  # a LoRA adapter of tools/finetune_lora.py, merged (issue 12)
+            if not math.isfinite(args.lora_scale):
+                raise ValueError(f"--lora-scale must be finite, got {args.lora_scale}")
+            pipe.load_lora(args.lora, args.lora_scale, base_checkpoint=ckpt)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = model.to(device).eval()
-    schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T, cfg.diffusion.zero_terminal_snr)
-    all_ids = encoder.tokenize(prompts)  # (N, n_y); warns once per prompt longer than the context (E41)
-    print(f"{ckpt} ({'raw' if args.raw else 'EMA'} weights), {sampler} "
-          f"{steps if sampler == 'ddim' else schedule.T} steps, guidance {guidance}, seed {args.seed}, "
-          f"{len(prompts)} prompt(s) -> {out}", flush=True)
+    T_ = pipe.schedule.T
+    all_ids = pipe.text_encoder.tokenize(prompts)  # (N, n_y); warns once per prompt longer than the context (E41)
+    n_steps = T_ if sampler == "ddpm" else steps
+    print(f"{ckpt} ({'raw' if args.raw else 'EMA'} weights), {sampler} {n_steps} steps, guidance {guidance}, "
+          f"seed {args.seed}, {len(prompts)} prompt(s) -> {out}", flush=True)
 
     generator = torch.Generator().manual_seed(args.seed)  # one stream, batches drawn in order
-    size = (cfg.model.sample_size, cfg.model.sample_size)
-    n_steps = steps if sampler == "ddim" else schedule.T  # sampler steps: the masks figure uses the last one
     all_images = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         with warnings.catch_warnings():  # already warned above, with the prompt's index in the whole list
             warnings.simplefilter("ignore", PromptTruncatedWarning)
-            images, paths = T.generate_images(model, schedule, encoder, codec, batch, size=size, sampler=sampler,
-                                              steps=steps, guidance=guidance, eta=args.eta, generator=generator,
-                                              set_alpha_to_one=cfg.sample.set_alpha_to_one,
-                                              collect_paths=args.save_paths,
-                                              collect_masks=[n_steps - 1] if args.save_masks else False)  # last step
+            result = pipe(batch, args.negative_prompt, num_inference_steps=None if sampler == "ddpm" else steps,
+                          guidance_scale=guidance, sampler=sampler, eta=args.eta, generator=generator,
+                          return_paths=args.save_paths or args.save_masks, return_masks=args.save_masks,
+                          output_type="pt")
+        images, paths = result.images, result.paths  # (b, 3, H, W) in [-1, 1]
         all_images.append(images)
         ids = all_ids[start:start + args.batch_size]  # (b, n_y)
         for j, prompt in enumerate(batch):
@@ -241,11 +255,15 @@ def main(argv=None) -> int:
                           "space_routes": space.tolist(), "time_routes": time_r.tolist(),
                           "space_routes_same_every_step": same, "sampler": sampler, "guidance": guidance,
                           "seed": args.seed, "weights": "raw" if args.raw else "ema"}
+                if args.negative_prompt is not None:
+                    record["negative_prompt"] = args.negative_prompt
+                if args.lora is not None:
+                    record["lora"], record["lora_scale"] = args.lora, args.lora_scale
                 (out / f"{stem}.paths.json").write_text(json.dumps(record) + "\n")
                 paths_figure(tokens, space[0], time_r, paths.timesteps, cfg.model.n_space_experts,
                              cfg.model.n_time_experts, same).save(out / f"{stem}.paths.png", format="PNG")
             if args.save_masks:
-                last = [m[j] for m in paths.masks[-1]]  # per block (n_x, n_y) bool at the last step (the only one kept)
+                last = [m[j] for m in result.masks]  # per block (n_x, n_y) bool at the last model call
                 masks_figure(images[j], tokens, last).save(out / f"{stem}.masks.png", format="PNG")
         print(f"  {min(start + args.batch_size, len(prompts))}/{len(prompts)}", flush=True)
     T.save_image_grid(torch.cat(all_images), out / "grid.png", nrow=min(8, len(prompts)))

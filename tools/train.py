@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train RAPHAEL (Xue et al., 2023): L = L_denoise + 1[t < T_c] L_edge (Sec. 2, 3.2) with AdamW (Table 2).
 
-    python tools/train.py                                  # toy preset, synthetic data, CPU, about an hour
+    python tools/train.py                                  # toy preset, synthetic data, CPU, about 10 minutes
     python tools/train.py --set train.steps=2000 --out runs/toy2
     python tools/train.py --out runs/toy2 --resume --set train.steps=4000   # go on from the latest checkpoint
     python tools/train.py --preset small --config my_run.toml --set train.source=/data/shards
+    python tools/train.py --init runs/sd21_init --config runs/sd21_init/config.json --out runs/ft   # start from weights
     torchrun --standalone --nproc_per_node=8 tools/train.py --preset paper --config paper_local.toml --fsdp
 
 One process trains on one device; under ``torchrun`` every rank trains with DDP (or FSDP2 with
@@ -74,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folder (default: a fresh runs/<time>-<preset>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="go on from a checkpoint: its folder, or (no value) the latest one in --out")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start a new run from the weights of a checkpoint folder (e.g. tools/convert_sd.py's output): "
+                        "its model.safetensors into the model and the EMA, a fresh optimizer, step 0; the run's model.* "
+                        "fields must equal the checkpoint's (take them with --config CKPT/config.json)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (same as train.fsdp=true)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
@@ -180,6 +185,15 @@ def locked_differences(ckpt_cfg, cfg) -> list[str]:
             if a.get(k) != b.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
 
 
+def init_differences(init_cfg, cfg) -> list[str]:
+    """``field (checkpoint X, now Y)`` for each model.* field that changes the weights or what the network
+    computes (``--init``: the run's U-Net must be the checkpoint's)."""
+    a, b = _flat(init_cfg), _flat(cfg)
+    free = tuple(f for f in RESUME_MAY_CHANGE if f.startswith("model."))
+    return [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if k.startswith("model.") and not k.startswith(free) and a.get(k) != b.get(k)]
+
+
 def _listed(items: list[str], n: int = 8) -> str:
     return "; ".join(items[:n]) + (f"; ... and {len(items) - n} more" if len(items) > n else "")
 
@@ -269,8 +283,11 @@ def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     # ---- config: preset (or the checkpoint's config when resuming) + files + --set
-    resume_from, ck = None, None
+    resume_from, ck, init_from, init_state = None, None, None, None
     try:
+        if args.init is not None and args.resume is not None:
+            raise ValueError("--init starts a new run from a checkpoint's weights and --resume continues a run; "
+                             "pass one of them")
         if args.resume is not None:
             if args.resume == "latest":
                 if args.out is None:
@@ -280,7 +297,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     raise ValueError(f"--resume: {args.out} has no checkpoint in {args.out}/{T.CKPT_DIR}")
             else:
                 resume_from = T.resolve_checkpoint(args.resume)
-            ck = T.load_checkpoint(resume_from)  # every file's SHA-256 checked: a damaged one is named here
+            # every file's SHA-256 checked: a damaged one is named here (sharded: each rank checks its share)
+            ck = T.load_checkpoint(resume_from, part=(rank, world))
             base = ck["cfg"]
             if args.preset is not None and args.preset != base.name:
                 diff = locked_differences(base, load_config(args.preset, args.config, args.set))
@@ -297,8 +315,24 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                                  f"start a new run in another --out for a different model")
         else:
             cfg = load_config(args.preset or "toy", args.config, args.set)
+        if args.init is not None:  # the weights of another checkpoint, at step 0 (e.g. a converted SD U-Net)
+            from raphael_ref.checkpoint import load_tensors
+            from raphael_ref.config import RaphaelConfig
+
+            init_from = T.resolve_checkpoint(args.init)
+            diff = init_differences(RaphaelConfig.from_json(init_from / "config.json"), cfg)
+            if diff:
+                raise ValueError(f"--init {init_from}: the run's model differs from the checkpoint's in {len(diff)} "
+                                 f"field(s): {_listed(diff)}; take the checkpoint's config with --config "
+                                 f"{init_from / 'config.json'}")
+            if not (init_from / "model.safetensors").is_file():
+                raise ValueError(f"--init {init_from}: no model.safetensors there (a checkpoint folder of "
+                                 f"tools/train.py, tools/convert_sd.py or checkpoint.save_model holds one)")
+            init_state = load_tensors(init_from / "model.safetensors")  # SHA-256 checked: a damaged file is named
         if args.fsdp:
             cfg.train.fsdp = True
+        if cfg.train.checkpoint_format == "sharded" and T.sharded_support_problem() is not None:
+            raise ValueError(T.sharded_support_problem())
         if cfg.train.batch_size % world:
             raise ValueError(f"config field train.batch_size: the global batch {cfg.train.batch_size} must be "
                              f"divisible by the world size {world}")
@@ -324,11 +358,21 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     # ---- seeds: one model init for all ranks, then per-rank streams seed * world + rank (DiT)
     torch.manual_seed(tc.seed)
     model = RaphaelUNet(mc)
+    if init_state is not None:  # --init: the checkpoint's weights, checked key by key, in the model and the EMA
+        try:
+            check_state_dict(model.state_dict(), init_state, str(init_from / "model.safetensors"))
+        except ValueError as e:
+            return fail(rank, str(e))
+        model.load_state_dict(init_state)
+        del init_state
+        say(rank, f"initialised from {init_from / 'model.safetensors'} (step 0, fresh optimizer)")
     ema = T.make_ema(model)  # an exact copy; updated after every step, used for the sample grids
     if ck is not None:  # a hand-edited config.json beside the weights: name the keys, not a 100-line RuntimeError
         try:
+            given = T.sharded_shapes(resume_from) if ck["format"] == "sharded" else ck
             for name in ("model", "ema"):
-                check_state_dict(model.state_dict(), ck[name], str(resume_from / f"{name}.safetensors"))
+                where = T.SHARDS if ck["format"] == "sharded" and name == "model" else f"{name}.safetensors"
+                check_state_dict(model.state_dict(), given[name], str(resume_from / where))
         except ValueError as e:
             return fail(rank, str(e))
     rank_seed = tc.seed * world + rank
@@ -391,9 +435,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     balance = tc.balance_loss > 0  # the optional load-balancing loss (E73): its sum over the window
     balance_window = torch.zeros((), dtype=torch.float64, device=device)
     if resume_from is not None:
-        set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
-        set_model_state_dict(ema, ck["ema"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if ck["format"] == "sharded":  # collective: each rank reads its part of every tensor (DCP reshards)
+            T.load_sharded_state(resume_from, model, ema, opt, ck["optimizer_meta"])
+        else:
+            set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(ema, ck["ema"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
         st = ck["state"]
         step = int(st["step"])
         window = torch.tensor(st["window"], dtype=torch.float64, device=device)
@@ -464,9 +511,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
     def save_checkpoint(final: bool = False) -> None:
         """Write a checkpoint; raises Diverged (nothing written) when the weights are not finite."""
-        model_sd = get_model_state_dict(model, options=full)
-        ema_sd = get_model_state_dict(ema, options=full)
-        opt_sd = get_optimizer_state_dict(model, opt, options=full)
+        sharded = tc.checkpoint_format == "sharded"  # every rank writes its shards (T.save_sharded_checkpoint)
+        if not sharded:  # rank 0 gathers everything
+            model_sd = get_model_state_dict(model, options=full)
+            ema_sd = get_model_state_dict(ema, options=full)
+            opt_sd = get_optimizer_state_dict(model, opt, options=full)
         mine = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
         if device.type == "cuda":
             mine["cuda"] = torch.cuda.get_rng_state()
@@ -476,14 +525,21 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             dist.all_gather_object(states, mine)
         usage_state = usage.window_state()  # collective: the window's route counts of all ranks
         verdict = None  # rank 0's ("nonfinite" | "plot", message), shared with every rank
-        if rank == 0:
-            rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
-            state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
-                     "seed": tc.seed, "skipped_steps": skipped_steps, "expert_usage": usage_state,
-                     "balance_window": float(balance_window)}
+        rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()} if rank == 0 else None
+        state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
+                 "seed": tc.seed, "skipped_steps": skipped_steps, "expert_usage": usage_state,
+                 "balance_window": float(balance_window)} if rank == 0 else None
+        if sharded:  # collective; a NonFiniteError is raised on every rank
             try:
-                path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
-                                         optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
+                path = T.save_sharded_checkpoint(run_dir, step, model=model, ema=ema, optimizer=opt, cfg=cfg,
+                                                 state=state, rng=rng, keep=tc.keep_ckpts)
+            except T.NonFiniteError as e:
+                verdict = ("nonfinite", str(e))
+        if rank == 0 and verdict is None:
+            try:
+                if not sharded:
+                    path = T.save_checkpoint(run_dir, step, model_state=model_sd, ema_state=ema_sd,
+                                             optimizer_state=opt_sd, cfg=cfg, state=state, rng=rng, keep=tc.keep_ckpts)
             except T.NonFiniteError as e:
                 verdict = ("nonfinite", str(e))
             else:
@@ -587,13 +643,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                                               focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
                                               loss_weight=tc.loss_weight, loss_weight_max=tc.loss_weight_max,
                                               balance_loss=tc.balance_loss)
-                    usage.update(out["aux"], text.valid[mb])  # no host sync
+                    usage.update(out["aux"], text.valid[mb], count_step=k == accum - 1)  # no host sync
                     (out["total"] if accum == 1 else out["total"] / accum).backward()
                 micro = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach()]
                                     + ([out["balance"].detach()] if balance else [])).double()
                 sums = micro if sums is None else sums + micro  # a non-finite micro-loss makes the sum non-finite
                 del out  # the micro-step's routes and losses; its graph is freed by backward
-            usage.steps -= accum - 1  # ExpertUsage counts update calls; its window counts optimizer steps
             mean = sums if accum == 1 else sums / accum  # the mean over the micro-batches = the batch mean
             norm = grad_norm(model, tc.grad_clip)  # (), after DDP / FSDP reduced the gradients: one value for all ranks
 

@@ -53,6 +53,9 @@ __all__ = [
     "ablation_plan",
     "alignment_se",
     "best_guidance",
+    "combine_seeds",
+    "seeds_markdown",
+    "t_critical_95",
     "markdown_report",
     "paper_orderings",
     "pixel_fd",
@@ -435,4 +438,137 @@ def toy_clip_table(rows: Sequence[Mapping[str, Any]], plan: Sequence[Variant], g
                              + f" / {r['fidelity']:.3g}")
         if any(cells):
             lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ several training seeds
+
+# (metric, higher is better, label): the axes of Fig. 6b at toy scale
+SEED_METRICS: tuple[tuple[str, bool, str], ...] = (
+    ("alignment", True, "detector accuracy"),
+    ("clip_score", True, "toy CLIP score"),
+    ("fidelity", False, "pixel-FD / FID"),
+    ("fd_toy_clip", False, "FD in toy-CLIP features"),
+)
+# settings of a study that may differ between the seeds of one combined table
+_PER_SEED_SETTINGS = {"train_seed", "out", "jobs", "threads", "only_run", "dry_run", "train_only", "device"}
+
+
+def _metric(row: Mapping[str, Any], key: str) -> float | None:
+    v = (row.get("toy_clip") or {}).get(key) if key in ("clip_score", "fd_toy_clip") else row.get(key)
+    return None if v is None else float(v)
+
+
+def _mean_sd(xs: Sequence[float]) -> tuple[float, float | None]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Combine one ablation study repeated with different training seeds (``ablation.json`` dicts).
+
+    Per (variant, guidance) and metric: the mean over the seeds, the seed-to-seed standard deviation
+    and the standard error of the mean (sd / sqrt(n_seeds)). Per ablated variant, guidance and metric:
+    the *paired* difference full - variant (same seed, same evaluation prompts and noise), its mean,
+    standard error over seeds and t = mean / se, read as "full better" / "variant better" when |t|
+    exceeds the two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (12.7 for 2 seeds,
+    4.30 for 3, 3.18 for 4; :func:`t_critical_95`), else "tie". This standard error holds the
+    training-seed spread and the evaluation noise together.
+    Raises ValueError when the studies differ in anything but the seed (or repeat a seed).
+    """
+    if len(studies) < 2:
+        raise ValueError(f"combine_seeds needs at least 2 studies (one per training seed), got {len(studies)}")
+    seeds = [s["settings"]["train_seed"] for s in studies]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the studies repeat a training seed: {seeds}; combine one study per seed")
+    ref = {k: v for k, v in studies[0]["settings"].items() if k not in _PER_SEED_SETTINGS}
+    for s in studies[1:]:
+        other = {k: v for k, v in s["settings"].items() if k not in _PER_SEED_SETTINGS}
+        diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
+        if diff:
+            raise ValueError(f"the studies differ in more than the training seed: {diff} "
+                             f"(seed {s['settings']['train_seed']} vs {seeds[0]})")
+    cells: dict[tuple[str, float], dict[int, Mapping[str, Any]]] = {}
+    for seed, s in zip(seeds, studies):
+        for r in s["rows"]:
+            cells.setdefault((r["variant"], float(r["guidance"])), {})[seed] = r
+    rows = []
+    for (variant, g), by_seed in cells.items():
+        row: dict[str, Any] = {"variant": variant, "guidance": g, "seeds": sorted(by_seed),
+                               "group": next(iter(by_seed.values()))["group"]}
+        for key, _, _ in SEED_METRICS:
+            xs = [_metric(by_seed[k], key) for k in sorted(by_seed)]
+            if any(x is None for x in xs):
+                continue
+            m, sd = _mean_sd(xs)
+            row[key] = {"mean": m, "sd": sd, "se": None if sd is None else sd / math.sqrt(len(xs)), "per_seed": xs}
+        rows.append(row)
+    comparisons = []
+    for (variant, g), by_seed in cells.items():
+        full = cells.get(("full", g))
+        if variant == "full" or full is None:
+            continue
+        common = sorted(set(full) & set(by_seed))
+        if len(common) < 2:
+            continue
+        for key, higher, label in SEED_METRICS:
+            a = [_metric(full[k], key) for k in common]
+            b = [_metric(by_seed[k], key) for k in common]
+            if any(x is None for x in a + b):
+                continue
+            d = [x - y for x, y in zip(a, b)]
+            m, sd = _mean_sd(d)
+            se = sd / math.sqrt(len(d)) if sd else None
+            t = m / se if se else None
+            crit = t_critical_95(len(d) - 1)
+            better = None if t is None or abs(t) <= crit else ("full" if (m > 0) == higher else variant)
+            comparisons.append({"variant": variant, "guidance": g, "metric": key, "label": label,
+                                "higher_is_better": higher, "seeds": common, "full_minus_variant": d,
+                                "mean": m, "se": se, "t": t, "t_critical_95": crit,
+                                "reading": "tie" if better is None else f"{better} better",
+                                "full_wins_seeds": sum(((x > 0) if higher else (x < 0)) for x in d)})
+    return {"seeds": seeds, "rows": rows, "comparisons": comparisons}
+
+
+# two-sided 95% quantiles of Student's t, by degrees of freedom (1..10); beyond, the normal 1.96 is close enough
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical_95(df: int) -> float:
+    """The two-sided 95% critical value of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T95[df - 1] if df <= len(_T95) else 1.96 if df > 30 else 2.0
+
+
+def _pm(cell: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not cell:
+        return "-"
+    se = cell.get("se")
+    return f"{cell['mean']:.{digits}g}" + ("" if se is None else f" ± {se:.2g}")
+
+
+def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> str:
+    """Tables of :func:`combine_seeds`: mean ± standard error over seeds, and the paired comparisons."""
+    lines = [*header, "", f"Training seeds: {combined['seeds']} (one study each). Cells: mean ± standard error over "
+             "the seeds.", "", "| variant | guidance | " + " | ".join(lab for _, _, lab in SEED_METRICS) + " |",
+             "|---|---:|" + "---:|" * len(SEED_METRICS)]
+    for r in sorted(combined["rows"], key=lambda r: (r["group"] != "module", r["variant"] != "full", r["variant"],
+                                                     r["guidance"])):
+        lines.append(f"| {r['variant']} | {r['guidance']:g} | " + " | ".join(_pm(r.get(k)) for k, _, _ in SEED_METRICS)
+                     + " |")
+    lines += ["", "Paired by seed, full - variant (the paper's direction: full higher in alignment and CLIP score, "
+              "lower in the Fréchet distances). t = mean / se over seeds, read as a difference when |t| exceeds the "
+              "two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (t95), else a tie.",
+              "", "| variant | guidance | metric | full - variant per seed | mean ± se | t | t95 | seeds where full "
+              "is better | reading |", "|---|---:|---|---|---:|---:|---:|---:|---|"]
+    for c in sorted(combined["comparisons"], key=lambda c: (c["variant"], c["guidance"], c["metric"])):
+        t = "-" if c["t"] is None else f"{c['t']:+.1f}"
+        se = "" if c["se"] is None else f" ± {c['se']:.2g}"
+        lines.append(f"| {c['variant']} | {c['guidance']:g} | {c['label']} | "
+                     + ", ".join(f"{x:+.3g}" for x in c["full_minus_variant"])
+                     + f" | {c['mean']:+.3g}{se} | {t} | {c['t_critical_95']:.3g} | {c['full_wins_seeds']}/{len(c['seeds'])}"
+                     f" | {c['reading']} |")
     return "\n".join(lines) + "\n"
