@@ -285,6 +285,14 @@ def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
     # a run folder trained with other settings is refused, not silently reused
     with pytest.raises(SystemExit, match="other settings"):
         ablate.main(_argv(out, "--set", "model.mask_alpha=0.3"))
+    # a run trained before a config field existed (no such key in its config.json) reads it as its default
+    for ck in (out / "full" / "checkpoints").iterdir():
+        if (ck / "config.json").is_file():
+            old = json.loads((ck / "config.json").read_text())
+            del old["model"]["expert_act"]
+            (ck / "config.json").write_text(json.dumps(old))
+    ablate.main(_argv(out, variants=("full",), sweeps=("--no-sweeps",), guidance=("3",), steps=3))
+    assert "[train] full: trained" in capsys.readouterr().out
 
 
 def test_ablate_jobs_run_children_and_match_one_at_a_time(ablate, tmp_path, capsys):
@@ -417,5 +425,24 @@ def test_ablate_combine_cli(ablate, tmp_path, capsys):
     saved = json.loads((out / "seeds.json").read_text())
     assert saved["studies"] == dirs and len(saved["comparisons"]) == 4
     assert "no_edge" in capsys.readouterr().out
+    png = out / "seeds_g3.png"
+    assert png.is_file() and Image.open(png).size[0] > 400
     with pytest.raises(SystemExit, match="no ablation.json"):
         ablate.main(["--out", str(out), "--combine", dirs[0], str(tmp_path / "missing")])
+
+
+def test_a_run_folder_is_trained_by_one_study_at_a_time(ablate, tmp_path):
+    """Two studies on the same --out at once: the second stops at the run's lock before touching its files
+    (it would otherwise restart the run over the first one's log)."""
+    run = tmp_path / "study" / "full"
+    run.mkdir(parents=True)
+    (run / "log.jsonl").write_text('{"step": 10}\n')  # the first study's run, before its first checkpoint
+    held = ablate.run_lock(run)
+    try:
+        with pytest.raises(SystemExit, match="another process is training"):
+            ablate.main(_argv(tmp_path / "study", variants=("full",), sweeps=("--no-sweeps",), guidance=("3",)))
+        assert (run / "log.jsonl").read_text() == '{"step": 10}\n'
+    finally:
+        held.close()
+    again = ablate.run_lock(run)  # released: the next study may train it
+    again.close()

@@ -32,7 +32,8 @@ Writes to --out:
     tradeoff.png                     Fig. 6b: alignment vs fidelity, one curve per module variant
     sweeps.png                       Fig. 6a: alignment and fidelity vs alpha and T_c (when swept)
 With --combine STUDY...: seeds.md / seeds.json, the studies of several --train-seed values in one table
-(mean ± standard error over seeds) and the paired full - variant differences (``combine_seeds``).
+(mean ± standard error over seeds) and the paired full - variant differences (``combine_seeds``), and
+seeds_g<w>.png (each seed's value per variant and metric, with the mean ± se).
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ BOOKKEEPING = ("train.steps:", "train.log_every:", "train.ckpt_every:", "train.k
 def check_run_config(args, cfg: RaphaelConfig, variant: A.Variant, ckpt: Path) -> None:
     """A run folder made with other settings is an error, never silently reused (BOOKKEEPING fields aside)."""
     want = json.loads(load_config(args.preset, args.config, run_sets(args, cfg, variant)).to_json())
-    have = json.loads((ckpt / "config.json").read_text())
+    # through RaphaelConfig: a run written before a config field existed reads it as its default (that field's
+    # value when the run was trained), not as a difference
+    have = json.loads(RaphaelConfig.from_json(ckpt / "config.json").to_json())
     diffs = [d for d in _differences(want, have) if not d.startswith(BOOKKEEPING)]
     if diffs:
         raise SystemExit(f"error: {ckpt.parent.parent} was trained with other settings than this study asks for "
@@ -233,12 +236,13 @@ def train_run(args, cfg: RaphaelConfig, variant: A.Variant, log=print) -> dict:
     if step >= cfg.train.steps:
         log(f"[train] {variant.run}: trained ({step} steps), skipped")
         return {"steps": step, "seconds": timing["seconds"], "status": "skipped"}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_lock(run_dir)  # held until this function returns: one trainer per run folder
     if ckpt is None and (run_dir / "log.jsonl").exists():
         (run_dir / "log.jsonl").unlink()  # a run killed before its first checkpoint starts over
     cmd = train_command(args, cfg, variant, resume=ckpt is not None)
     log(f"[train] {variant.run}: {'resuming at step ' + str(step) if ckpt else 'training'} -> {cfg.train.steps} steps")
     log("        " + shlex.join(cmd))
-    run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -254,7 +258,24 @@ def train_run(args, cfg: RaphaelConfig, variant: A.Variant, log=print) -> dict:
         raise SystemExit(f"[train] {variant.run} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     step, _ = run_state(run_dir)
     log(f"[train] {variant.run}: {step} steps in {seconds:.0f}s")
+    lock.close()
     return {"steps": step, "seconds": seconds, "status": "trained"}
+
+
+def run_lock(run_dir: Path):
+    """An exclusive advisory lock on ``run_dir/ablate.lock`` (released when the returned file is closed, or the
+    process ends). A second study training the same run folder at the same time stops here, before it touches
+    the folder (it would otherwise restart the run over the first one's files)."""
+    import fcntl
+
+    f = open(run_dir / "ablate.lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SystemExit(f"error: another process is training {run_dir} (it holds {run_dir / 'ablate.lock'}); "
+                         f"wait for it to finish, or stop it, then run this command again") from None
+    return f
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -447,8 +468,16 @@ def combine_main(args) -> dict:
               "variant and seed."]
     (out / "seeds.md").write_text(A.seeds_markdown(combined, header))
     (out / "seeds.json").write_text(json.dumps({"studies": [str(d) for d in args.combine], **combined}, indent=1) + "\n")
+    files = [out / "seeds.md", out / "seeds.json"]
+    try:
+        from raphael_ref.evaluation import plots
+
+        for g in sorted({r["guidance"] for r in combined["rows"]}):
+            files.append(plots.seeds_plot(combined, out / f"seeds_g{g:g}.png", guidance=g))
+    except ImportError as e:  # matplotlib missing: the tables are written, the figure is not
+        print(f"note: no seeds plot ({e})")
     print((out / "seeds.md").read_text())
-    print(f"wrote {out / 'seeds.md'}, {out / 'seeds.json'}")
+    print("wrote " + ", ".join(str(f) for f in files))
     return combined
 
 

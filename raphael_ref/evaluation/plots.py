@@ -209,3 +209,37 @@ def concept_paths_plot(freq: torch.Tensor, concepts: Sequence[str], path: str | 
     fig.suptitle(title or "Space-expert paths per concept (cf. RAPHAEL Fig. 4 / 10)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def seeds_plot(combined: Mapping[str, Any], path: str | Path, *, guidance: float | None = None,
+               title: str = "") -> Path:
+    """One panel per metric of ``ablation.combine_seeds``: each training seed's value per variant (points joined
+    by a line, so the paired differences show), and the mean over seeds with one standard error (black)."""
+    from raphael_ref.evaluation.ablation import SEED_METRICS
+
+    rows = [r for r in combined["rows"] if guidance is None or r["guidance"] == guidance]
+    if not rows:
+        raise ValueError("seeds_plot: no rows (at this guidance weight)")
+    g = rows[0]["guidance"] if guidance is None else guidance
+    rows = [r for r in rows if r["guidance"] == g]
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "full", v))
+    by = {r["variant"]: r for r in rows}
+    metrics = [(k, hi, lab) for k, hi, lab in SEED_METRICS if all(k in by[v] for v in variants)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    seeds = combined["seeds"]
+    for ax, (key, higher, label) in zip(axes[0], metrics):
+        for i, s in enumerate(seeds):
+            ys = [by[v][key]["per_seed"][i] if i < len(by[v][key]["per_seed"]) else float("nan") for v in variants]
+            ax.plot(range(len(variants)), ys, marker="o", alpha=0.6, label=f"seed {s}")
+        means = [by[v][key]["mean"] for v in variants]
+        ses = [by[v][key]["se"] or 0.0 for v in variants]
+        ax.errorbar(range(len(variants)), means, yerr=ses, fmt="s", color="black", capsize=4, label="mean ± se")
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels(variants, rotation=20, fontsize=8)
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or f"Training seeds {seeds}, guidance {g:g} (cf. RAPHAEL Fig. 6b)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
