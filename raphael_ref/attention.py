@@ -90,7 +90,17 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(B, n, heads, d // heads).transpose(1, 2)  # (B, heads, n, d_head)
 
 
-def _head_maps(q: Tensor, k: Tensor, heads: int, key_valid: Tensor | None) -> Tensor:
+def _check_bias(q: Tensor, k: Tensor, heads: int, logit_bias: Tensor | None) -> None:
+    if logit_bias is None:
+        return
+    shape = (q.shape[0], heads, q.shape[1], k.shape[1])
+    if not isinstance(logit_bias, Tensor) or not logit_bias.is_floating_point() or tuple(logit_bias.shape) != shape:
+        got = f"{tuple(logit_bias.shape)} {logit_bias.dtype}" if isinstance(logit_bias, Tensor) else type(logit_bias).__name__
+        raise ValueError(f"logit_bias must be a float tensor of shape (B, heads, n_x, n_y) = {shape}, got {got}")
+
+
+def _head_maps(q: Tensor, k: Tensor, heads: int, key_valid: Tensor | None,
+               logit_bias: Tensor | None = None) -> Tensor:
     """Per-head softmax(Q_h K_h^T / sqrt(d_head)) in the softmax dtype: (B, heads, n_x, n_y).
 
     Autocast is switched off here: under a bf16/fp16 autocast region the logits matmul would
@@ -102,13 +112,16 @@ def _head_maps(q: Tensor, k: Tensor, heads: int, key_valid: Tensor | None) -> Te
         Qh = _split_heads(q.to(work), heads)  # (B, heads, n_x, d_head)
         Kh = _split_heads(k.to(work), heads)  # (B, heads, n_y, d_head)
         logits = Qh @ Kh.transpose(-1, -2) / math.sqrt(d_head)  # (B, heads, n_x, n_y)
+        if logit_bias is not None:  # an additive bias (paint-with-words, raphael_ref.paint)
+            logits = logits + logit_bias.to(work)
         if key_valid is not None:
             logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1)  # (B, heads, n_x, n_y)
 
 
 def cross_attention_literal(
-    q: Tensor, k: Tensor, v: Tensor, heads: int, *, key_valid: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, heads: int, *, key_valid: Tensor | None = None,
+    logit_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RAPHAEL Sec. 2, U-Net with Text Prompts: attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V, per head.
 
@@ -117,11 +130,15 @@ def cross_attention_literal(
     ``sqrt(d / heads)``. Logits, softmax and the weighted sum run in float32 when the inputs are
     bf16/fp16 and are cast back to the input dtype at the end.
 
+    ``logit_bias`` (optional, (B, heads, n_x, n_y) float) is added to the scaled logits before the softmax
+    (eDiff-I's paint-with-words, ``raphael_ref.paint``); None: the paper's attention.
+
     Returns ``(out, maps)``: ``out`` (B, n_x, d), heads concatenated in order; ``maps``
     (B, heads, n_x, n_y), the per-head softmax maps (rows sum to 1).
     """
     _check_qk(q, k, heads, key_valid)
     _check_v(k, v)
+    _check_bias(q, k, heads, logit_bias)
     work = softmax_dtype(q.dtype)
     d_head = q.shape[-1] // heads
     outs, maps = [], []
@@ -132,6 +149,8 @@ def cross_attention_literal(
             K = k[..., cols].to(work)  # (B, n_y, d_head)
             V = v[..., cols].to(work)  # (B, n_y, d_head)
             logits = Q @ K.transpose(1, 2) / math.sqrt(d_head)  # (B, n_x, n_y)
+            if logit_bias is not None:
+                logits = logits + logit_bias[:, h].to(work)  # paint-with-words bias of head h
             if key_valid is not None:
                 logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))  # invalid keys leave the softmax
             M_h = torch.softmax(logits, dim=-1)  # (B, n_x, n_y), rows sum to 1
@@ -142,7 +161,7 @@ def cross_attention_literal(
 
 
 def cross_attention_map(q: Tensor, k: Tensor, heads: int, *, key_valid: Tensor | None = None,
-                        map_dtype: torch.dtype | None = None) -> Tensor:
+                        map_dtype: torch.dtype | None = None, logit_bias: Tensor | None = None) -> Tensor:
     """RAPHAEL Sec. 2, U-Net with Text Prompts: M = softmax(Q K^T / sqrt(d)), averaged over heads.
 
     ``M[b, j, i]`` is the correspondence of image token ``j`` with text token ``i``:
@@ -152,7 +171,8 @@ def cross_attention_map(q: Tensor, k: Tensor, heads: int, *, key_valid: Tensor |
     masks are not taken on a half-precision map). Differentiable in ``q`` and ``k``.
     """
     _check_qk(q, k, heads, key_valid)
-    M = _head_maps(q, k, heads, key_valid).mean(dim=1)  # (B, n_x, n_y)
+    _check_bias(q, k, heads, logit_bias)
+    M = _head_maps(q, k, heads, key_valid, logit_bias).mean(dim=1)  # (B, n_x, n_y)
     return M.to(q.dtype if map_dtype is None else map_dtype)
 
 
@@ -165,22 +185,29 @@ def cross_attention(
     key_valid: Tensor | None = None,
     need_map: bool = False,
     map_dtype: torch.dtype | None = None,
+    logit_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """RAPHAEL Sec. 2, U-Net with Text Prompts: fast attention(Q, K, V); equals ``cross_attention_literal``.
 
     The output comes from ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels,
     float32 accumulation). The map ``M`` (see ``cross_attention_map``) is computed only when
-    ``need_map`` is true, since the fused kernels do not return it.
+    ``need_map`` is true, since the fused kernels do not return it. ``logit_bias`` (B, heads, n_x, n_y) goes
+    to SDPA as a float (additive) ``attn_mask`` (-inf at invalid keys) and into the map as well.
 
     Returns ``(out (B, n_x, d), M (B, n_x, n_y) or None)``.
     """
     _check_qk(q, k, heads, key_valid)
     _check_v(k, v)
     mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, n_y), True = attend
+    if logit_bias is not None:
+        _check_bias(q, k, heads, logit_bias)
+        mask = logit_bias.to(q.dtype) if mask is None else \
+            logit_bias.to(q.dtype).masked_fill(~mask, float("-inf"))  # (B, heads, n_x, n_y) additive
     out = F.scaled_dot_product_attention(
         _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=mask
     )  # (B, heads, n_x, d_head)
     B, _, n_x, _ = out.shape
     out = out.transpose(1, 2).reshape(B, n_x, q.shape[-1])  # (B, n_x, d)
-    M = cross_attention_map(q, k, heads, key_valid=key_valid, map_dtype=map_dtype) if need_map else None
+    M = cross_attention_map(q, k, heads, key_valid=key_valid, map_dtype=map_dtype,
+                            logit_bias=logit_bias) if need_map else None
     return out, M

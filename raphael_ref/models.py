@@ -30,6 +30,7 @@ from raphael_ref.edge import EdgePredictor, pooled_attention_map
 from raphael_ref.experts import ExpertBank
 from raphael_ref.gates import DEFAULT_NOISE_STD, GateFFN, interval_route, text_route, time_route
 from raphael_ref.masks import threshold_mask
+from raphael_ref.paint import PaintWithWords, block_paints, paint_logit_bias, paint_masks
 from raphael_ref.space_moe import space_moe
 from raphael_ref.time_moe import time_moe
 from raphael_ref.unet_parts import (Downsample, GroupNorm32, LayerNorm32, ResBlock, TimestepMLP, Upsample,
@@ -130,17 +131,25 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], y: torch.Tensor, y_valid: torch.Tensor,
                 pooled_index: torch.Tensor, temb: torch.Tensor, return_masks: bool = False,
-                fixed_time_routes: tuple[torch.Tensor, torch.Tensor] | None = None, return_probs: bool = False):
+                fixed_time_routes: tuple[torch.Tensor, torch.Tensor] | None = None, return_probs: bool = False,
+                paint=None):
         """Returns ``(x, (space_routes, time_routes, pooled_map, edge_logits, masks))``; with ``return_probs``
-        the tuple also ends with ``(space_probs, time_probs)`` (:class:`BlockAux`)."""
+        the tuple also ends with ``(space_probs, time_probs)`` (:class:`BlockAux`). ``paint``: a
+        ``raphael_ref.paint.BlockPaint`` (eDiff-I's paint-with-words: a cross-attention logit bias and the
+        painted regions in the space-MoE masks; E77) or None."""
         cfg = self.cfg
         # 1. self-attention
         x = x + self.self_attn(self.norm1(x))  # (B, n_x, w)
         # 2. cross-attention, with the map M (heads averaged, softmax in float32)
         key_valid = None if cfg.attend_padding else y_valid
-        attn, M = cross_attention(self.to_q(self.norm2(x)), self.to_k(y), self.to_v(y), self.heads,
+        q, k = self.to_q(self.norm2(x)), self.to_k(y)  # (B, n_x, w), (B, n_y, w)
+        bias = None
+        if paint is not None:  # eDiff-I paint-with-words: w log(1 + sigma) max(QK^T / sqrt(d)) P (raphael_ref.paint)
+            bias = paint_logit_bias(q, k, self.heads, paint.P, paint.scale, key_valid=key_valid)  # (B, H, n_x, n_y)
+        attn, M = cross_attention(q, k, self.to_v(y), self.heads,
                                   key_valid=key_valid, need_map=True,
-                                  map_dtype=torch.promote_types(x.dtype, torch.float32))  # (B, n_x, w), (B, n_x, n_y)
+                                  map_dtype=torch.promote_types(x.dtype, torch.float32),
+                                  logit_bias=bias)  # (B, n_x, w), (B, n_x, n_y)
         x = x + self.to_out(attn)  # h_c
         # 3. time-MoE: one expert per sample, chosen from the time embedding
         h = self.norm3(x)
@@ -162,6 +171,8 @@ class TransformerBlock(nn.Module):
         if cfg.use_space_moe:
             with torch.no_grad():
                 masks = threshold_mask(M.detach(), cfg.mask_alpha, check_values=False)  # (B, n_x, n_y) bool
+                if paint is not None:  # the painted tokens' masks: the region ("replace") or mask OR region ("add")
+                    masks = paint_masks(masks, paint.P, paint.mode)
             s_routes, s_w, *p = text_route(self.text_gate, y, training=self.training, noise_std=self.noise_std,
                                            grad_mode=cfg.gate_grad, return_probs=return_probs)  # (B, n_y), (B, n_y)
             s_probs = p[0] if p else None  # (B, n_y, k)
@@ -192,12 +203,13 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"model.pos_embed='sincos' needs transformer widths that are multiples of 4, got {channels}")
 
     def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False, fixed_time_routes=None,
-                return_probs=False):
+                return_probs=False, paint=None):
         B, C, H, W = x.shape
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, n_x, C)
         if self.pos_embed == "sincos":  # erratum E72 (not in the paper)
             h = h + sincos_position_embedding(H, W, C).to(device=h.device, dtype=h.dtype)  # (n_x, C) broadcast
-        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes, return_probs)
+        h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes, return_probs,
+                            None if paint is None else paint((H, W)))
         h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
         return x + h, aux
 
@@ -299,8 +311,17 @@ class RaphaelUNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,
                 pooled_index: torch.Tensor, return_masks: bool = False,
-                return_probs: bool = False) -> tuple[torch.Tensor, list[BlockAux]]:
+                return_probs: bool = False, paint=None) -> tuple[torch.Tensor, list[BlockAux]]:
+        """``paint``: a ``raphael_ref.paint.PaintWithWords`` for this batch (eDiff-I's paint-with-words, E77) or
+        None; a spec with weight 0 or nothing painted is ignored (the output is bit for bit the one without)."""
         self._check_inputs(x, t, y, y_valid, pooled_index)
+        block_paint = None
+        if paint is not None:
+            if not isinstance(paint, PaintWithWords):
+                raise ValueError(f"paint must be a raphael_ref.paint.PaintWithWords or None, got {type(paint).__name__}")
+            paint.check(x.shape[0], y_valid)
+            if paint.active:
+                block_paint = block_paints(paint, t, y.shape[1], x.device)  # grid -> BlockPaint
         aux: list[BlockAux] = []
         temb = self.time_embed(t)  # (B, d_t)
         fixed = None
@@ -310,7 +331,7 @@ class RaphaelUNet(nn.Module):
 
         def attn(module, h):
             h2, (s_r, t_r, pooled, edge, masks, *probs) = self._run(module, h, y, y_valid, pooled_index, temb,
-                                                                    return_masks, fixed, return_probs)
+                                                                    return_masks, fixed, return_probs, block_paint)
             aux.append(BlockAux(len(aux), tuple(h.shape[-2:]), s_r, t_r, pooled, edge, masks, *probs))
             return h2
 

@@ -198,7 +198,7 @@ class RaphaelPipeline:
                  height: int | None = None, width: int | None = None, eta: float = 0.0,
                  spacing: str | None = None, return_paths: bool = False, return_masks: bool = False,
                  output_type: str = "pil", truncate: bool = True,
-                 progress: Callable | None = None) -> RaphaelPipelineOutput:
+                 progress: Callable | None = None, paint=None) -> RaphaelPipelineOutput:
         """Images for ``prompt`` (a string or a list): :class:`RaphaelPipelineOutput`.
 
         ``negative_prompt``: None (the empty prompt), one string for all prompts, or one per prompt.
@@ -209,6 +209,8 @@ class RaphaelPipeline:
         device). ``height``/``width`` in pixels (default: the config's size). ``eta``: DDIM only.
         ``spacing``: timestep spacing (None: "leading" for DDIM/DDPM, "trailing" for the diffusers
         solvers; ``schedulers.DEFAULT_SPACINGS``). ``truncate=False`` makes an over-long prompt an error.
+        ``paint``: eDiff-I's paint-with-words, a ``raphael_ref.paint.PaintWithWords`` for the prompts (build it
+        with :meth:`paint_with_words`); applied to the conditional branch only (E77).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -252,18 +254,32 @@ class RaphaelPipeline:
 
             x, paths = sample(self.model, self.schedule, (c.hidden, c.valid, c.pooled_index), uncond, steps=steps,
                               sampler=sampler, eta=eta, spacing=spacing or "leading",
-                              set_alpha_to_one=sc.set_alpha_to_one, **kw)
+                              set_alpha_to_one=sc.set_alpha_to_one, paint=paint, **kw)
         else:
             from raphael_ref.schedulers import sample_with_scheduler
 
             x, paths = sample_with_scheduler(self.model, self.schedule, (c.hidden, c.valid, c.pooled_index), uncond,
                                              scheduler=sampler, steps=steps, spacing=spacing,
-                                             set_alpha_to_one=sc.set_alpha_to_one, **kw)
+                                             set_alpha_to_one=sc.set_alpha_to_one, paint=paint, **kw)
         images = self.codec.decode(x.float()).float().cpu()  # (B, 3, H, W) in [-1, 1]
         masks = paths.masks[-1] if return_masks else None
         if paths is not None and not return_paths:
             paths = None
         return RaphaelPipelineOutput(self.to_pil(images) if output_type == "pil" else images, paths, masks)
+
+    def paint_with_words(self, prompt: str | Sequence[str], regions, *, weight: float = 1.0, mode: str = "replace"):
+        """A ``PaintWithWords`` for ``prompt`` from ``{phrase: region}`` (one dict per prompt, or one dict for a
+        single prompt): each phrase's tokens are found in its prompt (``paint.find_token_indices``); regions are
+        (H, W) float tensors in [0, 1] at image resolution."""
+        from raphael_ref.paint import PaintWithWords, find_token_indices
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = [regions] if isinstance(regions, dict) else list(regions)
+        if len(per_prompt) != len(prompts) or not all(isinstance(r, dict) for r in per_prompt):
+            raise ValueError(f"regions must be one dict {{phrase: region}} per prompt ({len(prompts)})")
+        items = [[(find_token_indices(self.text_encoder, p, phrase), region) for phrase, region in r.items()]
+                 for p, r in zip(prompts, per_prompt)]
+        return PaintWithWords(items, weight=weight, mode=mode)
 
     def _model_calls(self, sampler: str, steps: int | None, spacing: str | None) -> int:
         """How many model calls a sampling run makes (the masks of the last one are kept)."""

@@ -45,6 +45,21 @@ class DiffusionPaths:
         return self.space_routes[step, :, sample, token].tolist()
 
 
+def prepare_paint(paint, schedule: NoiseSchedule, B: int, use_cfg: bool) -> dict:
+    """The model keyword for a paint spec: ``{}`` (None) or ``{"paint": spec}`` with the schedule's abar and,
+    under CFG, nothing painted for the unconditional rows B..2B-1 (the batch is [cond, uncond])."""
+    if paint is None:
+        return {}
+    from raphael_ref.paint import PaintWithWords
+
+    if not isinstance(paint, PaintWithWords):
+        raise ValueError(f"paint must be a raphael_ref.paint.PaintWithWords or None, got {type(paint).__name__}")
+    if paint.batch_size != B:
+        raise ValueError(f"paint has regions for {paint.batch_size} prompts, sampling draws {B}")
+    paint = paint.with_schedule(schedule.alphas_cumprod)
+    return {"paint": paint.padded(2 * B) if use_cfg else paint}
+
+
 def _routes(aux, B, n_y):
     # the -1 fillers of blocks without a MoE are made on the device of the other blocks' routes (the model's):
     # torch.stack refuses to mix CPU and CUDA tensors; one copy to the CPU per stack
@@ -62,7 +77,8 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
            steps: int | None = 50, guidance: float = 4.5, sampler: str = "ddim", eta: float = 0.0,
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
            collect_masks: bool | Sequence[int] = False, progress: Callable | None = None, clip_x0: float | None = None,
-           prev_timestep: str = "next", set_alpha_to_one: bool = True) -> tuple[torch.Tensor, DiffusionPaths | None]:
+           prev_timestep: str = "next", set_alpha_to_one: bool = True,
+           paint=None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
@@ -75,6 +91,8 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     DDIM settings (ignored by DDPM): ``spacing`` (``ddim_timesteps``), ``prev_timestep`` ("next": DDIM's
     next timestep of the list, default; "stride": diffusers' t - T // n; ``ddim_prev_timesteps``, E62) and
     ``set_alpha_to_one`` (abar after the last step: 1, default, or abar_0 as Stable Diffusion; E65).
+    ``paint`` (a ``raphael_ref.paint.PaintWithWords`` for the B prompts, E77) goes to the conditional branch
+    only, with this schedule's abar for its sigma_t; the unconditional half of a CFG batch gets nothing painted.
     Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
@@ -112,19 +130,20 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         if any(not 0 <= i < len(ts) for i in mask_steps):
             raise ValueError(f"collect_masks: step indices must lie in [0, {len(ts)}) for {len(ts)} sampler steps; "
                              f"got {list(collect_masks)}")
+    paint = prepare_paint(paint, schedule, B, use_cfg)
     was_training = model.training
     model.eval()
     try:
         return _sample_loop(model, schedule, ts, t_prevs, shape, set_alpha_to_one=set_alpha_to_one, cond=(hidden, valid, pooled),
                             cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
                             sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
-                            mask_steps=mask_steps, progress=progress, clip_x0=clip_x0)
+                            mask_steps=mask_steps, progress=progress, clip_x0=clip_x0, paint=paint)
     finally:
         model.train(was_training)
 
 
 def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond, cond2, guidance, sampler, eta, generator, collect_paths,
-                 mask_steps, progress, clip_x0):
+                 mask_steps, progress, clip_x0, paint=None):
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = cond
@@ -143,11 +162,12 @@ def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond,
         tb = torch.full((B,), t, dtype=torch.long, device=device)
         collect_masks = i in keep_masks
         if use_cfg:
-            eps2, aux = model(torch.cat([x, x]), torch.cat([tb, tb]), hidden2, valid2, pooled2, return_masks=collect_masks)
+            eps2, aux = model(torch.cat([x, x]), torch.cat([tb, tb]), hidden2, valid2, pooled2, return_masks=collect_masks,
+                              **paint)
             eps_c, eps_u = eps2.chunk(2)
             eps = cfg_combine(eps_u, eps_c, guidance)
         else:
-            eps, aux = model(x, tb, hidden, valid, pooled, return_masks=collect_masks)
+            eps, aux = model(x, tb, hidden, valid, pooled, return_masks=collect_masks, **paint)
         if collect_paths:
             s, tt = _routes(aux, 2 * B if use_cfg else B, n_y)
             s_all.append(s[:, :B])

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from raphael_ref.diffusion import NoiseSchedule, cfg_combine
-from raphael_ref.sampling import DiffusionPaths, _routes
+from raphael_ref.sampling import DiffusionPaths, _routes, prepare_paint
 
 __all__ = ["SCHEDULERS", "DEFAULT_SPACINGS", "require_diffusers", "make_scheduler", "install_schedule",
            "sample_with_scheduler"]
@@ -137,7 +137,7 @@ def sample_with_scheduler(model, schedule: NoiseSchedule, cond: tuple[torch.Tens
                           guidance: float = 4.5, eta: float = 0.0, spacing: str | None = None,
                           set_alpha_to_one: bool = True, generator: torch.Generator | None = None,
                           collect_paths: bool = False, collect_masks: bool | Sequence[int] = False,
-                          progress: Callable | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+                          progress: Callable | None = None, paint=None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples with a diffusers scheduler: the arguments and the return
     value ``(x_0, paths or None)`` of :func:`raphael_ref.sampling.sample`.
 
@@ -193,12 +193,14 @@ def sample_with_scheduler(model, schedule: NoiseSchedule, cond: tuple[torch.Tens
     model.eval()
     try:
         return _loop(model, scheduler, shape, (hidden, valid, pooled), cond2, guidance, generator, step_kw,
-                     collect_paths, mask_steps, progress)
+                     collect_paths, mask_steps, progress, prepare_paint(paint, schedule, B, cond2 is not None))
     finally:
         model.train(was_training)
 
 
-def _loop(model, scheduler, shape, cond, cond2, guidance, generator, step_kw, collect_paths, mask_steps, progress):
+def _loop(model, scheduler, shape, cond, cond2, guidance, generator, step_kw, collect_paths, mask_steps, progress,
+          paint=None):
+    paint = {} if paint is None else paint
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = cond
@@ -215,11 +217,11 @@ def _loop(model, scheduler, shape, cond, cond2, guidance, generator, step_kw, co
         x_in = scheduler.scale_model_input(x, t)  # Euler/Heun: x / sqrt(sigma^2 + 1); others: x
         with_masks = i in keep
         if cond2 is not None:
-            eps2, aux = model(torch.cat([x_in, x_in]), torch.cat([tb, tb]), *cond2, return_masks=with_masks)
+            eps2, aux = model(torch.cat([x_in, x_in]), torch.cat([tb, tb]), *cond2, return_masks=with_masks, **paint)
             eps_c, eps_u = eps2.chunk(2)
             eps = cfg_combine(eps_u, eps_c, guidance)
         else:
-            eps, aux = model(x_in, tb, hidden, valid, pooled, return_masks=with_masks)
+            eps, aux = model(x_in, tb, hidden, valid, pooled, return_masks=with_masks, **paint)
         if collect_paths:
             s, tt = _routes(aux, 2 * B if cond2 is not None else B, hidden.shape[1])
             s_all.append(s[:, :B])
