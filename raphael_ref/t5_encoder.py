@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from raphael_ref.text_encoder import PromptTruncatedWarning, TextEncoding
+from raphael_ref.text_encoder import PromptTruncatedWarning, TextEncoding, prompt_list
 
 __all__ = ["T5TextEncoder", "write_tiny_t5"]
 
@@ -110,12 +110,7 @@ class T5TextEncoder(nn.Module):
 
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """T5 ids (B, n_y) long: [tokens, </s>, <pad>...]; long prompts truncated with a warning."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("prompts is empty; pass at least one prompt (use '' for the unconditional one)")
+        prompts = prompt_list(prompts)
         tok = self.tokenizer
         for b, p in enumerate(prompts):
             n = len(tok(p)["input_ids"])  # with </s>

@@ -47,6 +47,17 @@ WEIGHTS_FILE = "model.safetensors"
 _FORMAT = "raphael_ref.text_encoder"
 
 
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """``prompts`` as a non-empty list of str (one str: a list of one); ValueError otherwise."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass at least one prompt (use '' for the unconditional one)")
+    return list(prompts)
+
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more BPE tokens than fit in the context; the tail was dropped."""
 
@@ -519,12 +530,7 @@ class TextEncoder(nn.Module):
         A prompt with more than n_y - 2 BPE tokens keeps its first n_y - 2 tokens (EOT stays
         last) and raises a :class:`PromptTruncatedWarning` naming the prompt and the drop count.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("prompts is empty; pass at least one prompt (use '' for the unconditional one)")
+        prompts = prompt_list(prompts)
         tok = clip_tokenizer()
         room = self.n_y - 2  # SOT and EOT take two positions
         ids = torch.zeros(len(prompts), self.n_y, dtype=torch.long)  # (B, n_y)

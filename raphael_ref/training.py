@@ -371,15 +371,22 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, to
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1, sort_keys=True) + "\n")
     save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    _publish_checkpoint(tmp, final, keep)
+    return final
+
+
+def _publish_checkpoint(tmp: Path, final: Path, keep: int) -> None:
+    """Rename the finished ``tmp`` folder to ``final`` (the checkpoint appears complete or not at all), point
+    ``latest`` at it and keep the newest ``keep`` checkpoints (0: all)."""
+    ckpts = final.parent
     if final.exists():  # the same step written again (a resumed run stopped at once)
         shutil.rmtree(final)
-    os.replace(tmp, final)  # the checkpoint appears complete or not at all
+    os.replace(tmp, final)
     _atomic_text(ckpts / LATEST, final.name + "\n")
     if keep > 0:
         done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 class _StateHolder(nn.Module):
@@ -658,14 +665,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
                                                        indent=1, sort_keys=True) + "\n")
             manifest = {"layout": SHARDED_LAYOUT, "world_size": world, "sha256": digests}
             (tmp / SHARDS_JSON).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            if final.exists():  # the same step written again (a resumed run stopped at once)
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # the checkpoint appears complete or not at all
-            _atomic_text(ckpts / LATEST, final.name + "\n")
-            if keep > 0:
-                done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-                for old in done[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+            _publish_checkpoint(tmp, final, keep)
         except Exception as e:  # shared with the other ranks, which would otherwise wait for rank 0 forever
             error = e
     errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
