@@ -25,6 +25,8 @@ _EXPORTS = {
     "RaphaelConfig": "raphael_ref.config",
     "get_preset": "raphael_ref.config",
     "RaphaelUNet": "raphael_ref.models",
+    "RaphaelControlNet": "raphael_ref.controlnet",
+    "SRStage": "raphael_ref.sr",
     "TextEncoder": "raphael_ref.text_encoder",
     "NoiseSchedule": "raphael_ref.diffusion",
     "cfg_combine": "raphael_ref.diffusion",

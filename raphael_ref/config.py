@@ -53,6 +53,11 @@ class ModelConfig:
     text_encoder: str = "ViT-g-14"  # Table 2: "OpenCLIP-g/14" text tower
     text_encoder_weights: str | None = None  # local file; never downloaded
     text_layer: str = "last"
+    # text_encoder = "t5+clip" (eDiff-I, seed 003; E78): the CLIP tower beside the T5 folder of text_encoder_weights
+    # (an open_clip name, 'toy-clip', a JSON file or folder) and its local weights; n_y = T5 length + CLIP's 77,
+    # d_y = T5 width + CLIP width. Read only with "t5+clip" (null otherwise).
+    text_encoder_clip: str | None = None
+    text_encoder_clip_weights: str | None = None
     # --- MoE (Sec. 3.1, App. 7.3) ---
     use_space_moe: bool = True
     use_time_moe: bool = True
@@ -92,6 +97,10 @@ class ModelConfig:
     codec: str = "vae"  # "vae": a diffusers AutoencoderKL read from vae_path; "identity": pixel space (toy)
     vae_path: str | None = None  # local AutoencoderKL folder (config.json + safetensors); never downloaded
     codec_factor: int = 2  # codec="space_to_depth": f x f pixel patches -> 3 f^2 channels (in_channels = 3 f^2)
+    # --- super-resolution stage (not in RAPHAEL: seed 004's Imagen cascade; raphael_ref/sr.py, erratum E80) ---
+    # channels of the low-resolution conditioning image concatenated to x_t at the input (0: none, the base model);
+    # > 0 also adds an embedding of the noise-augmentation level s to the time embedding (the sr section says how)
+    cond_channels: int = 0
 
 
 @dataclass
@@ -121,6 +130,11 @@ class TrainConfig:
     aesthetic_min: float = 4.7  # Sec. 4 "Dataset"
     steps: int = 1_000_000
     seed: int = 0  # rank r of a world of size W draws from seed * W + r (DiT)
+    # random draws of training: "rank" (one stream per rank, seeded seed * W + r, as DiT) or "sample" (one stream
+    # per sample, seeded by (seed, the sample's position in the global data stream): t, noise, the VAE posterior,
+    # caption dropout and gate noise do not depend on the world size or grad_accum, so a run resumed on another
+    # number of ranks goes on as the uninterrupted one; costs B small CPU draws per step; docs/training.md)
+    rng: str = "rank"
     # --- the run (tools/train.py): data, frozen parts, logging, checkpoints ---
     source: str = "synthetic"  # "synthetic", a folder/glob of tar shards, or an image folder (data.loader)
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -173,6 +187,23 @@ NATURAL_PROMPTS: tuple[str, ...] = (
 
 
 @dataclass
+class SRConfig:
+    """A super-resolution stage of a cascade (seed 004, Imagen; raphael_ref/sr.py, tools/train_sr.py; erratum E80).
+
+    Read only when ``model.cond_channels`` > 0. Augmentation levels s are integers in [0, T]: s = 0 is the clean
+    low-res image, s >= 1 noises it as the diffusion's (0-based) timestep s - 1 does (abar = alphas_cumprod_prev[s]).
+    """
+
+    lowres_size: int = 0  # side in pixels of the low-res conditioning image (0: not an SR stage)
+    upsample: str = "bilinear"  # low-res image -> high-res grid: "bilinear" (align_corners=False) or "nearest"
+    aug_max: int = 300  # training: s ~ U{0, ..., aug_max} per sample (Imagen: uniform over the levels)
+    aug_sample: int = 50  # sampling: the fixed level s (Imagen: fixed, chosen by a sweep)
+    # training pairs: "render" (the renderer at lowres_size), "downsample" (the high-res render, area-averaged to
+    # lowres_size, as Imagen's pairs), "mix" (each sample one of the two with probability 1/2)
+    lowres_source: str = "mix"
+
+
+@dataclass
 class SampleConfig:
     """Sample grids written while training: EMA weights, fixed prompts, fixed seed."""
 
@@ -194,6 +225,7 @@ class RaphaelConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sr: SRConfig = field(default_factory=SRConfig)  # only for model.cond_channels > 0 (raphael_ref/sr.py)
 
     # ---- derived ----
     @property
@@ -298,12 +330,27 @@ class RaphaelConfig:
         # ---- model: text, MoE, edge, codec
         text("model.text_encoder", m.text_encoder, "'tiny', an open_clip model name (e.g. 'ViT-g-14') or a JSON file")
         if not _known_text_encoder(m.text_encoder):
-            bad("model.text_encoder", f"{m.text_encoder!r} is not 'tiny', 'tiny-distinct', 't5', a .json file, a folder or "
+            bad("model.text_encoder", f"{m.text_encoder!r} is not 'tiny', 'tiny-distinct', 't5', 't5+clip', a .json file, a folder or "
                 "an open_clip model config name (open_clip.list_models(), e.g. 'ViT-g-14')")
         text("model.text_encoder_weights", m.text_encoder_weights, "a local file or null")
-        if m.text_encoder == "t5" and not m.text_encoder_weights:
-            bad("model.text_encoder_weights", "model.text_encoder='t5' reads a local T5 folder (config.json, "
+        if m.text_encoder in ("t5", "t5+clip") and not m.text_encoder_weights:
+            bad("model.text_encoder_weights", f"model.text_encoder={m.text_encoder!r} reads a local T5 folder (config.json, "
                 "model.safetensors, tokenizer.json); set model.text_encoder_weights=DIR")
+        text("model.text_encoder_clip", m.text_encoder_clip, "a CLIP text tower name or null")
+        text("model.text_encoder_clip_weights", m.text_encoder_clip_weights, "a local file or null")
+        if m.text_encoder == "t5+clip":
+            if not m.text_encoder_clip:
+                bad("model.text_encoder_clip", "model.text_encoder='t5+clip' needs the CLIP text tower beside T5: an "
+                    "open_clip name (e.g. 'ViT-L-14', with model.text_encoder_clip_weights=FILE), 'toy-clip', a JSON file "
+                    "or a folder")
+            elif m.text_encoder_clip in ("t5", "t5+clip") or not _known_text_encoder(m.text_encoder_clip):
+                bad("model.text_encoder_clip", f"{m.text_encoder_clip!r} is not a CLIP text tower ('tiny', 'toy-clip', "
+                    "a .json file, a folder or an open_clip model config name)")
+        else:
+            for name in ("text_encoder_clip", "text_encoder_clip_weights"):
+                if getattr(m, name) is not None:
+                    bad(f"model.{name}", f"is read only with model.text_encoder='t5+clip' (it is {m.text_encoder!r}); "
+                        "set model.text_encoder_clip and model.text_encoder_clip_weights to null")
         if m.text_encoder == "t5" and m.text_layer != "last":
             bad("model.text_layer", "the T5 encoder offers 'last' only (its output after the final layer norm)")
         choice("model.text_layer", m.text_layer, ("last", "penultimate"))
@@ -343,6 +390,26 @@ class RaphaelConfig:
                 bad("model.in_channels", f"the space_to_depth codec with factor {m.codec_factor} needs "
                     f"3 * {m.codec_factor}^2 = {3 * m.codec_factor ** 2} channels, got {m.in_channels}")
         text("model.vae_path", m.vae_path, "a local AutoencoderKL folder or null")
+        # ---- model: a super-resolution stage (raphael_ref/sr.py, erratum E80)
+        r = self.sr
+        at_least("model.cond_channels", m.cond_channels, 0)
+        choice("sr.upsample", r.upsample, ("bilinear", "nearest"))
+        choice("sr.lowres_source", r.lowres_source, ("render", "downsample", "mix"))
+        for name, v in (("sr.aug_max", r.aug_max), ("sr.aug_sample", r.aug_sample)):
+            if v < 0 or (m.cond_channels > 0 and v > d.T):  # the range against T matters for SR stages only
+                bad(name, f"must lie in [0, T={d.T}] (0: no augmentation; s: the diffusion's timestep s - 1), got {v}")
+        if m.cond_channels > 0:
+            if m.codec != "identity" or m.cond_channels != 3:
+                bad("model.cond_channels", f"an SR stage conditions on the RGB low-res image in pixel space: needs "
+                    f"model.codec='identity' and model.cond_channels=3, got codec {m.codec!r}, {m.cond_channels}")
+            if r.lowres_size < 1:
+                bad("model.cond_channels", "an SR stage needs sr.lowres_size (the low-res side in pixels), got 0")
+            if not 16 <= r.lowres_size < m.sample_size:
+                bad("sr.lowres_size", f"must lie in [16, model.sample_size={m.sample_size}) (the renderer's minimum; "
+                    f"smaller than the high-res side), got {r.lowres_size}")
+        elif r.lowres_size != 0:
+            bad("sr.lowres_size", f"is for SR stages (model.cond_channels > 0); got {r.lowres_size} with "
+                "model.cond_channels=0: set it to 0 or model.cond_channels=3")
 
         # ---- train
         if not (math.isfinite(t.lr) and t.lr > 0):
@@ -378,6 +445,13 @@ class RaphaelConfig:
         text("train.hed_weights", t.hed_weights, "the converted HED safetensors (tools/convert_hed.py) or null")
         choice("train.mixed_precision", t.mixed_precision, ("bf16", "no"))
         choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
+        choice("train.rng", t.rng, ("rank", "sample"))
+        if t.rng == "sample" and m.dropout > 0:
+            bad("train.rng", f"'sample' gives every random draw of a sample its own stream, but dropout "
+                f"(model.dropout={m.dropout}) draws from the global RNG of each rank; set model.dropout=0 or train.rng='rank'")
+        if t.rng == "sample" and t.compile:
+            bad("train.rng", "'sample' draws the gate noise row by row in Python, which torch.compile cannot trace without "
+                "graph breaks; use train.rng='rank' with train.compile=true")
         choice("train.checkpoint_format", t.checkpoint_format, ("full", "sharded"))
         at_least("train.nonfinite_max_skips", t.nonfinite_max_skips, 1)
 
@@ -485,7 +559,7 @@ def _type_problem(hint: Any, value: Any) -> str | None:
 
 def _known_text_encoder(name: str) -> bool:
     """'tiny', 'tiny-distinct', a .json file or folder (checked when read), or an open_clip bundled config name."""
-    if name in ("tiny", "tiny-distinct", "toy-clip", "t5") or name.endswith(".json"):
+    if name in ("tiny", "tiny-distinct", "toy-clip", "t5", "t5+clip") or name.endswith(".json"):
         return True
     try:
         if Path(name).is_dir():

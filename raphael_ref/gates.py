@@ -28,6 +28,10 @@ Decisions (spec/errata.md):
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +40,10 @@ __all__ = [
     "GRAD_MODES",
     "GateFFN",
     "gate_noise",
+    "per_sample_noise",
+    "per_sample_noise_active",
+    "noise_checkpoint_contexts",
+    "sample_stream_seed",
     "gate_softmax",
     "route_literal",
     "gate_route",
@@ -97,10 +105,100 @@ def gate_noise(
     float32, drawn on the generator's device (CPU by default) and moved to ``device``.
     """
     _check_noise_std(noise_std)
+    streams = getattr(_STREAMS, "state", None)
+    if streams is not None and generator is None:  # train.rng = "sample": row i from sample i's own stream
+        eps = streams.draw(tuple(shape))
+        eps = eps * float(noise_std)
+        return eps if device is None else eps.to(device)
     draw_on = generator.device if generator is not None else (device if device is not None else "cpu")
     eps = torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=torch.float32)
     eps = eps * float(noise_std)
     return eps if device is None else eps.to(device)
+
+
+# ---------------------------------------------------------------- per-sample noise streams (train.rng = "sample")
+# With train.rng = "sample" (tools/train.py) every random draw of a training sample comes from a stream of its
+# own, seeded by (train.seed, the sample's position in the global data stream), so the draws do not depend on
+# which rank holds the sample or how the batch is cut into micro-batches: a run resumed on another world size
+# goes on with the same draws. Inside ``per_sample_noise(seeds)`` the gate noise of row i of every gate is drawn
+# from a CPU generator seeded by sample_stream_seed(seeds[i], c), c counting the gate-noise draws since the
+# context opened (the same order in every forward: the blocks run in a fixed order). Activation checkpointing
+# recomputes a block in the backward pass: ``noise_checkpoint_contexts`` (the ``context_fn`` of
+# torch.utils.checkpoint) replays the counter the block started from, so the recomputed routes are the forward's.
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele et al. 2014): a well-mixed 64-bit function of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_stream_seed(*keys: int) -> int:
+    """A seed in [0, 2^63) for torch.Generator.manual_seed from integer keys (e.g. seed, sample position, draw).
+
+    Keys are folded in order through SplitMix64, so (a, b) and (b, a) give different seeds.
+    """
+    h = 0
+    for k in keys:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"sample_stream_seed: keys must be ints >= 0, got {keys!r}")
+        h = _splitmix64(h ^ (k & _MASK64))
+    return h >> 1
+
+
+class _SampleStreams:
+    def __init__(self, seeds: tuple[int, ...], calls: int) -> None:
+        self.seeds, self.calls = seeds, calls
+
+    def draw(self, shape: tuple[int, ...]) -> Tensor:
+        if len(shape) < 1 or shape[0] != len(self.seeds):
+            raise RuntimeError(f"per-sample gate noise: the gate logits {shape} do not have one row per sample of the "
+                               f"batch ({len(self.seeds)} samples; train.rng = 'sample' needs the batch axis first)")
+        g, rows = torch.Generator(), []
+        for s in self.seeds:
+            g.manual_seed(sample_stream_seed(s, self.calls))
+            rows.append(torch.randn(shape[1:], generator=g, dtype=torch.float32))
+        self.calls += 1
+        return torch.stack(rows)  # (B, ...)
+
+
+_STREAMS = threading.local()
+
+
+@contextlib.contextmanager
+def per_sample_noise(seeds: Sequence[int], start: int = 0) -> Iterator[None]:
+    """Within the context, gate noise drawn without a generator comes from one stream per sample (row).
+
+    ``seeds``: one int >= 0 per row of the batch (e.g. sample_stream_seed(train.seed, position)). Nested
+    contexts restore the outer one on exit. Thread-local (autograd may recompute on another thread: the
+    checkpoint contexts open their own).
+    """
+    seeds = tuple(int(s) for s in seeds)
+    if any(s < 0 for s in seeds):
+        raise ValueError("per_sample_noise: seeds must be ints >= 0")
+    prev = getattr(_STREAMS, "state", None)
+    _STREAMS.state = _SampleStreams(seeds, start)
+    try:
+        yield
+    finally:
+        _STREAMS.state = prev
+
+
+def per_sample_noise_active() -> bool:
+    """Whether a ``per_sample_noise`` context is open on this thread."""
+    return getattr(_STREAMS, "state", None) is not None
+
+
+def noise_checkpoint_contexts():
+    """``context_fn`` for torch.utils.checkpoint: the recomputation draws the gate noise the forward drew."""
+    state = getattr(_STREAMS, "state", None)
+    if state is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), per_sample_noise(state.seeds, state.calls)
 
 
 def gate_softmax(logits: Tensor, eps: Tensor | None = None) -> Tensor:

@@ -28,7 +28,8 @@ from raphael_ref.attention import cross_attention
 from raphael_ref.config import ModelConfig
 from raphael_ref.edge import EdgePredictor, pooled_attention_map
 from raphael_ref.experts import ExpertBank
-from raphael_ref.gates import DEFAULT_NOISE_STD, GateFFN, interval_route, text_route, time_route
+from raphael_ref.gates import (DEFAULT_NOISE_STD, GateFFN, interval_route, noise_checkpoint_contexts,
+                              per_sample_noise_active, text_route, time_route)
 from raphael_ref.masks import threshold_mask
 from raphael_ref.paint import PaintWithWords, block_paints, paint_logit_bias, paint_masks
 from raphael_ref.space_moe import space_moe
@@ -231,7 +232,7 @@ class RaphaelUNet(nn.Module):
         d_t = 4 * mc  # width of the time embedding E'(t) (d_t of App. 7.3)
         self.d_t = d_t
         self.time_embed = TimestepMLP(mc, d_t)
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1)  # + the SR stage's low-res image
 
         def st(c):
             return SpatialTransformer(c, cfg.d_y, d_t, cfg)
@@ -272,13 +273,42 @@ class RaphaelUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.gradient_checkpointing = cfg.checkpoint
+        # SR stage (cond_channels > 0; raphael_ref/sr.py, E80): embedding of the noise-augmentation level s, added to
+        # E'(t); last layer zero-initialised, so the untrained embedding adds nothing. Built last and only then: the
+        # default config draws the same initial weights as before.
+        self.aug_embed = None
+        if cfg.cond_channels > 0:
+            self.aug_embed = TimestepMLP(mc, d_t)
+            nn.init.zeros_(self.aug_embed.net[2].weight)
+            nn.init.zeros_(self.aug_embed.net[2].bias)
 
     # ------------------------------------------------------------------ helpers
     def transformer_blocks(self) -> list[TransformerBlock]:
         return [m for m in self.modules() if isinstance(m, TransformerBlock)]
 
+    def _sr_inputs(self, x, cond, aug_level, temb):
+        """SR stage (raphael_ref/sr.py, E80): ``[x_t, cond]`` on the channel axis and ``E'(t) + E_s(s)``."""
+        C = self.cfg.cond_channels
+        if C == 0:
+            raise ValueError("cond / aug_level are for an SR stage (model.cond_channels > 0); this U-Net has none")
+        if cond is None or aug_level is None:
+            raise ValueError(f"this U-Net is an SR stage (model.cond_channels = {C}): pass cond (B, {C}, H, W), the "
+                             f"augmented low-res image on x_t's grid (raphael_ref.sr.lowres_condition), and aug_level (B,)")
+        B, _, H, W = x.shape
+        if cond.shape != (B, C, H, W) or not cond.is_floating_point():
+            raise ValueError(f"cond must be a float tensor (B, {C}, H, W) = {(B, C, H, W)} on x_t's grid; got "
+                             f"{tuple(cond.shape)} {cond.dtype}")
+        if aug_level.shape != (B,) or aug_level.is_floating_point():
+            raise ValueError(f"aug_level must be integer levels of shape ({B},); got {tuple(aug_level.shape)} {aug_level.dtype}")
+        if not torch.compiler.is_compiling() and not torch.isfinite(cond).all():
+            raise ValueError("cond (the low-res conditioning image) contains NaN or inf")
+        return torch.cat([x, cond.to(x.dtype)], dim=1), temb + self.aug_embed(aug_level).to(temb.dtype)
+
     def _run(self, module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if not torch.compiler.is_compiling() and per_sample_noise_active():
+                # the recomputation replays the per-sample gate-noise streams (train.rng = "sample"; gates.py)
+                return checkpoint(module, *args, use_reentrant=False, context_fn=noise_checkpoint_contexts)
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
@@ -311,9 +341,15 @@ class RaphaelUNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,
                 pooled_index: torch.Tensor, return_masks: bool = False,
-                return_probs: bool = False, paint=None) -> tuple[torch.Tensor, list[BlockAux]]:
+                return_probs: bool = False, paint=None, control_residuals=None,
+                cond: torch.Tensor | None = None, aug_level: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, list[BlockAux]]:
         """``paint``: a ``raphael_ref.paint.PaintWithWords`` for this batch (eDiff-I's paint-with-words, E77) or
-        None; a spec with weight 0 or nothing painted is ignored (the output is bit for bit the one without)."""
+        None; a spec with weight 0 or nothing painted is ignored (the output is bit for bit the one without).
+        ``control_residuals``: a ``raphael_ref.controlnet.ControlResiduals`` (ControlNet, E79), added to the skips and
+        the middle output before the decoder reads them; None (default): the forward is unchanged.
+        ``cond`` (B, cond_channels, H, W) and ``aug_level`` (B,): the SR stage's augmented low-res image and its
+        noise-augmentation level (raphael_ref/sr.py, E80); only for a U-Net with model.cond_channels > 0."""
         self._check_inputs(x, t, y, y_valid, pooled_index)
         block_paint = None
         if paint is not None:
@@ -324,6 +360,8 @@ class RaphaelUNet(nn.Module):
                 block_paint = block_paints(paint, t, y.shape[1], x.device)  # grid -> BlockPaint
         aux: list[BlockAux] = []
         temb = self.time_embed(t)  # (B, d_t)
+        if cond is not None or aug_level is not None or self.aug_embed is not None:  # SR stage (sr.py, E80)
+            x, temb = self._sr_inputs(x, cond, aug_level, temb)  # (B, C + cond_channels, H, W), (B, d_t)
         fixed = None
         if self.cfg.use_time_moe and self.cfg.time_router == "intervals":
             routes, w = interval_route(t, self.cfg.n_time_experts, self.cfg.time_router_T)
@@ -349,6 +387,10 @@ class RaphaelUNet(nn.Module):
         if self.mid_attn is not None:
             h = attn(self.mid_attn, h)
         h = self._run(self.mid_res2, h, temb)
+        if control_residuals is not None:  # ControlNet's zero-conv join (raphael_ref/controlnet.py, E79)
+            from raphael_ref.controlnet import add_control
+
+            skips, h = add_control(skips, h, control_residuals)
         for layer in self.up:
             h = self._run(layer["res"], torch.cat([h, skips.pop()], dim=1), temb)
             if "attn" in layer:

@@ -243,6 +243,11 @@ def find_token_indices(text_encoder, prompt: str, phrase: str) -> list[int]:
     """
     from raphael_ref.text_encoder import clip_tokenizer
 
+    if hasattr(text_encoder, "t5") and hasattr(text_encoder, "clip"):  # T5 + CLIP (E78): CLIP's tokens follow T5's
+        return [text_encoder.t5.n_y + i for i in find_token_indices(text_encoder.clip, prompt, phrase)]
+    if not hasattr(text_encoder, "tokenize") or type(text_encoder).__name__ == "T5TextEncoder":
+        raise ValueError(f"find_token_indices reads CLIP BPE tokens; the text encoder {type(text_encoder).__name__} has "
+                         f"other tokens: give the token positions of the phrase in PaintWithWords.regions directly")
     ids = text_encoder.tokenize([prompt])[0].tolist()  # [SOT, bpe..., EOT, 0...]
     sub = clip_tokenizer().encode(phrase)
     if not sub:

@@ -50,6 +50,8 @@ class RaphaelPipelineOutput:
     images: list | torch.Tensor
     paths: DiffusionPaths | None = None
     masks: list[torch.Tensor] | None = None
+    # with an SR stage attached (:meth:`RaphaelPipeline.attach_sr`): the base model's images, (B, 3, h, w) in [-1, 1]
+    lowres: torch.Tensor | None = None
 
 
 def check_sampler(sampler: str, eta: float = 0.0) -> None:
@@ -93,11 +95,13 @@ class RaphaelPipeline:
         from raphael_ref.codec import IdentityCodec
 
         self.model = model.eval()
+        self.controlnet, self.control_scale = None, 1.0  # load_controlnet (issue 12)
         self.text_encoder = text_encoder
         self.config = config if config is not None else RaphaelConfig(model=model.cfg)
         self.codec = codec if codec is not None else IdentityCodec()
         d = self.config.diffusion
         self.schedule = schedule if schedule is not None else NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
+        self.sr, self.sr_options = None, {}  # an SR stage of the cascade (raphael_ref/sr.py), see attach_sr
         if text_encoder.d_y != model.cfg.d_y:
             raise ValueError(f"the text encoder gives tokens of width {text_encoder.d_y}, the U-Net reads "
                              f"model.d_y = {model.cfg.d_y}")
@@ -132,12 +136,33 @@ class RaphaelPipeline:
 
     @classmethod
     def from_run(cls, run: str | Path, *, weights: str = "ema",
-                 device: str | torch.device | None = None) -> "RaphaelPipeline":
+                 device: str | torch.device | None = None, sr_run: str | Path | None = None) -> "RaphaelPipeline":
         """A pipeline from a tools/train.py run folder (its latest checkpoint, ``training.resolve_checkpoint``)
-        or one of its checkpoint folders; EMA weights unless ``weights="raw"`` (as tools/sample.py)."""
+        or one of its checkpoint folders; EMA weights unless ``weights="raw"`` (as tools/sample.py). ``sr_run``: a
+        tools/train_sr.py run whose SR stage upscales every image (:meth:`attach_sr`; the Imagen cascade, E80)."""
         from raphael_ref import training
 
-        return cls.from_pretrained(training.resolve_checkpoint(run), weights=weights, device=device)
+        pipe = cls.from_pretrained(training.resolve_checkpoint(run), weights=weights, device=device)
+        if sr_run is not None:
+            from raphael_ref.sr import SRStage
+
+            pipe.attach_sr(SRStage.from_run(sr_run, weights=weights, device=device))
+        return pipe
+
+    def attach_sr(self, stage, **options) -> "RaphaelPipeline":
+        """Run ``stage`` (a ``raphael_ref.sr.SRStage``) on every image the pipeline draws, conditioned on the same
+        prompts and negative prompts: base + SR in one call. ``options``: ``steps``, ``guidance``, ``aug_level``,
+        ``sampler`` of the SR stage (default: its run's config). The base must draw images of the stage's
+        ``sr.lowres_size``; returns self."""
+        size = self.model.cfg.sample_size * self.codec.downsample_factor
+        if size != stage.lowres_size:
+            raise ValueError(f"the SR stage upscales {stage.lowres_size} px images, the base model draws {size} px: "
+                             f"train the SR stage with --set sr.lowres_size={size}")
+        unknown = set(options) - {"steps", "guidance", "aug_level", "sampler"}
+        if unknown:
+            raise ValueError(f"unknown SR option(s) {sorted(unknown)}; known: steps, guidance, aug_level, sampler")
+        self.sr, self.sr_options = stage, {k: v for k, v in options.items() if v is not None}
+        return self
 
     def load_lora(self, path: str | Path, scale: float = 1.0, *, merge: bool = True,
                   base_checkpoint: str | Path | None = None) -> "RaphaelPipeline":
@@ -148,9 +173,44 @@ class RaphaelPipeline:
         self.model = apply_lora(self.model, path, scale, merge=merge, base_checkpoint=base_checkpoint).eval()
         return self
 
+    def load_controlnet(self, path: str | Path, scale: float = 1.0) -> "RaphaelPipeline":
+        """Load a ControlNet written by tools/train_controlnet.py (``raphael_ref.controlnet.load_controlnet``: checked to
+        fit this U-Net); ``scale`` is the default conditioning scale of calls with ``control_image``. Returns self."""
+        from raphael_ref.controlnet import _check_scale, load_controlnet
+
+        self.control_scale = _check_scale(scale)
+        self.controlnet = load_controlnet(path, unet=self.model)
+        return self
+
+    def control_map(self, control_image, batch: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The control map (1 or batch, 1, H, W) in [0, 1] of ``control_image``: a PIL image or a list of them, or an RGB
+        tensor (B, 3, H, W) in [-1, 1] (Canny is run on them, with the ControlNet's settings), or an edge map tensor
+        (B, 1, H, W) in [0, 1] (used as it is). ValueError naming the problem (size, batch, NaN, range)."""
+        from raphael_ref.controlnet import canny_control, check_control_map
+
+        if self.controlnet is None:
+            raise ValueError("control_image needs a ControlNet: pipe.load_controlnet(path) first "
+                             "(tools/train_controlnet.py writes <run>/controlnet.safetensors)")
+        images = [control_image] if hasattr(control_image, "convert") else control_image
+        if isinstance(images, (list, tuple)):
+            if not images or not all(hasattr(im, "convert") for im in images):
+                raise ValueError("control_image must be a PIL image, a list of PIL images or a tensor")
+            images = torch.stack([torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+                                  .reshape(im.size[1], im.size[0], 3).permute(2, 0, 1) for im in images])
+            images = images.float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"control_image must be a PIL image, a list of them or a tensor, got {type(images).__name__}")
+        if images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point():
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError("control_image contains NaN or inf")
+            images = canny_control(images.clamp(-1, 1), self.controlnet.canny)  # (B, 1, H, W)
+        h, w = self._check_size(height, width)
+        check_control_map(images, batch, (h, w), self.codec.downsample_factor, name="control_image")
+        return images
+
     def to(self, device: str | torch.device) -> "RaphaelPipeline":
         """Move the U-Net, the text encoder and the codec to ``device``; returns self."""
-        for part in (self.model, self.text_encoder, self.codec):
+        for part in (self.model, self.text_encoder, self.codec, self.controlnet):
             if isinstance(part, torch.nn.Module):
                 part.to(device)
         return self
@@ -198,7 +258,8 @@ class RaphaelPipeline:
                  height: int | None = None, width: int | None = None, eta: float = 0.0,
                  spacing: str | None = None, return_paths: bool = False, return_masks: bool = False,
                  output_type: str = "pil", truncate: bool = True,
-                 progress: Callable | None = None, paint=None) -> RaphaelPipelineOutput:
+                 progress: Callable | None = None, paint=None, control_image=None,
+                 controlnet_conditioning_scale: float | None = None) -> RaphaelPipelineOutput:
         """Images for ``prompt`` (a string or a list): :class:`RaphaelPipelineOutput`.
 
         ``negative_prompt``: None (the empty prompt), one string for all prompts, or one per prompt.
@@ -211,6 +272,9 @@ class RaphaelPipeline:
         solvers; ``schedulers.DEFAULT_SPACINGS``). ``truncate=False`` makes an over-long prompt an error.
         ``paint``: eDiff-I's paint-with-words, a ``raphael_ref.paint.PaintWithWords`` for the prompts (build it
         with :meth:`paint_with_words`); applied to the conditional branch only (E77).
+        ``control_image``: the ControlNet's control (:meth:`control_map`: a PIL image, RGB or edge tensor; one for all
+        prompts or one per prompt), after :meth:`load_controlnet`; applied to both branches of CFG (E79).
+        ``controlnet_conditioning_scale``: its strength s (default: the one given to :meth:`load_controlnet`).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -239,6 +303,17 @@ class RaphaelPipeline:
         if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
             generator = torch.Generator().manual_seed(int(generator))
 
+        model = self.model
+        if control_image is not None:  # ControlNet (raphael_ref/controlnet.py, E79): U-Net + ControlNet + control map
+            from raphael_ref.controlnet import ControlledUNet, _check_scale
+
+            scale = self.control_scale if controlnet_conditioning_scale is None else _check_scale(controlnet_conditioning_scale)
+            control = self.control_map(control_image, len(prompts), height, width).to(self.device)
+            if control.shape[0] != len(prompts):
+                control = control.expand(len(prompts), -1, -1, -1)
+            model = ControlledUNet(self.model, self.controlnet, control, scale).eval()
+        elif controlnet_conditioning_scale is not None:
+            raise ValueError("controlnet_conditioning_scale was given without control_image")
         c = self.encode_prompts(prompts, truncate=truncate)
         # one shared negative prompt is encoded once and broadcast by the sampler (as training.generate_images)
         same = all(n == negatives[0] for n in negatives)
@@ -252,20 +327,25 @@ class RaphaelPipeline:
         if sampler in OWN_SAMPLERS:
             from raphael_ref.sampling import sample
 
-            x, paths = sample(self.model, self.schedule, (c.hidden, c.valid, c.pooled_index), uncond, steps=steps,
+            x, paths = sample(model, self.schedule, (c.hidden, c.valid, c.pooled_index), uncond, steps=steps,
                               sampler=sampler, eta=eta, spacing=spacing or "leading",
                               set_alpha_to_one=sc.set_alpha_to_one, paint=paint, **kw)
         else:
             from raphael_ref.schedulers import sample_with_scheduler
 
-            x, paths = sample_with_scheduler(self.model, self.schedule, (c.hidden, c.valid, c.pooled_index), uncond,
+            x, paths = sample_with_scheduler(model, self.schedule, (c.hidden, c.valid, c.pooled_index), uncond,
                                              scheduler=sampler, steps=steps, spacing=spacing,
                                              set_alpha_to_one=sc.set_alpha_to_one, paint=paint, **kw)
         images = self.codec.decode(x.float()).float().cpu()  # (B, 3, H, W) in [-1, 1]
+        lowres = None
+        if self.sr is not None:  # the cascade's SR stage on the base images, same prompts (raphael_ref/sr.py, E80)
+            lowres = images
+            images = self.sr(lowres.clamp(-1, 1), prompts, negative_prompts=negatives, generator=generator,
+                             **self.sr_options)  # (B, 3, H', W')
         masks = paths.masks[-1] if return_masks else None
         if paths is not None and not return_paths:
             paths = None
-        return RaphaelPipelineOutput(self.to_pil(images) if output_type == "pil" else images, paths, masks)
+        return RaphaelPipelineOutput(self.to_pil(images) if output_type == "pil" else images, paths, masks, lowres)
 
     def paint_with_words(self, prompt: str | Sequence[str], regions, *, weight: float = 1.0, mode: str = "replace"):
         """A ``PaintWithWords`` for ``prompt`` from ``{phrase: region}`` (one dict per prompt, or one dict for a

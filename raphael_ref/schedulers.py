@@ -29,8 +29,8 @@ import torch
 from raphael_ref.diffusion import NoiseSchedule, cfg_combine
 from raphael_ref.sampling import DiffusionPaths, _routes, prepare_paint
 
-__all__ = ["SCHEDULERS", "DEFAULT_SPACINGS", "require_diffusers", "make_scheduler", "install_schedule",
-           "sample_with_scheduler"]
+__all__ = ["SCHEDULERS", "DEFAULT_SPACINGS", "LITERAL_SAMPLERS", "require_diffusers", "make_scheduler",
+           "install_schedule", "sample_with_scheduler", "adapter_step_literal"]
 
 # sampler name -> (diffusers class, its settings for that sampler)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -235,3 +235,77 @@ def _loop(model, scheduler, shape, cond, cond2, guidance, generator, step_kw, co
         paths = DiffusionPaths(torch.tensor(model_ts, dtype=torch.long), torch.stack(s_all), torch.stack(t_all),
                                valid.cpu(), m_all if mask_steps else None, mask_steps if mask_steps else None)
     return x, paths
+
+
+# ---------------------------------------------------------------------------------------------
+# literal form (spec sched.diffusers_adapter)
+
+LITERAL_SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+
+
+def adapter_step_literal(name: str, x: torch.Tensor, eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
+                         guidance: float | torch.Tensor, abar_t, abar_next, *, abar_prev=None,
+                         x0_prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Not in RAPHAEL (its Sec. 4.2 samples with DDIM): one step of the diffusers-scheduler adapter, literal form
+    (spec ``sched.diffusers_adapter``), for ``name`` in :data:`LITERAL_SAMPLERS` (DDIM with eta 0, Euler,
+    DPM-Solver++ (2M)).
+
+    x: the scheduler's state at timestep t, (B, C, H, W): x_t for "ddim" / "dpmpp_2m", x_t / sqrt(abar_t) for
+    the sigma-space "euler". eps_cond / eps_uncond: the U-Net's epsilon on the two halves of the CFG batch, run
+    on ``x_model`` at round(t). abar_t, abar_next: abar at t and at the timestep the step goes to (1 after the
+    last step with ``set_alpha_to_one``; abar_0 without it). abar_prev, x0_prev: DPM-Solver++'s previous
+    timestep and x0 estimate (None: the first-order step, which diffusers takes first and, to a final abar of
+    1, last). With sigma(a) = sqrt((1 - a) / a), alpha = sqrt(a), s = sqrt(1 - a), lambda = log(alpha / s):
+
+        x_model = sqrt(abar_t) x  (euler: x / sqrt(sigma_t^2 + 1))   else x
+        eps     = eps_u + w (eps_c - eps_u)                             (cfg.combine)
+        ddim:     x0 = (x - s_t eps) / alpha_t,   x_next = alpha_next x0 + s_next eps
+        euler:    x0 = x - sigma_t eps,           x_next = x + (sigma_next - sigma_t) eps
+        dpmpp_2m: x0 = (x - s_t eps) / alpha_t,   h = lambda_next - lambda_t,
+                  x_next = (s_next / s_t) x - alpha_next (e^{-h} - 1) (x0 + D / 2),
+                  D = 0 (first order) or (x0 - x0_prev) h / (lambda_t - lambda_prev)
+
+    Coefficients in float64 from the abar values, cast to x's dtype at use. Returns
+    ``{"x_model", "eps", "x0", "x_next"}``.
+    """
+    if name not in LITERAL_SAMPLERS:
+        raise ValueError(f"adapter_step_literal covers {list(LITERAL_SAMPLERS)}; got {name!r}")
+    if not (x.shape == eps_cond.shape == eps_uncond.shape):
+        raise ValueError(f"x, eps_cond and eps_uncond must have one shape; got {tuple(x.shape)}, "
+                         f"{tuple(eps_cond.shape)}, {tuple(eps_uncond.shape)}")
+    f64 = dict(dtype=torch.float64)
+    a_t, a_n = torch.as_tensor(abar_t, **f64).cpu(), torch.as_tensor(abar_next, **f64).cpu()
+    if a_t.dim() or a_n.dim() or not (0 < float(a_t) < 1) or not (0 < float(a_n) <= 1):
+        raise ValueError(f"abar_t must be a scalar in (0, 1) and abar_next one in (0, 1]; got {a_t}, {a_n}")
+    if (abar_prev is None) != (x0_prev is None):
+        raise ValueError("abar_prev and x0_prev go together (DPM-Solver++'s second-order step) or not at all")
+    if x0_prev is not None and (name != "dpmpp_2m" or float(a_n) == 1.0):
+        raise ValueError("a second-order step (x0_prev) exists for dpmpp_2m only, and not to abar_next = 1 "
+                         "(the last step to the data is first order, as diffusers takes it)")
+
+    def c(v: torch.Tensor) -> torch.Tensor:  # a float64 coefficient at use
+        return v.to(dtype=x.dtype, device=x.device)
+
+    eps = cfg_combine(eps_uncond, eps_cond, guidance)  # (B, C, H, W)
+    alpha_t, s_t, alpha_n, s_n = a_t.sqrt(), (1 - a_t).sqrt(), a_n.sqrt(), (1 - a_n).sqrt()
+    if name == "euler":
+        sigma_t, sigma_n = s_t / alpha_t, s_n / alpha_n
+        x_model = x * c(alpha_t)  # x / sqrt(sigma_t^2 + 1)
+        x0 = x - c(sigma_t) * eps
+        x_next = x + c(sigma_n - sigma_t) * eps
+    else:
+        x_model = x
+        x0 = (x - c(s_t) * eps) / c(alpha_t)
+        if name == "ddim":
+            x_next = c(alpha_n) * x0 + c(s_n) * eps
+        else:
+            exp_mh = (s_n * alpha_t) / (alpha_n * s_t)  # e^{-h}, 0 when abar_next = 1
+            first = c(s_n / s_t) * x - c(alpha_n * (exp_mh - 1)) * x0
+            if x0_prev is None:
+                x_next = first
+            else:
+                a_p = torch.as_tensor(abar_prev, **f64).cpu()
+                lam = lambda a: torch.log(a.sqrt() / (1 - a).sqrt())  # noqa: E731
+                r = (lam(a_t) - lam(a_p)) / (lam(a_n) - lam(a_t))  # h_prev / h
+                x_next = first - c(0.5 * alpha_n * (exp_mh - 1) / r) * (x0 - x0_prev)
+    return {"x_model": x_model, "eps": eps, "x0": x0, "x_next": x_next}

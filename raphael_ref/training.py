@@ -126,10 +126,10 @@ def build_text_encoder(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
     from raphael_ref.text_encoder import TextEncoder
 
     m = cfg.model
-    if m.text_encoder == "t5":  # a frozen T5 encoder from a local folder (seed 004, Imagen), raphael_ref.t5_encoder
-        from raphael_ref.t5_encoder import T5TextEncoder
+    if m.text_encoder in ("t5", "t5+clip"):  # frozen T5 (seed 004, Imagen) or T5 + CLIP (seed 003, eDiff-I; E78)
+        from raphael_ref.t5_encoder import build_t5_text_encoder
 
-        enc = T5TextEncoder.from_pretrained(m.text_encoder_weights, n_y=m.n_y, layer=m.text_layer, device=device)
+        enc = build_t5_text_encoder(m, device)
     else:
         enc = TextEncoder.from_config(m.text_encoder, m.text_encoder_weights, layer=m.text_layer, seed=0, device=device)
     if enc.d_y != m.d_y or enc.n_y != m.n_y:

@@ -62,6 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", default=None, metavar="FILE",
                    help="LoRA adapter of tools/finetune_lora.py (adapter.safetensors, its .json beside it), merged")
     p.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength s: W + s (alpha / r) B A (default 1)")
+    p.add_argument("--upscale", default=None, metavar="RUN",
+                   help="an SR stage of tools/train_sr.py (run or checkpoint folder): base + SR in one call (the Imagen "
+                        "cascade, raphael_ref/sr.py); writes the SR images and NNN_<prompt>.base.png")
+    p.add_argument("--sr-steps", type=int, default=None, help="SR sampler steps (default: the SR run's sample.steps)")
+    p.add_argument("--sr-guidance", type=float, default=None, help="SR guidance (default: the SR run's sample.guidance)")
+    p.add_argument("--aug-level", type=int, default=None,
+                   help="noise-augmentation level s of the low-res image, 0..T (default: the SR run's sr.aug_sample)")
+    p.add_argument("--controlnet", default=None, metavar="FILE",
+                   help="ControlNet of tools/train_controlnet.py (controlnet.safetensors, its .json beside it); needs --control")
+    p.add_argument("--control", default=None, metavar="IMAGE",
+                   help="control image for --controlnet, at the run's image size: Canny edges are taken of it (one for all prompts)")
+    p.add_argument("--control-type", choices=("image", "edges"), default="image",
+                   help="'image' (default): run Canny on --control; 'edges': --control already is an edge map (white = edge)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale s (default 1; 0: off)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps, 1..T (default: the run's sample.steps); "
                    "ddpm always runs all T steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (0: deterministic DDIM)")
@@ -218,6 +232,27 @@ def main(argv=None) -> int:
             if not math.isfinite(args.lora_scale):
                 raise ValueError(f"--lora-scale must be finite, got {args.lora_scale}")
             pipe.load_lora(args.lora, args.lora_scale, base_checkpoint=ckpt)
+        if args.upscale is not None:  # the cascade's SR stage (raphael_ref/sr.py, E80): wrong sizes are named here
+            from raphael_ref.sr import SRStage
+
+            stage = SRStage.from_run(args.upscale, weights="raw" if args.raw else "ema", device=device)
+            if args.sr_steps is not None or args.sr_guidance is not None:
+                check_sampling_numbers(stage.config.sample.steps if args.sr_steps is None else args.sr_steps, 0.0,
+                                       stage.config.sample.guidance if args.sr_guidance is None else args.sr_guidance,
+                                       stage.schedule.T)
+            if args.aug_level is not None and not 0 <= args.aug_level <= stage.schedule.T:
+                raise ValueError(f"--aug-level must lie in [0, T = {stage.schedule.T}], got {args.aug_level}")
+            pipe.attach_sr(stage, steps=args.sr_steps, guidance=args.sr_guidance, aug_level=args.aug_level)
+        control = None
+        if args.controlnet is not None or args.control is not None:  # a Canny ControlNet (issue 12, E79)
+            if args.controlnet is None or args.control is None:
+                raise ValueError("--controlnet FILE and --control IMAGE go together (the ControlNet and its control image)")
+            if not math.isfinite(args.control_scale):
+                raise ValueError(f"--control-scale must be finite, got {args.control_scale}")
+            from raphael_ref.controlnet import read_control_image
+
+            pipe.load_controlnet(args.controlnet, args.control_scale)
+            control = pipe.control_map(read_control_image(args.control, args.control_type, pipe.controlnet.canny), 1)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -236,13 +271,15 @@ def main(argv=None) -> int:
             result = pipe(batch, args.negative_prompt, num_inference_steps=None if sampler == "ddpm" else steps,
                           guidance_scale=guidance, sampler=sampler, eta=args.eta, generator=generator,
                           return_paths=args.save_paths or args.save_masks, return_masks=args.save_masks,
-                          output_type="pt")
+                          output_type="pt", control_image=control)
         images, paths = result.images, result.paths  # (b, 3, H, W) in [-1, 1]
         all_images.append(images)
         ids = all_ids[start:start + args.batch_size]  # (b, n_y)
         for j, prompt in enumerate(batch):
             stem = f"{start + j:03d}_{slug(prompt)}"
             T.save_image_grid(images[j:j + 1], out / f"{stem}.png", nrow=1, min_tile=1, pad=0)
+            if result.lowres is not None:  # --upscale: the base image the SR stage was conditioned on
+                T.save_image_grid(result.lowres[j:j + 1], out / f"{stem}.base.png", nrow=1, min_tile=1, pad=0)
             if paths is None:
                 continue
             n_valid = int(paths.valid[j].sum())
@@ -259,6 +296,9 @@ def main(argv=None) -> int:
                     record["negative_prompt"] = args.negative_prompt
                 if args.lora is not None:
                     record["lora"], record["lora_scale"] = args.lora, args.lora_scale
+                if args.controlnet is not None:
+                    record["controlnet"], record["control"], record["control_scale"] = (args.controlnet, args.control,
+                                                                                       args.control_scale)
                 (out / f"{stem}.paths.json").write_text(json.dumps(record) + "\n")
                 paths_figure(tokens, space[0], time_r, paths.timesteps, cfg.model.n_space_experts,
                              cfg.model.n_time_experts, same).save(out / f"{stem}.paths.png", format="PNG")

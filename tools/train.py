@@ -46,6 +46,7 @@ from raphael_ref.config import PRESETS, load_config  # noqa: E402
 from raphael_ref.data.buckets import BUCKETS, scaled_buckets  # noqa: E402
 from raphael_ref.data.loader import make_train_loader  # noqa: E402
 from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+from raphael_ref.gates import per_sample_noise, sample_stream_seed  # noqa: E402
 from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count  # noqa: E402
 from raphael_ref.monitoring import (  # noqa: E402
     ExpertUsage, TensorBoardLog, check_tensorboard, collapse_warning, plot_expert_usage)
@@ -245,6 +246,39 @@ def micro_slices(batch: int, accum: int) -> list[slice]:
                          f"equal micro-batches")
     size = batch // accum
     return [slice(k * size, (k + 1) * size) for k in range(accum)]
+
+
+def sample_positions(step: int, batch: int, rank: int, world: int) -> list[int]:
+    """Global data-stream positions of the ``batch`` samples rank ``rank`` of ``world`` trains on at ``step``.
+
+    q = (step B + j) W + rank for j < B (B = batch per rank): the synthetic loader's own positions
+    (data.loader.synthetic_indices), so a sample keeps its position, and with train.rng = "sample" its random
+    draws, whatever the world size: step k covers positions [k B W, (k + 1) B W) for every W.
+    """
+    return [(step * batch + j) * world + rank for j in range(batch)]
+
+
+class SampleDraws:
+    """train.rng = "sample": the random draws of one step, each sample from its own stream.
+
+    Sample q's stream is a CPU generator seeded by sample_stream_seed(seed, q); it draws, in this order, the
+    caption-dropout coin, the VAE posterior noise (a sampled VAE only), t and the noise; its gate noise comes
+    from per_sample_noise (streams seeded by (that seed, draw index)).
+    """
+
+    def __init__(self, seed: int, positions: list[int]):
+        self.seeds = [sample_stream_seed(seed, q) for q in positions]
+        self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def drop_captions(self, captions: list[str], p: float) -> list[str]:
+        coins = [float(torch.rand((), generator=g)) for g in self.gens]  # one coin per sample, even at p = 0 or 1
+        return ["" if u < p else c for u, c in zip(coins, captions)]
+
+    def timesteps(self, T: int) -> torch.Tensor:
+        return torch.stack([torch.randint(0, T, (), generator=g) for g in self.gens])  # (B,)
+
+    def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.gens])  # (B, *shape)
 
 
 def grad_sync(net: torch.nn.Module, sync: bool):
@@ -448,7 +482,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         usage.load_window_state(st.get("expert_usage"), rank)  # absent in older checkpoints: a fresh window
         balance_window.fill_(float(st.get("balance_window", 0.0)))
         rng_states = ck["rng"] if st["world_size"] == world else None
-        if rng_states is None:
+        if rng_states is None and tc.rng == "sample":
+            say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: train.rng = "
+                      f"'sample' keys every draw to the sample, so the run goes on with the uninterrupted run's draws")
+        elif rng_states is None:
             say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: RNG streams "
                       f"reseeded from (seed, rank, step); the run goes on but is not bit-identical to an uninterrupted one")
         del ck
@@ -462,7 +499,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     try:
         loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
                                    world_size=world, seed=tc.seed, multiscale=tc.multiscale, buckets=buckets,
-                                   caption_dropout=tc.caption_dropout, num_workers=tc.num_workers, start_step=step)
+                                   caption_dropout=tc.caption_dropout if tc.rng == "rank" else 0.0,  # "sample": per sample below
+                                   num_workers=tc.num_workers, start_step=step)
     except (ValueError, FileNotFoundError) as e:
         return fail(rank, str(e))
     data = iter(loader)  # (draws from the loader's own generator, not from the RNG streams restored below)
@@ -615,18 +653,27 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             lr = T.warmup_lr(step, tc.lr, tc.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
+            captions = batch["caption"]
+            draws = None  # train.rng = "rank": this rank's stream gen; "sample": one stream per sample
+            if tc.rng == "sample":
+                draws = SampleDraws(tc.seed, sample_positions(step, len(captions), rank, world))
+                captions = draws.drop_captions(captions, tc.caption_dropout)
             with torch.no_grad():
                 if "latent" in batch:  # pre-extracted latents (data.loader); images only for the edge maps
                     x0 = batch["latent"].to(device)  # (B, C, h, w)
                     images = codec.decode(x0).clamp(-1, 1) if edge_detector is not None else None
                 else:
                     images = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
-                    x0 = codec.encode(images, generator=gen)  # (B, C, h, w)
-                text = encoder(batch["caption"])  # hidden (B, n_y, d_y), valid (B, n_y), pooled_index (B,)
+                    x0 = codec.encode(images, generator=gen if draws is None else draws.gens)  # (B, C, h, w)
+                text = encoder(captions)  # hidden (B, n_y, d_y), valid (B, n_y), pooled_index (B,)
                 edges = edge_detector(images) if edge_detector is not None else None  # (B, 1, H, W) in [0, 1]
             B = x0.shape[0]
-            t = torch.randint(0, schedule.T, (B,), generator=gen).to(device)  # (B,) uniform over 0..T-1
-            noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, h, w)
+            if draws is None:
+                t = torch.randint(0, schedule.T, (B,), generator=gen).to(device)  # (B,) uniform over 0..T-1
+                noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, h, w)
+            else:
+                t = draws.timesteps(schedule.T).to(device)  # (B,)
+                noise = draws.noise(tuple(x0.shape[1:])).to(device)  # (B, C, h, w)
             # gradient accumulation (train.grad_accum = K): the per-rank batch, its frozen features, t and noise
             # are made exactly as for K = 1 and cut into K consecutive micro-batches of B / K, so K micro-steps
             # see the samples and draws of one step of B (only the model's own draws, gate noise and dropout,
@@ -637,7 +684,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             sums = None  # (total, denoise, edge[, balance]) summed over the micro-batches, float64 on the device
             for k, mb in enumerate(micro_slices(B, accum)):
                 with grad_sync(net_for_loss, k == accum - 1):
-                    with amp:
+                    with amp, (nullcontext() if draws is None else per_sample_noise(draws.seeds[mb])):
                         out = training_losses(net_for_loss, schedule, x0[mb], t[mb], noise[mb], text.hidden[mb],
                                               text.valid[mb], text.pooled_index[mb], None if edges is None else edges[mb],
                                               focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
