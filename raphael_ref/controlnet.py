@@ -61,7 +61,7 @@ FORMAT_VERSION = 1
 CANNY_DEFAULTS = {"low_contrast": 0.1, "high_contrast": 0.2, "sigma": 1.0, "kernel_size": 5}
 # config fields that do not change the encoder half (the copy has no edge heads and no decoder)
 _NOT_ENCODER = ("use_edge", "edge_layers", "edge_width", "edge_t_cutoff", "transformer_up", "checkpoint", "vae_path",
-                "text_encoder_weights", "sample_size", "dropout")
+                "text_encoder_weights", "text_encoder_clip_weights", "sample_size", "dropout")
 
 
 # ------------------------------------------------------------------------------ the join (controlnet.zero_join)

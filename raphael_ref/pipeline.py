@@ -210,7 +210,8 @@ class RaphaelPipeline:
 
     def to(self, device: str | torch.device) -> "RaphaelPipeline":
         """Move the U-Net, the text encoder and the codec to ``device``; returns self."""
-        for part in (self.model, self.text_encoder, self.codec, self.controlnet):
+        sr = () if self.sr is None else (self.sr.model, self.sr.text_encoder)  # the cascade's SR stage (sr.py)
+        for part in (self.model, self.text_encoder, self.codec, self.controlnet, *sr):
             if isinstance(part, torch.nn.Module):
                 part.to(device)
         return self

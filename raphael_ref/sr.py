@@ -163,6 +163,7 @@ class SRDenoiser(nn.Module):
         super().__init__()
         self.unet = unet
         self.z, self.s = z, s
+        self.train(unet.training)  # a new Module starts in train mode: samplers restore the mode they found
 
     @property
     def cfg(self):

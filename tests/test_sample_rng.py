@@ -165,7 +165,7 @@ def test_checkpoint_recomputation_replays_the_gate_noise(monkeypatch):
                         lambda: (__import__("contextlib").nullcontext(), __import__("contextlib").nullcontext()))
     try:
         _, g2 = _loss_and_grads(ckpt, seeds)
-    except Exception:  # torch.utils.checkpoint may refuse recomputed tensors of another shape
+    except torch.utils.checkpoint.CheckpointError:  # it may refuse recomputed tensors of another shape
         return
     assert any(not torch.allclose(g2[n], g0[n], rtol=1e-3, atol=1e-6) for n in g0)
 

@@ -329,3 +329,13 @@ def test_sample_upscale_runs_base_and_sr_in_one_call(tmp_path, sr_run, capsys):
     rc = load_tool("sample").main([str(base), "--upscale", str(sr_run), "--aug-level", "5000", "--prompt", "a",
                                    "--out", str(tmp_path / "o4")])
     assert rc == 2 and "--aug-level" in capsys.readouterr().err
+
+
+def test_sr_denoiser_keeps_the_unet_mode():
+    """The conditioning wrapper takes the wrapped U-Net's mode, so a sampler that restores the mode it found leaves
+    an eval U-Net in eval (a fresh Module starts in train mode: gate noise and dropout would follow a sample)."""
+    net = RaphaelUNet(_sr_cfg().model).eval()
+    z, s = torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long)
+    assert not SR.SRDenoiser(net, z, s).training
+    net.train()
+    assert SR.SRDenoiser(net, z, s).training

@@ -106,12 +106,22 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
 
-def token_strings(ids: torch.Tensor) -> list[str]:
-    """CLIP BPE ids -> readable token strings (``<start_of_text>``, ``red``, ...)."""
+def token_strings(ids: torch.Tensor, encoder=None, positions: torch.Tensor | None = None) -> list[str]:
+    """Token ids -> readable token strings (``<start_of_text>``, ``red``, ...): CLIP BPE, or with ``encoder``
+    a T5 encoder's own tokenizer; for T5 + CLIP (E78) the ``positions`` before the CLIP block are T5's."""
     from raphael_ref.text_encoder import clip_tokenizer
 
-    tok = clip_tokenizer()
-    return [tok.decode([int(i)]).strip() or "_" for i in ids]
+    clip = clip_tokenizer()
+    t5 = getattr(encoder, "t5", None) if encoder is not None and hasattr(encoder, "clip") else None
+    t5 = encoder if t5 is None and type(encoder).__name__ == "T5TextEncoder" else t5
+    n_t5 = (t5.n_y if t5 is not encoder else len(ids)) if t5 is not None else 0
+    pos = range(len(ids)) if positions is None else [int(p) for p in positions]
+    out = []
+    for p in pos:
+        i = int(ids[p])
+        text = t5.tokenizer.convert_ids_to_tokens(i) if p < n_t5 else clip.decode([i])
+        out.append(str(text).strip() or "_")
+    return out
 
 
 # ------------------------------------------------------------------------------ figures
@@ -282,9 +292,9 @@ def main(argv=None) -> int:
                 T.save_image_grid(result.lowres[j:j + 1], out / f"{stem}.base.png", nrow=1, min_tile=1, pad=0)
             if paths is None:
                 continue
-            n_valid = int(paths.valid[j].sum())
-            tokens = token_strings(ids[j, :n_valid])
-            space = paths.space_routes[:, :, j, :n_valid]  # (S, K, n_valid)
+            pos = paths.valid[j].nonzero().flatten()  # the valid tokens (for T5 + CLIP two runs of positions, E78)
+            tokens = token_strings(ids[j], pipe.text_encoder, pos)
+            space = paths.space_routes[:, :, j, pos]  # (S, K, n_valid)
             time_r = paths.time_routes[:, :, j]  # (S, K)
             same = bool((space == space[:1]).all())
             if args.save_paths:

@@ -62,7 +62,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a run stopped by Ct
 # fields that change neither the weights nor what the network computes (memory, kernels, where
 # frozen weights live on this machine).
 RESUME_MAY_CHANGE = ("train.", "sample.", "model.checkpoint", "model.moe_impl", "model.text_encoder_weights",
-                     "model.vae_path")
+                     "model.text_encoder_clip_weights", "model.vae_path")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     step = 0
+    model.to(device)  # before the optimizer state is loaded: load_state_dict puts AdamW's state on the params' device
+    ema.to(device)
     if ck is not None:
         try:
             for name in ("model", "ema"):
@@ -198,8 +200,6 @@ def main(argv=None) -> int:
         step = int(ck["state"]["step"])
         torch.set_rng_state(ck["rng"]["rank0.torch"])
         gen.set_state(ck["rng"]["rank0.gen"])
-    model.to(device)
-    ema.to(device)
     model.train()
     schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T, cfg.diffusion.zero_terminal_snr)
     T.truncate_log(run_dir / "log.jsonl", step)
