@@ -12,6 +12,7 @@ masks of every block, at every step (``True``) or at chosen step indices only: m
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -78,7 +79,7 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
            collect_masks: bool | Sequence[int] = False, progress: Callable | None = None, clip_x0: float | None = None,
            prev_timestep: str = "next", set_alpha_to_one: bool = True,
-           paint=None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+           paint=None, start_from: torch.Tensor | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
@@ -93,6 +94,10 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     ``set_alpha_to_one`` (abar after the last step: 1, default, or abar_0 as Stable Diffusion; E65).
     ``paint`` (a ``raphael_ref.paint.PaintWithWords`` for the B prompts, E77) goes to the conditional branch
     only, with this schedule's abar for its sigma_t; the unconditional half of a CFG batch gets nothing painted.
+    ``start_from`` (B, C, H, W) or None: the chain starts at q_sample(start_from, t_0) = sqrt(abar_{t_0})
+    start_from + sqrt(1 - abar_{t_0}) noise (t_0 the first timestep, the same noise draw) instead of at pure noise;
+    for a model trained with non-zero terminal SNR whose x_T still carries an estimate of the image (the SR stage's
+    upsampled low-res image, raphael_ref/sr.py, E80). None: pure noise, as the paper samples.
     Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
@@ -137,13 +142,14 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         return _sample_loop(model, schedule, ts, t_prevs, shape, set_alpha_to_one=set_alpha_to_one, cond=(hidden, valid, pooled),
                             cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
                             sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
-                            mask_steps=mask_steps, progress=progress, clip_x0=clip_x0, paint=paint)
+                            mask_steps=mask_steps, progress=progress, clip_x0=clip_x0, paint=paint,
+                            start_from=start_from)
     finally:
         model.train(was_training)
 
 
 def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond, cond2, guidance, sampler, eta, generator, collect_paths,
-                 mask_steps, progress, clip_x0, paint=None):
+                 mask_steps, progress, clip_x0, paint=None, start_from=None):
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = cond
@@ -151,6 +157,12 @@ def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond,
     if use_cfg:
         hidden2, valid2, pooled2 = cond2
     x = torch.randn(shape, generator=generator).to(device)
+    if start_from is not None:  # q_sample(start_from, t_0) with this noise (E80)
+        if tuple(start_from.shape) != tuple(shape) or not bool(torch.isfinite(start_from).all()):
+            raise ValueError(f"start_from must be a finite tensor of the sample shape {tuple(shape)}, got "
+                             f"{tuple(start_from.shape)}")
+        a0 = float(schedule.alphas_cumprod[int(ts[0])])
+        x = math.sqrt(a0) * start_from.to(device=device, dtype=x.dtype) + math.sqrt(1.0 - a0) * x
     n_y = hidden.shape[1]
     s_all, t_all, m_all = [], [], []
     keep_masks = set(mask_steps)

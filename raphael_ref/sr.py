@@ -268,10 +268,11 @@ class SRStage:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], *, negative_prompts: Sequence[str] | None = None,
                  steps: int | None = None, guidance: float | None = None, aug_level: int | None = None,
                  sampler: str | None = None, generator: torch.Generator | None = None,
-                 progress=None) -> torch.Tensor:
+                 progress=None, start_from_lowres: bool = True) -> torch.Tensor:
         """Upscale ``images`` (B, 3, lowres, lowres) in [-1, 1] for ``prompts``; defaults from the run's config
         (``sample.steps``, ``sample.guidance``, ``sample.sampler``, ``sr.aug_sample``). The augmentation noise
-        is drawn first from ``generator`` (CPU), then the sampler's noise."""
+        is drawn first from ``generator`` (CPU), then the sampler's noise. ``start_from_lowres`` (default): the
+        chain starts at q_sample(Up(images), t_0) with that noise instead of at pure noise (E80)."""
         from raphael_ref.sampling import sample
 
         cfg = self.config
@@ -297,8 +298,12 @@ class SRStage:
             neg = [""] if negative_prompts is None else list(negative_prompts)
             u = self.text_encoder(neg)
         net = SRDenoiser(self.model, z.to(device), s.to(device))
+        # start the chain at q_sample(Up(x_lr), t_0), not at pure noise: with the schedule's non-zero terminal SNR
+        # the training x_T still carries the high-res image, which the stage learns to read (E80, docs/results/sr_toy.md)
+        start = upsample_lowres(images.float().cpu(), H, cfg.sr.upsample) if start_from_lowres else None
         x, _ = sample(net, self.schedule, (c.hidden, c.valid, c.pooled_index),
                       None if u is None else (u.hidden, u.valid, u.pooled_index), shape=(B, 3, H, H),
                       steps=None if sampler == "ddpm" else steps, guidance=guidance, sampler=sampler,
-                      generator=generator, set_alpha_to_one=cfg.sample.set_alpha_to_one, progress=progress)
+                      generator=generator, set_alpha_to_one=cfg.sample.set_alpha_to_one, progress=progress,
+                      start_from=start)
         return x.float().cpu()  # (B, 3, H, H), identity codec

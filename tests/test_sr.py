@@ -339,3 +339,39 @@ def test_sr_denoiser_keeps_the_unet_mode():
     assert not SR.SRDenoiser(net, z, s).training
     net.train()
     assert SR.SRDenoiser(net, z, s).training
+
+
+def test_sampler_starts_at_q_sample_of_start_from():
+    """``sampling.sample(start_from=m)`` feeds the model sqrt(abar_t0) m + sqrt(1 - abar_t0) n at the first step,
+    n the very noise the default start (x = n) uses; a bad start is an error naming start_from."""
+    from raphael_ref.diffusion import NoiseSchedule, ddim_timesteps
+    from raphael_ref.sampling import sample
+
+    schedule = NoiseSchedule.make("scaled_linear", 1000)
+    seen = []
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, y, y_valid, pooled_index, **kw):
+            seen.append((x.clone(), t.clone()))
+            return torch.zeros_like(x), []
+
+    B, shape = 2, (2, 3, 4, 4)
+    y = (torch.zeros(B, 5, 8), torch.ones(B, 5, dtype=torch.bool), torch.zeros(B, dtype=torch.long))
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    sample(Stub(), schedule, y, None, shape=shape, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    x_plain, t0 = seen[0]
+    seen.clear()
+    sample(Stub(), schedule, y, None, shape=shape, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(0),
+           start_from=m)
+    x_start, t0b = seen[0]
+    assert int(t0[0]) == int(t0b[0]) == int(ddim_timesteps(4, 1000)[0])
+    a = float(schedule.alphas_cumprod[int(t0[0])])
+    torch.testing.assert_close(x_start, math.sqrt(a) * m + math.sqrt(1 - a) * x_plain, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(x_start, x_plain)
+    for bad in (m[:1], m * float("nan")):
+        with pytest.raises(ValueError, match="start_from"):
+            sample(Stub(), schedule, y, None, shape=shape, steps=4, guidance=1.0, start_from=bad)
