@@ -904,3 +904,16 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | Path,
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     img.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def flat_config(cfg) -> dict:
+    """``{"section.field": value}`` of a RaphaelConfig (lists as tuples), to compare two configs field by field."""
+    out, todo = {}, [("", cfg.to_dict())]
+    while todo:
+        prefix, d = todo.pop()
+        for k, v in d.items():
+            if isinstance(v, dict):
+                todo.append((f"{prefix}{k}.", v))
+            else:
+                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out

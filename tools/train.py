@@ -167,21 +167,9 @@ class Diverged(Exception):
         self.step, self.detail = step, detail
 
 
-def _flat(cfg) -> dict:
-    out, todo = {}, [("", cfg.to_dict())]
-    while todo:
-        prefix, d = todo.pop()
-        for k, v in d.items():
-            if isinstance(v, dict):
-                todo.append((f"{prefix}{k}.", v))
-            else:
-                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def locked_differences(ckpt_cfg, cfg) -> list[str]:
     """``field (checkpoint X, now Y)`` for each field outside RESUME_MAY_CHANGE that differs."""
-    a, b = _flat(ckpt_cfg), _flat(cfg)
+    a, b = T.flat_config(ckpt_cfg), T.flat_config(cfg)
     return [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
 
@@ -189,7 +177,7 @@ def locked_differences(ckpt_cfg, cfg) -> list[str]:
 def init_differences(init_cfg, cfg) -> list[str]:
     """``field (checkpoint X, now Y)`` for each model.* field that changes the weights or what the network
     computes (``--init``: the run's U-Net must be the checkpoint's)."""
-    a, b = _flat(init_cfg), _flat(cfg)
+    a, b = T.flat_config(init_cfg), T.flat_config(cfg)
     free = tuple(f for f in RESUME_MAY_CHANGE if f.startswith("model."))
     return [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))
             if k.startswith("model.") and not k.startswith(free) and a.get(k) != b.get(k)]

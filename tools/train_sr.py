@@ -94,18 +94,6 @@ def fail(msg: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def _flat(cfg) -> dict:
-    out, todo = {}, [("", cfg.to_dict())]
-    while todo:
-        prefix, d = todo.pop()
-        for k, v in d.items():
-            if isinstance(v, dict):
-                todo.append((f"{prefix}{k}.", v))
-            else:
-                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def item_source(seed: int, index: int, lowres_source: str) -> str:
     """Where item ``index``'s low-res image comes from: "render" or "downsample" ("mix": a coin of (seed, index))."""
     if lowres_source != "mix":
@@ -149,7 +137,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--resume: {args.out} has no checkpoint in {args.out}/{T.CKPT_DIR}")
             ck = T.load_checkpoint(resume_from)
             cfg = load_config(base=ck["cfg"], files=args.config, overrides=args.set)
-            a, b = _flat(ck["cfg"]), _flat(cfg)
+            a, b = T.flat_config(ck["cfg"]), T.flat_config(cfg)
             diff = [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))
                     if a.get(k) != b.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
             if diff:
