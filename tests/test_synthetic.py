@@ -235,3 +235,23 @@ def test_export_round_trip_through_the_shard_reader(tmp_path):
         assert S.scene_from_dict(s["meta"]) == ds.scene(i)
         img = torch.from_numpy(np.array(s["image"])).permute(2, 0, 1)
         assert torch.equal(img, render(ds.scene(i)))
+
+
+@pytest.mark.spec
+def test_novel_colours_render_but_are_never_drawn_for_training():
+    """synthetic.NOVEL_COLORS (issue 12, the LoRA demonstration's new concept): not in the palette, >= 255 from every
+    palette colour and from black; make_scene / render / scene_to_dict accept them; sample_scene never draws them."""
+    assert not set(S.NOVEL_COLORS) & set(S.COLORS)
+    for rgb in S.NOVEL_COLORS.values():
+        assert min(math.dist(rgb, c) for c in [*S.COLORS.values(), (0, 0, 0)]) >= 255
+    scene = S.make_scene([("square", "cyan", "left")], 24)
+    img = S.render(scene)
+    x0, y0, x1, y1 = scene.objects[0].box
+    assert (img[:, y0:y1, x0:x1] == torch.tensor([0, 255, 255], dtype=torch.uint8)[:, None, None]).all()
+    assert S.scene_to_dict(scene)["objects"][0]["rgb"] == [0, 255, 255]
+    assert S.scene_from_dict(S.scene_to_dict(scene)) == scene
+    rng = np.random.default_rng(0)
+    drawn = {o.color for _ in range(2000) for o in S.sample_scene(rng, 24, 3).objects}
+    assert drawn == set(S.COLORS)
+    with pytest.raises(ValueError, match="novel"):
+        S.make_scene([("square", "orange", "left")], 24)

@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "SHAPES",
     "COLORS",
+    "NOVEL_COLORS",
     "POSITIONS",
     "POSITION_PHRASES",
     "COUNT_WORDS",
@@ -60,6 +61,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (200, 0, 255),
     "white": (255, 255, 255),
 }
+# Colours the training generator never draws (``sample_scene`` draws from COLORS only): a concept a
+# trained toy model has never seen, for fine-tuning demonstrations (issue 12: LoRA on ~28 images of
+# a new concept). Cyan is the one corner of the RGB cube left: >= 255 from every palette colour and
+# from black, so the detector (given ``DetectorConfig(extra_colors=("cyan",))``) separates it as
+# robustly as the palette. ``make_scene`` and ``render`` accept these names.
+NOVEL_COLORS: dict[str, tuple[int, int, int]] = {
+    "cyan": (0, 255, 255),
+}
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 POSITION_PHRASES: dict[str, str] = {
     "left": "on the left",
@@ -68,6 +77,7 @@ POSITION_PHRASES: dict[str, str] = {
     "bottom": "at the bottom",
     "center": "in the center",
 }
+_ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NOVEL_COLORS}
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four", 5: "five"}
 # (row, column) of each position in the 3 x 3 grid.
 _CELLS: dict[str, tuple[int, int]] = {
@@ -171,10 +181,10 @@ def make_scene(objects: Sequence[tuple[str, str, str]], image_size: int = 32) ->
         if len(triple) != 3:
             raise ValueError(f"make_scene: each object is a (shape, color, position) triple; got {triple!r}.")
         shape, color, position = triple
-        if shape not in SHAPES or color not in COLORS or position not in POSITIONS:
+        if shape not in SHAPES or color not in _ALL_COLORS or position not in POSITIONS:
             raise ValueError(
-                f"make_scene: unknown object {triple!r}; shapes are {SHAPES}, colours {tuple(COLORS)}, "
-                f"positions {POSITIONS}."
+                f"make_scene: unknown object {triple!r}; shapes are {SHAPES}, colours {tuple(COLORS)} "
+                f"(and the novel {tuple(NOVEL_COLORS)}), positions {POSITIONS}."
             )
         built.append(SceneObject(shape, color, position, position_box(position, image_size)))
     if len({o.position for o in built}) != len(built):
@@ -228,13 +238,13 @@ def render(scene: Scene) -> torch.Tensor:
     s = scene.image_size
     img = np.zeros((s, s, 3), dtype=np.uint8)  # (H, W, 3)
     for o in scene.objects:
-        if o.color not in COLORS:
-            raise ValueError(f"render: unknown colour {o.color!r}; expected one of {tuple(COLORS)}.")
+        if o.color not in _ALL_COLORS:
+            raise ValueError(f"render: unknown colour {o.color!r}; expected one of {tuple(_ALL_COLORS)}.")
         x0, y0, x1, y1 = o.box
         if not (0 <= x0 < x1 <= s and 0 <= y0 < y1 <= s):
             raise ValueError(f"render: box {o.box} does not lie inside the {s} x {s} image.")
         mask = _shape_mask(o.shape, o.box)  # (h, w)
-        img[y0:y1, x0:x1][mask] = COLORS[o.color]
+        img[y0:y1, x0:x1][mask] = _ALL_COLORS[o.color]
     return torch.from_numpy(img).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
@@ -245,7 +255,7 @@ def scene_to_dict(scene: Scene) -> dict[str, Any]:
         "image_size": scene.image_size,
         "objects": [
             {
-                "shape": o.shape, "color": o.color, "rgb": list(COLORS[o.color]),
+                "shape": o.shape, "color": o.color, "rgb": list(_ALL_COLORS[o.color]),
                 "position": o.position, "box": list(o.box),
             }
             for o in scene.objects

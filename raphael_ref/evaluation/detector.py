@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from raphael_ref.data.synthetic import COLORS, POSITIONS, SHAPES, object_size, position_box
+from raphael_ref.data.synthetic import COLORS, NOVEL_COLORS, POSITIONS, SHAPES, object_size, position_box
 
 __all__ = [
     "DetectedObject",
@@ -70,6 +70,8 @@ class DetectorConfig:
     square_fill:      fill ratio above which a non-triangle is a square (else a circle).
     max_extent_frac:  a component whose box side exceeds this many object sides is no single
                       object (shape "unknown": it still counts, so it can only make a prompt fail).
+    extra_colors:     names from ``synthetic.NOVEL_COLORS`` added to the palette (default none: a novel
+                      colour's pixels are > ``color_tol`` from every palette colour, so background).
     """
 
     color_tol: float = 100.0
@@ -78,8 +80,13 @@ class DetectorConfig:
     triangle_cy: float = 0.55
     square_fill: float = 0.9
     max_extent_frac: float = 1.6
+    extra_colors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        bad = [c for c in self.extra_colors if c not in NOVEL_COLORS]
+        if not isinstance(self.extra_colors, tuple) or bad:
+            raise ValueError(f"DetectorConfig.extra_colors must be a tuple of names from synthetic.NOVEL_COLORS "
+                             f"{tuple(NOVEL_COLORS)}; got {self.extra_colors!r}")
         if not 0 < self.color_tol:
             raise ValueError(f"DetectorConfig.color_tol must be > 0 (RGB distance, 0..255 units); got {self.color_tol}")
         if not 0 <= self.min_area_frac < 1:
@@ -142,21 +149,22 @@ def _check_image(image: torch.Tensor, fn: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _palette() -> tuple[list[str], torch.Tensor]:
-    names = list(COLORS)
-    rgb = torch.tensor([COLORS[n] for n in names] + [(0, 0, 0)], dtype=torch.float32)  # (P + 1, 3), black last
+def _palette(extra_colors: tuple[str, ...] = ()) -> tuple[list[str], torch.Tensor]:
+    table = {**COLORS, **{c: NOVEL_COLORS[c] for c in extra_colors}}
+    names = list(table)
+    rgb = torch.tensor([table[n] for n in names] + [(0, 0, 0)], dtype=torch.float32)  # (P + 1, 3), black last
     return names, rgb
 
 
-def color_segmentation(images: torch.Tensor, color_tol: float = 100.0) -> torch.Tensor:
+def color_segmentation(images: torch.Tensor, color_tol: float = 100.0, extra_colors: tuple[str, ...] = ()) -> torch.Tensor:
     """Palette index of each pixel (nearest palette colour, black included, within ``color_tol``).
 
-    images (B, 3, H, W) uint8 -> (B, H, W) long: index into ``list(COLORS)``, or BACKGROUND (-1)
-    for pixels nearest to black or farther than ``color_tol`` from every palette colour.
+    images (B, 3, H, W) uint8 -> (B, H, W) long: index into ``list(COLORS) + list(extra_colors)``, or
+    BACKGROUND (-1) for pixels nearest to black or farther than ``color_tol`` from every palette colour.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"color_segmentation expects uint8 images (B, 3, H, W); got {images.dtype} {tuple(images.shape)}")
-    names, rgb = _palette()
+    names, rgb = _palette(extra_colors)
     x = images.float().permute(0, 2, 3, 1)  # (B, H, W, 3)
     dist = torch.cdist(x.reshape(-1, 3), rgb).reshape(*x.shape[:3], -1)  # (B, H, W, P + 1)
     d_min, idx = dist.min(dim=-1)  # (B, H, W)
@@ -286,8 +294,8 @@ def detect_batch(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) -
     if images.shape[1] != 3 or H != W:
         raise ValueError(f"detect_batch expects square RGB images (B, 3, S, S); got {tuple(images.shape)}")
     object_size(H)  # validates the image size against the generator's minimum
-    names, _ = _palette()
-    seg = color_segmentation(images.cpu(), cfg.color_tol)  # (B, S, S)
+    names, _ = _palette(cfg.extra_colors)
+    seg = color_segmentation(images.cpu(), cfg.color_tol, cfg.extra_colors)  # (B, S, S)
     per_color = seg[:, None] == torch.arange(len(names))[None, :, None, None]  # (B, P, S, S)
     present = per_color.flatten(2).any(dim=-1)  # (B, P): label only the colours an image holds
     labels = torch.zeros(per_color.shape, dtype=torch.long)  # (B, P, S, S)
