@@ -202,13 +202,26 @@ class SpatialTransformer(nn.Module):
         self.pos_embed = cfg.pos_embed
         if cfg.pos_embed == "sincos" and channels % 4:
             raise ValueError(f"model.pos_embed='sincos' needs transformer widths that are multiples of 4, got {channels}")
+        self._pe_cache: dict[tuple, torch.Tensor] = {}  # (H, W, device, dtype) -> (n_x, C); not state, not saved
+
+    def position_embedding(self, H: int, W: int, device, dtype) -> torch.Tensor:
+        """``sincos_position_embedding(H, W, C)`` on ``device`` in ``dtype``, computed once per grid, device and dtype
+        (eager mode); under torch.compile it is traced as ops (the graph folds it)."""
+        C = self.proj_in.out_features
+        if torch.compiler.is_compiling():
+            return sincos_position_embedding(H, W, C).to(device=device, dtype=dtype)
+        key = (H, W, torch.device(device), dtype)
+        pe = self._pe_cache.get(key)
+        if pe is None:
+            pe = self._pe_cache[key] = sincos_position_embedding(H, W, C).to(device=device, dtype=dtype)
+        return pe
 
     def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False, fixed_time_routes=None,
                 return_probs=False, paint=None):
         B, C, H, W = x.shape
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, n_x, C)
         if self.pos_embed == "sincos":  # erratum E72 (not in the paper)
-            h = h + sincos_position_embedding(H, W, C).to(device=h.device, dtype=h.dtype)  # (n_x, C) broadcast
+            h = h + self.position_embedding(H, W, h.device, h.dtype)  # (n_x, C) broadcast
         h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes, return_probs,
                             None if paint is None else paint((H, W)))
         h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)

@@ -260,3 +260,21 @@ def test_pos_embed_option_changes_the_forward_only_when_on():
     assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(ValueError, match="model.pos_embed"):
         get_preset("toy", {"model.pos_embed": "learned"})
+
+
+def test_pos_embed_cache_equals_the_function_per_grid_and_dtype():
+    """SpatialTransformer.position_embedding caches the fixed embedding per (grid, device, dtype): the cached tensor
+    equals sincos_position_embedding exactly, is reused on a second call, and a new grid or dtype gets its own."""
+    from raphael_ref.models import SpatialTransformer
+    from raphael_ref.unet_parts import sincos_position_embedding
+
+    cfg = get_preset("toy", {"model.use_edge": False, "model.sample_size": 8})
+    st = next(m for m in RaphaelUNet(cfg.model).modules() if isinstance(m, SpatialTransformer))
+    C = st.proj_in.out_features
+    a = st.position_embedding(4, 4, "cpu", torch.float32)
+    assert torch.equal(a, sincos_position_embedding(4, 4, C)) and st.position_embedding(4, 4, "cpu", torch.float32) is a
+    b = st.position_embedding(2, 3, "cpu", torch.float32)
+    assert b.shape == (6, C) and torch.equal(b, sincos_position_embedding(2, 3, C))
+    h = st.position_embedding(4, 4, "cpu", torch.bfloat16)
+    assert h.dtype == torch.bfloat16 and torch.equal(h, a.to(torch.bfloat16))
+    assert "_pe_cache" not in "".join(RaphaelUNet(cfg.model).state_dict())
