@@ -18,33 +18,18 @@ from raphael_ref import controlnet as CN
 from raphael_ref.config import get_preset
 from raphael_ref.models import RaphaelUNet
 from raphael_ref.testing import load_tool
+from raphael_ref.testing.tiny_run import MICRO_2LEVEL, micro_inputs, micro_model
 
-# two transformer blocks (one per level) + a middle one, 16 px, as tests/test_lora.py's micro model
-MICRO = {"model.sample_size": 16, "model.model_channels": 16, "model.head_dim": 8, "model.norm_groups": 4,
-         "model.expert_mult": 2, "model.edge_width": 4, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
-         "model.transformer_down": [1, 1], "model.transformer_up": [1, 1], "sample.steps": 2}
+MICRO = MICRO_2LEVEL
 U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of float32, 6.0e-8
 
 
 def _micro_unet(seed: int = 0, **overrides) -> RaphaelUNet:
     """The micro U-Net with its zero-initialised layers given small random weights (every block reaches the output)."""
-    cfg = get_preset("toy", {**MICRO, **overrides})
-    torch.manual_seed(seed)
-    model = RaphaelUNet(cfg.model)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return micro_model(seed, **overrides)
 
 
-def _inputs(model: RaphaelUNet, B: int = 2):
-    g = torch.Generator().manual_seed(7)
-    n_y, d_y = 77, model.cfg.d_y
-    pooled = torch.tensor([5, 9])[:B]
-    return (torch.randn(B, model.cfg.in_channels, 16, 16, generator=g), torch.tensor([10, 700])[:B],
-            torch.randn(B, n_y, d_y, generator=g), torch.arange(n_y)[None] <= pooled[:, None], pooled)
+_inputs = micro_inputs
 
 
 def _control(B: int = 2, size: int = 16, seed: int = 3) -> torch.Tensor:

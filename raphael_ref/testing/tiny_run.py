@@ -14,6 +14,27 @@ MICRO = {"model.sample_size": 16, "model.model_channels": 16, "model.head_dim": 
          "model.expert_mult": 2, "model.edge_width": 4, "sample.steps": 4}
 
 
+# two transformer blocks (one per level) + a middle one, 16 px: the adapter tests' micro U-Net (LoRA, ControlNet)
+MICRO_2LEVEL = {**MICRO, "model.channel_mult": [1, 2], "model.num_res_blocks": 1, "model.transformer_down": [1, 1],
+                "model.transformer_up": [1, 1], "sample.steps": 2}
+
+
+def micro_model(seed: int = 0, **overrides):
+    """:func:`random_model` of the toy preset at ``MICRO_2LEVEL`` (plus ``overrides``, config field -> value)."""
+    from raphael_ref.config import get_preset
+
+    return random_model(get_preset("toy", {**MICRO_2LEVEL, **overrides}), seed)
+
+
+def micro_inputs(model, B: int = 2, seed: int = 7):
+    """U-Net inputs (x_t, t, y, y_valid, pooled_index) for ``model`` at 16 px, 77 text tokens, B <= 2."""
+    g = torch.Generator().manual_seed(seed)
+    n_y, d_y = 77, model.cfg.d_y
+    pooled = torch.tensor([5, 9])[:B]
+    return (torch.randn(B, model.cfg.in_channels, 16, 16, generator=g), torch.tensor([10, 700])[:B],
+            torch.randn(B, n_y, d_y, generator=g), torch.arange(n_y)[None] <= pooled[:, None], pooled)
+
+
 def random_model(cfg, seed: int = 0):
     """A RaphaelUNet of ``cfg.model`` whose zero-initialised layers (the output conv, the residual
     branches) get N(0, 0.05^2) weights too, so that eps != 0 and samples depend on the weights."""
