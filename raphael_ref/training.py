@@ -50,7 +50,7 @@ from raphael_ref.config import RaphaelConfig
 __all__ = [
     "warmup_lr", "make_ema", "update_ema", "build_text_encoder", "build_codec", "build_edge_detector",
     "make_run_dir", "JsonlLog", "read_log", "truncate_log", "save_checkpoint", "load_checkpoint",
-    "latest_checkpoint", "resolve_checkpoint", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
+    "latest_checkpoint", "publish_checkpoint", "resolve_checkpoint", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
     "generate_images", "to_uint8", "save_image_grid", "plot_loss_curve", "finite_record", "NonFiniteError",
     "CheckpointError", "verify_checkpoint", "newest_intact_checkpoint", "save_sharded_checkpoint",
     "load_sharded_state", "checkpoint_format", "sharded_support_problem", "sharded_shapes",
@@ -371,11 +371,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, to
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1, sort_keys=True) + "\n")
     save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    _publish_checkpoint(tmp, final, keep)
+    publish_checkpoint(tmp, final, keep)
     return final
 
 
-def _publish_checkpoint(tmp: Path, final: Path, keep: int) -> None:
+def publish_checkpoint(tmp: Path, final: Path, keep: int) -> None:
     """Rename the finished ``tmp`` folder to ``final`` (the checkpoint appears complete or not at all), point
     ``latest`` at it and keep the newest ``keep`` checkpoints (0: all)."""
     ckpts = final.parent
@@ -665,7 +665,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
                                                        indent=1, sort_keys=True) + "\n")
             manifest = {"layout": SHARDED_LAYOUT, "world_size": world, "sha256": digests}
             (tmp / SHARDS_JSON).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            _publish_checkpoint(tmp, final, keep)
+            publish_checkpoint(tmp, final, keep)
         except Exception as e:  # shared with the other ranks, which would otherwise wait for rank 0 forever
             error = e
     errors = _gather(None if error is None else f"{type(error).__name__}: {error}")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -59,7 +58,6 @@ from raphael_ref.objective import denoise_weights  # noqa: E402
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 SETTINGS = "controlnet_train.json"
-CKPTS, LATEST = "checkpoints", "latest"
 # settings a resumed run takes from the stored ones (the command line's are ignored, except --steps)
 FIXED = ("base", "raw", "data", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "seed",
          "canny")
@@ -98,20 +96,10 @@ def fail(msg: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def latest(run_dir: Path) -> Path | None:
-    pointer = run_dir / CKPTS / LATEST
-    if pointer.exists():
-        path = run_dir / CKPTS / pointer.read_text().strip()
-        if path.is_dir():
-            return path
-    done = sorted(p for p in (run_dir / CKPTS).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
-
-
 def save_checkpoint(run_dir: Path, step: int, net: RaphaelControlNet, opt: torch.optim.Optimizer,
                     gen: torch.Generator, base: dict, keep: int) -> Path:
     """checkpoints/step_NNNNNNN: written in a .tmp folder, then renamed; ``latest`` replaced atomically."""
-    ckpts = run_dir / CKPTS
+    ckpts = run_dir / T.CKPT_DIR
     final = ckpts / f"step_{step:07d}"
     tmp = ckpts / f"step_{step:07d}.tmp"
     if tmp.exists():
@@ -128,15 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, net: RaphaelControlNet, opt: torch
     (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
     save_tensors({"generator": gen.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    ptmp = ckpts / (LATEST + ".tmp")
-    ptmp.write_text(final.name + "\n")
-    os.replace(ptmp, ckpts / LATEST)
-    done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    T.publish_checkpoint(tmp, final, keep)  # rename, point ``latest`` at it, prune (training.save_checkpoint's)
     return final
 
 
@@ -165,7 +145,7 @@ def main(argv=None) -> int:
             stored = json.loads((out / SETTINGS).read_text())
             for k in FIXED:
                 setattr(args, k, stored[k])
-            resume_from = latest(out)
+            resume_from = T.latest_checkpoint(out)
             if resume_from is None:
                 raise ValueError(f"{out} has no checkpoint to resume from (checkpoints/step_*)")
         elif out is not None and any((out / n).exists() for n in (SETTINGS, "log.jsonl", "controlnet.safetensors")):
