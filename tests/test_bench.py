@@ -89,7 +89,8 @@ def _finite_positive(x) -> bool:
 
 def test_gpu_suite_tiny_on_cpu_measures_every_section(bench, tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    assert bench.main([*GPU_TINY, "--no-compile", "--out", str(out)]) == 0
+    # a budget no machine reaches: on a loaded CPU the tiny suite can take minutes, and budget skips have their own test
+    assert bench.main([*GPU_TINY, "--no-compile", "--budget-s", "7200", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
     s = rec["sections"]
     assert list(s) == ["matmul_ceiling", "train_small", "train_paper", "toy_default_step", "infer_moe_vs_dense",
@@ -144,6 +145,8 @@ def test_gpu_suite_refuses_full_sizes_on_cpu(bench):
         bench.main([*GPU_TINY, "--sdpa", "warp", "--no-compile"])
     with pytest.raises(SystemExit, match="unknown preset"):
         bench.main([*GPU_TINY, "--infer-preset", "huge", "--no-compile"])
+    with pytest.raises(SystemExit, match="--max-batch"):
+        bench.main([*GPU_TINY, "--train-presets", "small", "paper", "--max-batch", "1", "2", "3", "--no-compile"])
 
 
 @pytest.mark.slow

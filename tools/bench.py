@@ -360,12 +360,16 @@ SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 VALID_TOKENS = 20  # real caption tokens of the random context (of n_y = 77); the rest is padding
 
 
+DEFAULT_MAX_BATCH = {"small": 512, "paper": 64}  # (a) batch caps of the training step per preset
+
+
 def add_gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cuda (the suite) or cpu (with --tiny: a check that it runs)")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes (the CPU test); figures meaningless")
     p.add_argument("--train-presets", nargs="*", default=["small", "paper"], help="(a) presets of the training step")
-    p.add_argument("--max-batch", type=int, nargs="*", default=[512, 64],
-                   help="(a) largest batch tried per train preset (doubling from 1 until out of memory or this)")
+    p.add_argument("--max-batch", type=int, nargs="*", default=None,
+                   help="(a) largest batch tried per train preset (doubling from 1 until out of memory or this); one "
+                        f"cap or one per --train-presets entry (default: {DEFAULT_MAX_BATCH}, else 512)")
     p.add_argument("--infer-preset", default="paper", help="(b) preset of the MoE vs dense-FFN forward")
     p.add_argument("--infer-batch", type=int, default=4, help="(b) batch of the forward (2 prompts with CFG)")
     p.add_argument("--sample-preset", default="paper", help="(c) RAPHAEL preset of the sampling comparison")
@@ -650,7 +654,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
     rec["peak_flops"] = peaks
 
     # (a) training step per preset, eager, largest power-of-two batch that fits; (d) compiled at that batch
-    caps = args.max_batch or [512]
+    caps = args.max_batch or [DEFAULT_MAX_BATCH.get(p, 512) for p in args.train_presets]
     caps = caps * len(args.train_presets) if len(caps) == 1 else caps
     train_batches: dict[str, int] = {}
 
