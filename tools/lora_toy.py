@@ -273,6 +273,13 @@ def _pm(c, digits=2) -> str:
 READING_MARK = "## Reading"
 
 
+def _params(counts: dict) -> str:
+    """"118,784 per base" when every base's adapter has the same size, else "raphael 1,234, dense 1,200"."""
+    if counts and len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values())):,} per base"
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+
+
 def write_markdown(result: dict, path: Path) -> None:
     kept = ""
     if path.exists() and READING_MARK in path.read_text():
@@ -290,7 +297,7 @@ def write_markdown(result: dict, path: Path) -> None:
         + ", ".join(f"{b} = `{p}`" for b, p in result["bases"].items()) + ". "
         f"LoRA: tools/finetune_lora.py, targets `{a['targets']}`, rank {a['rank']}, {a['steps']} steps of batch "
         f"{a['batch_size']}, AdamW lr {a['lr']}, LoRA seeds {seeds} (adapter init, batch order, noise); "
-        f"{result.get('adapter_parameters', {})} adapter parameters per base. Sampling: DDIM {a['sampler_steps']}, "
+        f"adapter parameters: {_params(result.get('adapter_parameters', {}))}. Sampling: DDIM {a['sampler_steps']}, "
         f"guidance {a['guidance']}, the same noise for every model; adapters merged at scale 1. Images per model: "
         f"concept {result['n_images_per_set']['concept']}, combo {result['n_images_per_set']['combo']}, "
         f"old {result['n_images_per_set']['old']}.", "",
