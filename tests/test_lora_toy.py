@@ -166,7 +166,7 @@ def test_study_end_to_end_on_a_micro_run(tool, tmp_path):
     result = tool.main(argv)
     assert sorted(result["per_image"]) == ["dense/base", "dense/lora_s0", "dense/lora_s1", "raphael/base",
                                            "raphael/lora_s0", "raphael/lora_s1"]
-    assert result["n_images_per_set"] == {"concept": 15, "combo": 2, "old": 6}
+    assert result["n_images_per_set"] == {"concept": 15, "combo": 2 * 2, "old": 6}  # --combo-per-prompt 2
     for ext in (".md", ".json", ".png"):
         assert (tmp_path / f"report{ext}").exists()
     assert json.loads((tmp_path / "report.json").read_text())["rows"]["old/verdict"]["difference"]["per_seed"]
