@@ -17,7 +17,6 @@ from raphael_ref.evaluation.prompts import CATEGORIES, evaluation_prompts
 
 from raphael_ref.testing import load_tool
 
-pytestmark = pytest.mark.spec
 
 S = 24  # the toy preset's image side
 
