@@ -111,7 +111,9 @@ def gate_noise(
         eps = eps * float(noise_std)
         return eps if device is None else eps.to(device)
     draw_on = generator.device if generator is not None else (device if device is not None else "cpu")
-    eps = torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=torch.float32)
+    # generator passed only when given: torch.compile with a dynamic batch size cannot trace randn(generator=None)
+    kw = {} if generator is None else {"generator": generator}
+    eps = torch.randn(tuple(shape), device=draw_on, dtype=torch.float32, **kw)
     eps = eps * float(noise_std)
     return eps if device is None else eps.to(device)
 
