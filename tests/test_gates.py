@@ -224,3 +224,14 @@ def test_invalid_inputs_raise():
         route_literal(torch.randn(2, 3), torch.randn(3, 2))
     with pytest.raises(ValueError, match="positive int"):
         GateFFN(4, 0)
+
+
+def test_gate_noise_traces_under_compile_with_a_dynamic_batch():
+    """torch.compile(dynamic=True) traces gate_noise with a symbolic batch size (dynamo could not trace
+    randn(..., generator=None) there: tools/bench.py gpu's compiled training step failed on it)."""
+    from raphael_ref.gates import gate_noise
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x[:, None] + gate_noise((x.shape[0], 4), 0.0), backend="eager", dynamic=True)
+    for B in (2, 3, 5):
+        assert torch.equal(fn(torch.ones(B)), torch.ones(B, 4))
