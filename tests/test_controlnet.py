@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from raphael_ref import controlnet as CN
-from raphael_ref.config import get_preset
 from raphael_ref.models import RaphaelUNet
 from raphael_ref.testing import load_tool
 from raphael_ref.testing.tiny_run import MICRO_2LEVEL, micro_inputs, micro_model

@@ -726,7 +726,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
         out.update({"times_s": times, "params": params, "peak_mem_gib": mem,
                     "moe_over_dense": {k: times[k] / times["dense_ffn"] for k in times if k != "dense_ffn"},
                     "goal_moe_over_dense_max": 1.15, "paper_moe_over_dense": 1.24})
-        print(f"[infer] " + "  ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in times.items())
+        print("[infer] " + "  ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in times.items())
               + "  ratios " + str({k: round(v, 3) for k, v in out["moe_over_dense"].items()}))
         return out
 
