@@ -431,6 +431,48 @@ def test_ablate_combine_cli(ablate, tmp_path, capsys):
         ablate.main(["--out", str(out), "--combine", dirs[0], str(tmp_path / "missing")])
 
 
+def _sweep_study(seed: int, alpha: dict[float, float], **settings) -> dict:
+    """A study with the full model and an alpha sweep whose base point (0.2) reuses the full run."""
+    st = _study(seed, {("full", 7.5): (alpha[0.2], 40.0, 2.0, 30.0)}, **settings)
+    st["plan"] = [{"name": "full", "group": "module", "value": None, "run": "full", "overrides": {}}]
+    for a, acc in alpha.items():
+        name = f"alpha_{a:g}"
+        st["plan"].append({"name": name, "group": "alpha", "value": a, "run": "full" if a == 0.2 else name,
+                           "overrides": {}})
+        st["rows"].append({"variant": name, "group": "alpha", "value": a, "guidance": 7.5, "alignment": acc,
+                           "fidelity": 2.0, "toy_clip": {"clip_score": 40.0 + a, "fd_toy_clip": 30.0}})
+    return st
+
+
+def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp_path):
+    """Fig. 6a over seeds: every sweep point is paired with the full model (the base value); the base point
+    itself (same run as full) is listed but not compared with itself; rows sort by the swept value."""
+    accs = [{0.1: 0.30, 0.2: 0.50, 0.5: 0.41}, {0.1: 0.36, 0.2: 0.52, 0.5: 0.46}, {0.1: 0.31, 0.2: 0.55, 0.5: 0.40}]
+    studies = [_sweep_study(s, accs[s]) for s in range(3)]
+    c = A.combine_seeds(studies)
+    row = {r["variant"]: r for r in c["rows"]}
+    assert row["alpha_0.5"]["value"] == 0.5 and row["alpha_0.1"]["group"] == "alpha"
+    assert row["alpha_0.2"]["alignment"]["per_seed"] == row["full"]["alignment"]["per_seed"]
+    compared = {x["variant"] for x in c["comparisons"]}
+    assert compared == {"alpha_0.1", "alpha_0.5"}  # not alpha_0.2: it is the full run
+    a01 = next(x for x in c["comparisons"] if x["variant"] == "alpha_0.1" and x["metric"] == "alignment")
+    assert a01["full_minus_variant"] == pytest.approx([0.20, 0.16, 0.24]) and a01["reading"] == "full better"
+    md = A.seeds_markdown(c)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| alpha_")]
+    assert [ln.split(" | ")[0] for ln in lines[:3]] == ["| alpha_0.1", "| alpha_0.2", "| alpha_0.5"]
+    dirs = []
+    for s, st in enumerate(studies):
+        d = tmp_path / f"s{s}"
+        d.mkdir()
+        (d / "ablation.json").write_text(json.dumps(st))
+        dirs.append(str(d))
+    ablate.main(["--out", str(tmp_path / "seeds"), "--combine", *dirs])
+    for png in ("seeds_g7.5.png", "seeds_sweeps_g7.5.png"):
+        assert Image.open(tmp_path / "seeds" / png).size[0] > 300
+    with pytest.raises(ValueError, match="no rows of the 'alpha' or 't_c'"):
+        plots.seeds_sweep_plot({**c, "rows": [r for r in c["rows"] if r["group"] == "module"]}, tmp_path / "x.png")
+
+
 def test_a_run_folder_is_trained_by_one_study_at_a_time(ablate, tmp_path):
     """Two studies on the same --out at once: the second stops at the run's lock before touching its files
     (it would otherwise restart the run over the first one's log)."""

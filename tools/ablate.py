@@ -33,7 +33,8 @@ Writes to --out:
     sweeps.png                       Fig. 6a: alignment and fidelity vs alpha and T_c (when swept)
 With --combine STUDY...: seeds.md / seeds.json, the studies of several --train-seed values in one table
 (mean ± standard error over seeds) and the paired full - variant differences (``combine_seeds``), and
-seeds_g<w>.png (each seed's value per variant and metric, with the mean ± se).
+seeds_g<w>.png (each seed's value per module variant and metric, with the mean ± se) and, when the
+studies swept alpha / T_c, seeds_sweeps_g<w>.png (Fig. 6a: each seed's curve and the mean ± se).
 """
 
 from __future__ import annotations
@@ -461,7 +462,8 @@ def combine_main(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     s = studies[0]["settings"]
-    header = [f"# Ablation study over {len(studies)} training seeds (RAPHAEL Sec. 4.2, Fig. 6b): preset {s['preset']}, "
+    figs = "Fig. 6a/6b" if any(r["group"] in ("alpha", "t_c") for r in combined["rows"]) else "Fig. 6b"
+    header = [f"# Ablation study over {len(studies)} training seeds (RAPHAEL Sec. 4.2, {figs}): preset {s['preset']}, "
               f"budget {s['budget']}", "", f"Studies: {', '.join(str(d) for d in args.combine)}. Each point: "
               f"{s['prompts_per_category']} prompts x {len(s['categories'])} categories x seeds {s['seeds']} x "
               f"{s['per_prompt']} images, DDIM {s['sampler_steps']} steps; the same prompts and noise for every "
@@ -472,8 +474,11 @@ def combine_main(args) -> dict:
     try:
         from raphael_ref.evaluation import plots
 
-        for g in sorted({r["guidance"] for r in combined["rows"]}):
-            files.append(plots.seeds_plot(combined, out / f"seeds_g{g:g}.png", guidance=g))
+        modules = {**combined, "rows": [r for r in combined["rows"] if r["group"] == "module"]}
+        for g in sorted({r["guidance"] for r in modules["rows"]}):
+            files.append(plots.seeds_plot(modules, out / f"seeds_g{g:g}.png", guidance=g))
+        for g in sorted({r["guidance"] for r in combined["rows"] if r["group"] in ("alpha", "t_c")}):
+            files.append(plots.seeds_sweep_plot(combined, out / f"seeds_sweeps_g{g:g}.png", guidance=g))
     except ImportError as e:  # matplotlib missing: the tables are written, the figure is not
         print(f"note: no seeds plot ({e})")
     print((out / "seeds.md").read_text())

@@ -476,6 +476,9 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     exceeds the two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (12.7 for 2 seeds,
     4.30 for 3, 3.18 for 4; :func:`t_critical_95`), else "tie". This standard error holds the
     training-seed spread and the evaluation noise together.
+    Sweep points (Fig. 6a, groups "alpha" and "t_c") are compared with the full model the same way: the full
+    model is the base value of each sweep (the paper's alpha = 0.2, T_c = 500); a sweep point equal to the base
+    (its plan entry reuses the full run) is listed but not compared with itself.
     Raises ValueError when the studies differ in anything but the seed (or repeat a seed).
     """
     if len(studies) < 2:
@@ -490,14 +493,17 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if diff:
             raise ValueError(f"the studies differ in more than the training seed: {diff} "
                              f"(seed {s['settings']['train_seed']} vs {seeds[0]})")
+    # sweep points equal to the base config reuse the full run (``Variant.run == "full"``): no comparison with it
+    same_as_full = {p["name"] for s in studies for p in s.get("plan", ()) if p["name"] != "full" and p["run"] == "full"}
     cells: dict[tuple[str, float], dict[int, Mapping[str, Any]]] = {}
     for seed, s in zip(seeds, studies):
         for r in s["rows"]:
             cells.setdefault((r["variant"], float(r["guidance"])), {})[seed] = r
     rows = []
     for (variant, g), by_seed in cells.items():
+        first = next(iter(by_seed.values()))
         row: dict[str, Any] = {"variant": variant, "guidance": g, "seeds": sorted(by_seed),
-                               "group": next(iter(by_seed.values()))["group"]}
+                               "group": first["group"], "value": first.get("value")}
         for key, _, _ in SEED_METRICS:
             xs = [_metric(by_seed[k], key) for k in sorted(by_seed)]
             if any(x is None for x in xs):
@@ -508,7 +514,7 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     comparisons = []
     for (variant, g), by_seed in cells.items():
         full = cells.get(("full", g))
-        if variant == "full" or full is None:
+        if variant == "full" or variant in same_as_full or full is None:
             continue
         common = sorted(set(full) & set(by_seed))
         if len(common) < 2:
@@ -550,13 +556,22 @@ def _pm(cell: Mapping[str, Any] | None, digits: int = 3) -> str:
     return f"{cell['mean']:.{digits}g}" + ("" if se is None else f" ± {se:.2g}")
 
 
+_GROUP_ORDER = {"module": 0, "alpha": 1, "t_c": 2}
+
+
+def _row_order(r: Mapping[str, Any]) -> tuple:
+    """Module variants (full first), then each sweep by its value (so T_c 250 comes before 1000), then guidance."""
+    v = r.get("value")
+    return (_GROUP_ORDER.get(r["group"], 3), r["variant"] != "full", float("inf") if v is None else float(v),
+            r["variant"], r["guidance"])
+
+
 def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> str:
     """Tables of :func:`combine_seeds`: mean ± standard error over seeds, and the paired comparisons."""
     lines = [*header, "", f"Training seeds: {combined['seeds']} (one study each). Cells: mean ± standard error over "
              "the seeds.", "", "| variant | guidance | " + " | ".join(lab for _, _, lab in SEED_METRICS) + " |",
              "|---|---:|" + "---:|" * len(SEED_METRICS)]
-    for r in sorted(combined["rows"], key=lambda r: (r["group"] != "module", r["variant"] != "full", r["variant"],
-                                                     r["guidance"])):
+    for r in sorted(combined["rows"], key=_row_order):
         lines.append(f"| {r['variant']} | {r['guidance']:g} | " + " | ".join(_pm(r.get(k)) for k, _, _ in SEED_METRICS)
                      + " |")
     lines += ["", "Paired by seed, full - variant (the paper's direction: full higher in alignment and CLIP score, "
@@ -564,7 +579,9 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
               "two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (t95), else a tie.",
               "", "| variant | guidance | metric | full - variant per seed | mean ± se | t | t95 | seeds where full "
               "is better | reading |", "|---|---:|---|---|---:|---:|---:|---:|---|"]
-    for c in sorted(combined["comparisons"], key=lambda c: (c["variant"], c["guidance"], c["metric"])):
+    order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
+    for c in sorted(combined["comparisons"], key=lambda c: (order.get(c["variant"], (9, 0, 0)), c["variant"],
+                                                             c["guidance"], c["metric"])):
         t = "-" if c["t"] is None else f"{c['t']:+.1f}"
         se = "" if c["se"] is None else f" ± {c['se']:.2g}"
         lines.append(f"| {c['variant']} | {c['guidance']:g} | {c['label']} | "

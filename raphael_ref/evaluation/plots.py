@@ -243,3 +243,46 @@ def seeds_plot(combined: Mapping[str, Any], path: str | Path, *, guidance: float
     fig.suptitle(title or f"Training seeds {seeds}, guidance {g:g} (cf. RAPHAEL Fig. 6b)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def seeds_sweep_plot(combined: Mapping[str, Any], path: str | Path, *, guidance: float | None = None,
+                     title: str = "") -> Path:
+    """RAPHAEL Fig. 6a over several training seeds (``ablation.combine_seeds`` with sweep rows): one column per
+    sweep (alpha, T_c), one row per metric; each seed's curve (thin) and the mean over seeds with one standard
+    error (black). The full model is each sweep's base point; it is found by its ``alpha_*``/``t_c_*`` twin row
+    (the plan's sweep point equal to the base), so every curve has all its points."""
+    from raphael_ref.evaluation.ablation import SEED_METRICS
+
+    rows = [r for r in combined["rows"] if r.get("group") in ("alpha", "t_c")
+            and (guidance is None or r["guidance"] == guidance)]
+    if not rows:
+        raise ValueError("seeds_sweep_plot: no rows of the 'alpha' or 't_c' groups (at this guidance weight)")
+    g = rows[0]["guidance"] if guidance is None else guidance
+    rows = [r for r in rows if r["guidance"] == g]
+    groups = [(grp, lab) for grp, lab in (("alpha", "alpha (mask threshold, Sec. 3.1)"),
+                                          ("t_c", "T_c (edge cut-off, Sec. 3.2)")) if any(r["group"] == grp for r in rows)]
+    metrics = [(k, hi, lab) for k, hi, lab in SEED_METRICS if all(k in r for r in rows)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(4.6 * len(groups), 2.6 * len(metrics)),
+                             squeeze=False, sharex="col")
+    seeds = combined["seeds"]
+    for j, (grp, xlabel) in enumerate(groups):
+        pts = sorted((r for r in rows if r["group"] == grp), key=lambda r: float(r["value"]))
+        xs = [float(r["value"]) for r in pts]
+        for i, (key, higher, label) in enumerate(metrics):
+            ax = axes[i, j]
+            for k, s in enumerate(seeds):
+                ys = [r[key]["per_seed"][k] if k < len(r[key]["per_seed"]) else float("nan") for r in pts]
+                ax.plot(xs, ys, marker=".", alpha=0.45, lw=1, label=f"seed {s}")
+            ax.errorbar(xs, [r[key]["mean"] for r in pts], yerr=[r[key]["se"] or 0.0 for r in pts], fmt="s-",
+                        color="black", capsize=4, label="mean ± se")
+            ax.set_ylabel(f"{label}\n({'higher' if higher else 'lower'} is better)", fontsize=8)
+            ax.set_xticks(xs)
+            ax.grid(alpha=0.3)
+            ax.ticklabel_format(axis="y", useOffset=False)
+        axes[-1, j].set_xlabel(xlabel)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title or f"Hyper-parameter sweeps over training seeds {seeds}, guidance {g:g} (cf. RAPHAEL Fig. 6a)",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
