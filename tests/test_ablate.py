@@ -433,15 +433,15 @@ def test_ablate_combine_cli(ablate, tmp_path, capsys):
 
 def _sweep_study(seed: int, alpha: dict[float, float], **settings) -> dict:
     """A study with the full model and an alpha sweep whose base point (0.2) reuses the full run."""
-    st = _study(seed, {("full", 7.5): (alpha[0.2], 40.0, 2.0, 30.0)}, **settings)
-    st["plan"] = [{"name": "full", "group": "module", "value": None, "run": "full", "overrides": {}}]
+    study = _study(seed, {("full", 7.5): (alpha[0.2], 40.0, 2.0, 30.0)}, **settings)
+    study["plan"] = [{"name": "full", "group": "module", "value": None, "run": "full", "overrides": {}}]
     for a, acc in alpha.items():
         name = f"alpha_{a:g}"
-        st["plan"].append({"name": name, "group": "alpha", "value": a, "run": "full" if a == 0.2 else name,
+        study["plan"].append({"name": name, "group": "alpha", "value": a, "run": "full" if a == 0.2 else name,
                            "overrides": {}})
-        st["rows"].append({"variant": name, "group": "alpha", "value": a, "guidance": 7.5, "alignment": acc,
+        study["rows"].append({"variant": name, "group": "alpha", "value": a, "guidance": 7.5, "alignment": acc,
                            "fidelity": 2.0, "toy_clip": {"clip_score": 40.0 + a, "fd_toy_clip": 30.0}})
-    return st
+    return study
 
 
 def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp_path):
@@ -461,10 +461,10 @@ def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp
     lines = [ln for ln in md.splitlines() if ln.startswith("| alpha_")]
     assert [ln.split(" | ")[0] for ln in lines[:3]] == ["| alpha_0.1", "| alpha_0.2", "| alpha_0.5"]
     dirs = []
-    for s, st in enumerate(studies):
+    for s, study in enumerate(studies):
         d = tmp_path / f"s{s}"
         d.mkdir()
-        (d / "ablation.json").write_text(json.dumps(st))
+        (d / "ablation.json").write_text(json.dumps(study))
         dirs.append(str(d))
     ablate.main(["--out", str(tmp_path / "seeds"), "--combine", *dirs])
     for png in ("seeds_g7.5.png", "seeds_sweeps_g7.5.png"):
