@@ -438,9 +438,9 @@ def _sweep_study(seed: int, alpha: dict[float, float], **settings) -> dict:
     for a, acc in alpha.items():
         name = f"alpha_{a:g}"
         study["plan"].append({"name": name, "group": "alpha", "value": a, "run": "full" if a == 0.2 else name,
-                           "overrides": {}})
+                              "overrides": {}})
         study["rows"].append({"variant": name, "group": "alpha", "value": a, "guidance": 7.5, "alignment": acc,
-                           "fidelity": 2.0, "toy_clip": {"clip_score": 40.0 + a, "fd_toy_clip": 30.0}})
+                              "fidelity": 2.0, "toy_clip": {"clip_score": 40.0 + a, "fd_toy_clip": 30.0}})
     return study
 
 
