@@ -469,6 +469,15 @@ def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp
     ablate.main(["--out", str(tmp_path / "seeds"), "--combine", *dirs])
     for png in ("seeds_g7.5.png", "seeds_sweeps_g7.5.png"):
         assert Image.open(tmp_path / "seeds" / png).size[0] > 300
+    # the sweeps on two seeds only, the module variants on three: the rows say which seeds they have
+    mixed = A.combine_seeds([*studies[:2], _study(2, {("full", 7.5): (0.55, 40.0, 2.0, 30.0)}, no_sweeps=True)])
+    row = {r["variant"]: r for r in mixed["rows"]}
+    assert row["full"]["seeds"] == [0, 1, 2] and row["alpha_0.1"]["seeds"] == [0, 1]
+    a01 = next(x for x in mixed["comparisons"] if x["variant"] == "alpha_0.1" and x["metric"] == "alignment")
+    assert a01["seeds"] == [0, 1] and a01["t_critical_95"] == pytest.approx(12.706)
+    assert "| alpha_0.1 | 7.5 | 0,1 | " in A.seeds_markdown(mixed)
+    with pytest.raises(ValueError, match=r"\['prompts_per_category'\]"):  # how a cell is measured must match
+        A.combine_seeds([*studies[:2], _sweep_study(2, accs[2], prompts_per_category=8)])
     with pytest.raises(ValueError, match="no rows of the 'alpha' or 't_c'"):
         plots.seeds_sweep_plot({**c, "rows": [r for r in c["rows"] if r["group"] == "module"]}, tmp_path / "x.png")
 

@@ -121,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "2-core CPU with --threads 1, or one per GPU with CUDA_VISIBLE_DEVICES set per job by you")
     p.add_argument("--combine", nargs="+", default=None, metavar="STUDY",
                    help="combine finished studies of the same settings and different --train-seed into --out/seeds.md "
-                        "(mean ± standard error over seeds, paired full - variant differences); trains nothing")
+                        "(mean ± standard error over seeds, paired full - variant differences); the studies may "
+                        "differ in which variants, sweep points and guidance weights they ran; trains nothing")
     p.add_argument("--only-run", default=None, help=argparse.SUPPRESS)  # internal: one run of a --jobs study
     p.add_argument("--dry-run", action="store_true", help="print the training commands and the plan; run nothing")
     p.add_argument("--train-only", action="store_true", help="train (or resume) every run, evaluate nothing")

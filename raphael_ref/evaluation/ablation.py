@@ -452,6 +452,9 @@ SEED_METRICS: tuple[tuple[str, bool, str], ...] = (
 )
 # settings of a study that may differ between the seeds of one combined table
 _PER_SEED_SETTINGS = {"train_seed", "out", "jobs", "threads", "only_run", "dry_run", "train_only", "device"}
+# settings that only choose which cells a study has (variants, sweep points, guidance weights); a cell is measured
+# the same way whichever others exist beside it, so the studies of a combined table may differ in these
+_CELL_SET_SETTINGS = {"variants", "alphas", "t_cs", "no_sweeps", "guidance", "sweep_guidance"}
 
 
 def _metric(row: Mapping[str, Any], key: str) -> float | None:
@@ -479,16 +482,21 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Sweep points (Fig. 6a, groups "alpha" and "t_c") are compared with the full model the same way: the full
     model is the base value of each sweep (the paper's alpha = 0.2, T_c = 500); a sweep point equal to the base
     (its plan entry reuses the full run) is listed but not compared with itself.
-    Raises ValueError when the studies differ in anything but the seed (or repeat a seed).
+    The studies may differ in which cells they have (variants, sweep points, guidance weights: e.g. the sweeps
+    run on fewer seeds than the module variants): each row lists the seeds it has, and a paired comparison needs
+    at least 2 seeds that have both cells. Everything that decides how a cell is trained and measured (preset,
+    budget, config, prompts, sampler, ...) must be equal.
+    Raises ValueError when the studies differ in anything else but the seed (or repeat a seed).
     """
     if len(studies) < 2:
         raise ValueError(f"combine_seeds needs at least 2 studies (one per training seed), got {len(studies)}")
     seeds = [s["settings"]["train_seed"] for s in studies]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the studies repeat a training seed: {seeds}; combine one study per seed")
-    ref = {k: v for k, v in studies[0]["settings"].items() if k not in _PER_SEED_SETTINGS}
+    free = _PER_SEED_SETTINGS | _CELL_SET_SETTINGS
+    ref = {k: v for k, v in studies[0]["settings"].items() if k not in free}
     for s in studies[1:]:
-        other = {k: v for k, v in s["settings"].items() if k not in _PER_SEED_SETTINGS}
+        other = {k: v for k, v in s["settings"].items() if k not in free}
         diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
         if diff:
             raise ValueError(f"the studies differ in more than the training seed: {diff} "
@@ -568,12 +576,15 @@ def _row_order(r: Mapping[str, Any]) -> tuple:
 
 def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> str:
     """Tables of :func:`combine_seeds`: mean ± standard error over seeds, and the paired comparisons."""
+    some = any(r["seeds"] != sorted(combined["seeds"]) for r in combined["rows"])  # cells not run on every seed
     lines = [*header, "", f"Training seeds: {combined['seeds']} (one study each). Cells: mean ± standard error over "
-             "the seeds.", "", "| variant | guidance | " + " | ".join(lab for _, _, lab in SEED_METRICS) + " |",
-             "|---|---:|" + "---:|" * len(SEED_METRICS)]
+             "the seeds" + (" (the seeds column: those that ran the cell)." if some else "."), "",
+             "| variant | guidance | " + ("seeds | " if some else "") + " | ".join(lab for _, _, lab in SEED_METRICS)
+             + " |", "|---|---:|" + ("---|" if some else "") + "---:|" * len(SEED_METRICS)]
     for r in sorted(combined["rows"], key=_row_order):
-        lines.append(f"| {r['variant']} | {r['guidance']:g} | " + " | ".join(_pm(r.get(k)) for k, _, _ in SEED_METRICS)
-                     + " |")
+        seeds = (",".join(str(x) for x in r["seeds"]) + " | ") if some else ""
+        lines.append(f"| {r['variant']} | {r['guidance']:g} | {seeds}"
+                     + " | ".join(_pm(r.get(k)) for k, _, _ in SEED_METRICS) + " |")
     lines += ["", "Paired by seed, full - variant (the paper's direction: full higher in alignment and CLIP score, "
               "lower in the Fréchet distances). t = mean / se over seeds, read as a difference when |t| exceeds the "
               "two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (t95), else a tie.",
