@@ -386,6 +386,29 @@ def test_combine_seeds_means_standard_errors_and_paired_differences():
     assert {x["metric"]: x["reading"] for x in swapped["comparisons"]}["alignment"] == "no_space_moe better"
     md = A.seeds_markdown(c, ["# title"])
     assert md.startswith("# title") and "0.55 ± " in md and "| no_space_moe | 7.5 | detector accuracy |" in md
+    assert "Summary:" not in md  # one guidance weight: no per-guidance summary
+
+
+def test_combine_seeds_over_guidance_weights_summary_and_tradeoff_plot(tmp_path):
+    """Fig. 6b over seeds: the summary pivots the paired differences by guidance weight (bold where |t| > t95),
+    and the trade-off plot draws each variant's mean curve over guidance."""
+    full = {1.5: [(0.40, 50.0, 2.0, 30.0), (0.42, 52.0, 1.9, 29.0), (0.41, 51.0, 2.1, 31.0)],
+            7.5: [(0.50, 60.0, 2.4, 33.0), (0.60, 62.0, 2.2, 32.0), (0.55, 64.0, 2.3, 34.0)]}
+    nsm = {1.5: [(0.39, 49.0, 2.0, 30.5), (0.40, 50.5, 1.9, 29.5), (0.40, 50.0, 2.0, 31.0)],
+           7.5: [(0.40, 59.0, 2.5, 35.0), (0.52, 61.5, 2.1, 36.0), (0.45, 63.0, 2.7, 35.5)]}
+    studies = [_study(s, {**{("full", g): full[g][s] for g in full}, **{("no_space_moe", g): nsm[g][s] for g in nsm}})
+               for s in range(3)]
+    c = A.combine_seeds(studies)
+    md = A.seeds_markdown(c)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| no_space_moe | detector accuracy |"))
+    al = {x["guidance"]: x for x in c["comparisons"] if x["metric"] == "alignment"}
+    assert al[7.5]["reading"] == "full better" and al[1.5]["reading"] == "tie"
+    assert f"**{al[7.5]['mean']:+.3g} ({al[7.5]['t']:+.1f})**" in line  # the difference at 95% is bold
+    assert f"| {al[1.5]['mean']:+.3g} ({al[1.5]['t']:+.1f}) |" in line
+    png = plots.seeds_tradeoff_plot(c, tmp_path / "tradeoff.png")
+    assert Image.open(png).size[0] > 600  # two panels: toy CLIP axes and detector / pixel-FD
+    with pytest.raises(ValueError, match="2 or more guidance weights"):
+        plots.seeds_tradeoff_plot({**c, "rows": [r for r in c["rows"] if r["guidance"] == 7.5]}, tmp_path / "x.png")
 
 
 def test_t_critical_values_and_two_seed_reading():

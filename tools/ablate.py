@@ -34,7 +34,8 @@ Writes to --out:
 With --combine STUDY...: seeds.md / seeds.json, the studies of several --train-seed values in one table
 (mean ± standard error over seeds) and the paired full - variant differences (``combine_seeds``), and
 seeds_g<w>.png (each seed's value per module variant and metric, with the mean ± se) and, when the
-studies swept alpha / T_c, seeds_sweeps_g<w>.png (Fig. 6a: each seed's curve and the mean ± se).
+studies swept alpha / T_c, seeds_sweeps_g<w>.png (Fig. 6a: each seed's curve and the mean ± se); with two or
+more guidance weights, seeds_tradeoff.png (Fig. 6b: each variant's mean curve over guidance, ± se both ways).
 """
 
 from __future__ import annotations
@@ -480,6 +481,8 @@ def combine_main(args) -> dict:
             files.append(plots.seeds_plot(modules, out / f"seeds_g{g:g}.png", guidance=g))
         for g in sorted({r["guidance"] for r in combined["rows"] if r["group"] in ("alpha", "t_c")}):
             files.append(plots.seeds_sweep_plot(combined, out / f"seeds_sweeps_g{g:g}.png", guidance=g))
+        if len({r["guidance"] for r in modules["rows"]}) > 1:
+            files.append(plots.seeds_tradeoff_plot(combined, out / "seeds_tradeoff.png"))
     except ImportError as e:  # matplotlib missing: the tables are written, the figure is not
         print(f"note: no seeds plot ({e})")
     print((out / "seeds.md").read_text())

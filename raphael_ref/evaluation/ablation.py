@@ -585,6 +585,27 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
         seeds = (",".join(str(x) for x in r["seeds"]) + " | ") if some else ""
         lines.append(f"| {r['variant']} | {r['guidance']:g} | {seeds}"
                      + " | ".join(_pm(r.get(k)) for k, _, _ in SEED_METRICS) + " |")
+    gs = sorted({c["guidance"] for c in combined["comparisons"]})
+    if len(gs) > 1:  # one line per variant and metric, one column per guidance weight
+        order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
+        lines += ["", "Summary: the paired difference full - variant, mean over seeds (t), per guidance weight; **bold**: "
+                  "|t| > t95, a difference at 95%; positive is the paper's direction for the alignment axes, negative for "
+                  "the Fréchet distances.", "",
+                  "| variant | metric | " + " | ".join(f"g = {g:g}" for g in gs) + " |",
+                  "|---|---|" + "---:|" * len(gs)]
+        cmp = {(c["variant"], c["metric"], c["guidance"]): c for c in combined["comparisons"]}
+        for v in sorted({c["variant"] for c in combined["comparisons"]}, key=lambda v: (order.get(v, (9, 0, 0)), v)):
+            for key, _, label in SEED_METRICS:
+                cells = []
+                for g in gs:
+                    c = cmp.get((v, key, g))
+                    if c is None:
+                        cells.append("")
+                        continue
+                    cell = f"{c['mean']:+.3g}" + ("" if c["t"] is None else f" ({c['t']:+.1f})")
+                    cells.append(f"**{cell}**" if c["reading"] != "tie" else cell)
+                if any(cells):
+                    lines.append(f"| {v} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed, full - variant (the paper's direction: full higher in alignment and CLIP score, "
               "lower in the Fréchet distances). t = mean / se over seeds, read as a difference when |t| exceeds the "
               "two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (t95), else a tie.",

@@ -2,6 +2,10 @@
 
     tradeoff_plot        Fig. 6b: alignment against fidelity over guidance weights, one curve per variant
     sweep_plot           Fig. 6a: alignment and fidelity against alpha and T_c, one line per guidance weight
+    seeds_plot           several training seeds: each seed's value per variant and metric, and the mean ± se
+    seeds_sweep_plot     Fig. 6a over several training seeds: each seed's curve and the mean ± se
+    seeds_tradeoff_plot  Fig. 6b over several training seeds: the mean curve of each variant over guidance,
+                                  one standard error on both axes
     time_expert_plot     Fig. 9:  per transformer block, the share of samples routed to each time expert
                                   against the sampler step (stacked areas)
     concept_paths_plot   Fig. 4 / 10: per concept, how often each space expert is chosen in each block
@@ -20,7 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["concept_paths_plot", "sweep_plot", "time_expert_plot", "tradeoff_plot"]
+__all__ = ["concept_paths_plot", "seeds_plot", "seeds_sweep_plot", "seeds_tradeoff_plot", "sweep_plot",
+           "time_expert_plot", "tradeoff_plot"]
 
 
 def _pyplot():
@@ -284,5 +289,44 @@ def seeds_sweep_plot(combined: Mapping[str, Any], path: str | Path, *, guidance:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title or f"Hyper-parameter sweeps over training seeds {seeds}, guidance {g:g} (cf. RAPHAEL Fig. 6a)",
                  fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def seeds_tradeoff_plot(combined: Mapping[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """RAPHAEL Fig. 6b over several training seeds (``ablation.combine_seeds``): one curve per module variant
+    through its points over the guidance weights, each point the mean over seeds with one standard error on
+    both axes. Left: the paper's axes at toy scale (toy CLIP score against FD in toy-CLIP features); right:
+    detector accuracy against pixel-FD (or FID). A panel is drawn when every module row has both metrics."""
+    rows = [r for r in combined["rows"] if r.get("group") == "module"]
+    by = _by_variant(rows)
+    if not by or max(len(v) for v in by.values()) < 2:
+        raise ValueError("seeds_tradeoff_plot: needs module variants evaluated at 2 or more guidance weights")
+    panels = [(x, y) for x, y in (("clip_score", "fd_toy_clip"), ("alignment", "fidelity"))
+              if all(x in r and y in r for r in rows)]
+    if not panels:
+        raise ValueError("seeds_tradeoff_plot: no metric pair present in every module row")
+    labels = {"clip_score": "toy CLIP score", "fd_toy_clip": "FD in toy-CLIP features",
+              "alignment": "detector accuracy", "fidelity": "pixel-FD / FID"}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False)
+    variants = sorted(by, key=lambda v: (v != "full", v))
+    for ax, (xk, yk) in zip(axes[0], panels):
+        for v in variants:
+            pts = by[v]
+            xs, ys = [r[xk]["mean"] for r in pts], [r[yk]["mean"] for r in pts]
+            (line,) = ax.plot(xs, ys, marker="o", label=v, lw=2.2 if v == "full" else 1.2)
+            ax.errorbar(xs, ys, xerr=[r[xk]["se"] or 0.0 for r in pts], yerr=[r[yk]["se"] or 0.0 for r in pts],
+                        fmt="none", ecolor=line.get_color(), alpha=0.35, capsize=2)
+            for r, x, y in zip(pts, xs, ys):
+                ax.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+        ax.set_xlabel(f"{labels[xk]} (higher is better)")
+        ax.set_ylabel(f"{labels[yk]} (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(useOffset=False)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title or f"Trade-off over guidance weights, mean ± se over training seeds {combined['seeds']} "
+                 "(cf. RAPHAEL Fig. 6b)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
