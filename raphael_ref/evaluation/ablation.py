@@ -589,8 +589,8 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
     if len(gs) > 1:  # one line per variant and metric, one column per guidance weight
         order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
         lines += ["", "Summary: the paired difference full - variant, mean over seeds (t), per guidance weight; **bold**: "
-                  "|t| > t95, a difference at 95%; positive is the paper's direction for the alignment axes, negative for "
-                  "the Fréchet distances.", "",
+                  "|t| > t95, a difference at 95%; no t: the seeds' differences are equal (no spread to test); positive is "
+                  "the paper's direction for the alignment axes, negative for the Fréchet distances.", "",
                   "| variant | metric | " + " | ".join(f"g = {g:g}" for g in gs) + " |",
                   "|---|---|" + "---:|" * len(gs)]
         cmp = {(c["variant"], c["metric"], c["guidance"]): c for c in combined["comparisons"]}
