@@ -567,6 +567,11 @@ def _pm(cell: Mapping[str, Any] | None, digits: int = 3) -> str:
 _GROUP_ORDER = {"module": 0, "alpha": 1, "t_c": 2}
 
 
+def _snap(x: float) -> float:
+    """A mean of differences that cancel (e.g. +1/96, -1/96, 0) prints as 0, not as float round-off (1.9e-17)."""
+    return 0.0 if abs(x) < 1e-12 else x
+
+
 def _row_order(r: Mapping[str, Any]) -> tuple:
     """Module variants (full first), then each sweep by its value (so T_c 250 comes before 1000), then guidance."""
     v = r.get("value")
@@ -602,7 +607,7 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
                     if c is None:
                         cells.append("")
                         continue
-                    cell = f"{c['mean']:+.3g}" + ("" if c["t"] is None else f" ({c['t']:+.1f})")
+                    cell = f"{_snap(c['mean']):+.3g}" + ("" if c["t"] is None else f" ({c['t']:+.1f})")
                     cells.append(f"**{cell}**" if c["reading"] != "tie" else cell)
                 if any(cells):
                     lines.append(f"| {v} | {label} | " + " | ".join(cells) + " |")
@@ -618,6 +623,6 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
         se = "" if c["se"] is None else f" ± {c['se']:.2g}"
         lines.append(f"| {c['variant']} | {c['guidance']:g} | {c['label']} | "
                      + ", ".join(f"{x:+.3g}" for x in c["full_minus_variant"])
-                     + f" | {c['mean']:+.3g}{se} | {t} | {c['t_critical_95']:.3g} | {c['full_wins_seeds']}/{len(c['seeds'])}"
+                     + f" | {_snap(c['mean']):+.3g}{se} | {t} | {c['t_critical_95']:.3g} | {c['full_wins_seeds']}/{len(c['seeds'])}"
                      f" | {c['reading']} |")
     return "\n".join(lines) + "\n"
