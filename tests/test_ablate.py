@@ -405,6 +405,16 @@ def test_combine_seeds_over_guidance_weights_summary_and_tradeoff_plot(tmp_path)
     assert al[7.5]["reading"] == "full better" and al[1.5]["reading"] == "tie"
     assert f"**{al[7.5]['mean']:+.3g} ({al[7.5]['t']:+.1f})**" in line  # the difference at 95% is bold
     assert f"| {al[1.5]['mean']:+.3g} ({al[1.5]['t']:+.1f}) |" in line
+    # averaged over the guidance weights: each seed's mean difference, then one paired test
+    og = next(x for x in c["over_guidance"] if x["variant"] == "no_space_moe" and x["metric"] == "alignment")
+    per_seed = [(0.01 + 0.10) / 2, (0.02 + 0.08) / 2, (0.01 + 0.10) / 2]
+    m = sum(per_seed) / 3
+    se = math.sqrt(sum((x - m) ** 2 for x in per_seed) / 2) / math.sqrt(3)
+    assert og["guidance"] == [1.5, 7.5] and og["full_minus_variant"] == pytest.approx(per_seed)
+    assert og["mean"] == pytest.approx(m) and og["t"] == pytest.approx(m / se) and og["reading"] == "full better"
+    assert "| no_space_moe | detector accuracy | 2 | +0.055, +0.05, +0.055 |" in md
+    assert A.combine_seeds([_study(s, {("full", 7.5): full[7.5][s], ("no_space_moe", 7.5): nsm[7.5][s]})
+                            for s in range(3)])["over_guidance"] == []  # one weight: nothing to average
     png = plots.seeds_tradeoff_plot(c, tmp_path / "tradeoff.png")
     assert Image.open(png).size[0] > 600  # two panels: toy CLIP axes and detector / pixel-FD
     with pytest.raises(ValueError, match="2 or more guidance weights"):

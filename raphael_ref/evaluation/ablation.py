@@ -479,6 +479,8 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     exceeds the two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (12.7 for 2 seeds,
     4.30 for 3, 3.18 for 4; :func:`t_critical_95`), else "tie". This standard error holds the
     training-seed spread and the evaluation noise together.
+    ``over_guidance``: where a variant was compared at 2 or more guidance weights on the same seeds, the same
+    paired test on each seed's mean difference over those weights (one reading per variant and metric).
     Sweep points (Fig. 6a, groups "alpha" and "t_c") are compared with the full model the same way: the full
     model is the base value of each sweep (the paper's alpha = 0.2, T_c = 500); a sweep point equal to the base
     (its plan entry reuses the full run) is listed but not compared with itself.
@@ -532,18 +534,37 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             b = [_metric(by_seed[k], key) for k in common]
             if any(x is None for x in a + b):
                 continue
-            d = [x - y for x, y in zip(a, b)]
-            m, sd = _mean_sd(d)
-            se = sd / math.sqrt(len(d)) if sd else None
-            t = m / se if se else None
-            crit = t_critical_95(len(d) - 1)
-            better = None if t is None or abs(t) <= crit else ("full" if (m > 0) == higher else variant)
-            comparisons.append({"variant": variant, "guidance": g, "metric": key, "label": label,
-                                "higher_is_better": higher, "seeds": common, "full_minus_variant": d,
-                                "mean": m, "se": se, "t": t, "t_critical_95": crit,
-                                "reading": "tie" if better is None else f"{better} better",
-                                "full_wins_seeds": sum(((x > 0) if higher else (x < 0)) for x in d)})
-    return {"seeds": seeds, "rows": rows, "comparisons": comparisons}
+            comparisons.append({"variant": variant, "guidance": g, **_paired([x - y for x, y in zip(a, b)], common,
+                                                                              key, label, higher, variant)})
+    # the same test on each seed's mean over the guidance weights: one reading per variant and metric, with
+    # the evaluation noise of the six points averaged (the guidance weights share the seed's checkpoints, so
+    # their six readings are not independent tests; this one is)
+    over_guidance = []
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for c in comparisons:
+        groups.setdefault((c["variant"], c["metric"]), []).append(c)
+    for (variant, key), cs in groups.items():
+        seeds_of = {tuple(c["seeds"]) for c in cs}
+        if len(cs) < 2 or len(seeds_of) != 1:  # one guidance weight, or not the same seeds at every weight
+            continue
+        common = list(cs[0]["seeds"])
+        d = [sum(c["full_minus_variant"][i] for c in cs) / len(cs) for i in range(len(common))]
+        over_guidance.append({"variant": variant, "guidance": sorted(c["guidance"] for c in cs),
+                              **_paired(d, common, key, cs[0]["label"], cs[0]["higher_is_better"], variant)})
+    return {"seeds": seeds, "rows": rows, "comparisons": comparisons, "over_guidance": over_guidance}
+
+
+def _paired(d: Sequence[float], seeds: Sequence[int], key: str, label: str, higher: bool, variant: str) -> dict:
+    """One paired comparison: the per-seed differences full - variant, their mean, se, t and 95% reading."""
+    m, sd = _mean_sd(list(d))
+    se = sd / math.sqrt(len(d)) if sd else None
+    t = m / se if se else None
+    crit = t_critical_95(len(d) - 1)
+    better = None if t is None or abs(t) <= crit else ("full" if (m > 0) == higher else variant)
+    return {"metric": key, "label": label, "higher_is_better": higher, "seeds": list(seeds),
+            "full_minus_variant": list(d), "mean": m, "se": se, "t": t, "t_critical_95": crit,
+            "reading": "tie" if better is None else f"{better} better",
+            "full_wins_seeds": sum(((x > 0) if higher else (x < 0)) for x in d)}
 
 
 # two-sided 95% quantiles of Student's t, by degrees of freedom (1..10); beyond, the normal 1.96 is close enough
@@ -611,6 +632,21 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
                     cells.append(f"**{cell}**" if c["reading"] != "tie" else cell)
                 if any(cells):
                     lines.append(f"| {v} | {label} | " + " | ".join(cells) + " |")
+    if combined.get("over_guidance"):
+        order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
+        lines += ["", "Averaged over the guidance weights: each seed's mean of full - variant over the weights it was "
+                  "compared at, then the same paired test over seeds (one test per variant and metric; the weights "
+                  "share each seed's checkpoints, so the per-weight readings above are not independent tests).", "",
+                  "| variant | metric | weights | per seed | mean ± se | t | t95 | seeds where full is better | reading |",
+                  "|---|---|---|---|---:|---:|---:|---:|---|"]
+        for c in sorted(combined["over_guidance"], key=lambda c: (order.get(c["variant"], (9, 0, 0)), c["variant"],
+                                                                  [k for k, _, _ in SEED_METRICS].index(c["metric"]))):
+            t = "-" if c["t"] is None else f"{c['t']:+.1f}"
+            se = "" if c["se"] is None else f" ± {c['se']:.2g}"
+            lines.append(f"| {c['variant']} | {c['label']} | {len(c['guidance'])} | "
+                         + ", ".join(f"{x:+.3g}" for x in c["full_minus_variant"])
+                         + f" | {_snap(c['mean']):+.3g}{se} | {t} | {c['t_critical_95']:.3g} | "
+                         f"{c['full_wins_seeds']}/{len(c['seeds'])} | {c['reading']} |")
     lines += ["", "Paired by seed, full - variant (the paper's direction: full higher in alignment and CLIP score, "
               "lower in the Fréchet distances). t = mean / se over seeds, read as a difference when |t| exceeds the "
               "two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (t95), else a tie.",
