@@ -434,6 +434,16 @@ def test_t_critical_values_and_two_seed_reading():
     assert al["t"] == pytest.approx(3.0) and al["reading"] == "tie" and al["full_wins_seeds"] == 2
 
 
+def test_equal_differences_up_to_round_off_have_no_t():
+    """0.5 - 0.4 and 0.4 - 0.3 differ in the last bit: that is no spread, not a t of 1e14 read as a difference."""
+    rows = [{("full", 7.5): (0.5, 40.0, 2.0, 30.0), ("no_edge", 7.5): (0.4, 39.0, 2.0, 30.0)},
+            {("full", 7.5): (0.4, 41.0, 2.0, 30.0), ("no_edge", 7.5): (0.3, 39.5, 2.0, 30.0)}]
+    assert 0.5 - 0.4 != 0.4 - 0.3
+    al = next(x for x in A.combine_seeds([_study(s, rows[s]) for s in range(2)])["comparisons"]
+              if x["metric"] == "alignment")
+    assert al["mean"] == pytest.approx(0.1) and al["se"] is None and al["t"] is None and al["reading"] == "tie"
+
+
 def test_combine_seeds_refuses_mixed_settings_and_repeated_seeds():
     r = {("full", 7.5): (0.5, 40.0, 2.0, 30.0)}
     with pytest.raises(ValueError, match="at least 2"):

@@ -557,6 +557,8 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def _paired(d: Sequence[float], seeds: Sequence[int], key: str, label: str, higher: bool, variant: str) -> dict:
     """One paired comparison: the per-seed differences full - variant, their mean, se, t and 95% reading."""
     m, sd = _mean_sd(list(d))
+    if sd is not None and sd <= 1e-9 * max(1.0, max(abs(x) for x in d)):
+        sd = 0.0  # equal differences up to float round-off (0.5 - 0.4 vs 0.4 - 0.3): no spread, no t to read
     se = sd / math.sqrt(len(d)) if sd else None
     t = m / se if se else None
     crit = t_critical_95(len(d) - 1)
