@@ -519,6 +519,12 @@ def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp
     a01 = next(x for x in mixed["comparisons"] if x["variant"] == "alpha_0.1" and x["metric"] == "alignment")
     assert a01["seeds"] == [0, 1] and a01["t_critical_95"] == pytest.approx(12.706)
     assert "| alpha_0.1 | 7.5 | 0,1 | " in A.seeds_markdown(mixed)
+    # a seed's value is found by the row's own seeds, not by its position among all seeds
+    swept12 = A.combine_seeds([_study(0, {("full", 7.5): (0.55, 40.0, 2.0, 30.0)}, no_sweeps=True), *studies[1:]])
+    r01 = next(r for r in swept12["rows"] if r["variant"] == "alpha_0.1")
+    assert r01["seeds"] == [1, 2] and plots._seed_value(r01, "alignment", 2) == 0.31
+    assert math.isnan(plots._seed_value(r01, "alignment", 0))
+    plots.seeds_sweep_plot(swept12, tmp_path / "sweeps12.png")
     with pytest.raises(ValueError, match=r"\['prompts_per_category'\]"):  # how a cell is measured must match
         A.combine_seeds([*studies[:2], _sweep_study(2, accs[2], prompts_per_category=8)])
     with pytest.raises(ValueError, match="no rows of the 'alpha' or 't_c'"):

@@ -216,6 +216,11 @@ def concept_paths_plot(freq: torch.Tensor, concepts: Sequence[str], path: str | 
     return _save(fig, path)
 
 
+def _seed_value(row: Mapping[str, Any], key: str, seed: int) -> float:
+    """One seed's value of a metric in a combined row (NaN when that seed did not run the cell)."""
+    return row[key]["per_seed"][row["seeds"].index(seed)] if seed in row["seeds"] else float("nan")
+
+
 def seeds_plot(combined: Mapping[str, Any], path: str | Path, *, guidance: float | None = None,
                title: str = "") -> Path:
     """One panel per metric of ``ablation.combine_seeds``: each training seed's value per variant (points joined
@@ -234,8 +239,8 @@ def seeds_plot(combined: Mapping[str, Any], path: str | Path, *, guidance: float
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     seeds = combined["seeds"]
     for ax, (key, higher, label) in zip(axes[0], metrics):
-        for i, s in enumerate(seeds):
-            ys = [by[v][key]["per_seed"][i] if i < len(by[v][key]["per_seed"]) else float("nan") for v in variants]
+        for s in seeds:
+            ys = [_seed_value(by[v], key, s) for v in variants]
             ax.plot(range(len(variants)), ys, marker="o", alpha=0.6, label=f"seed {s}")
         means = [by[v][key]["mean"] for v in variants]
         ses = [by[v][key]["se"] or 0.0 for v in variants]
@@ -270,14 +275,14 @@ def seeds_sweep_plot(combined: Mapping[str, Any], path: str | Path, *, guidance:
     plt = _pyplot()
     fig, axes = plt.subplots(len(metrics), len(groups), figsize=(4.6 * len(groups), 2.6 * len(metrics)),
                              squeeze=False, sharex="col")
-    seeds = combined["seeds"]
+    seeds = sorted({s for r in rows for s in r["seeds"]})  # the seeds that ran the sweeps (maybe fewer)
     for j, (grp, xlabel) in enumerate(groups):
         pts = sorted((r for r in rows if r["group"] == grp), key=lambda r: float(r["value"]))
         xs = [float(r["value"]) for r in pts]
         for i, (key, higher, label) in enumerate(metrics):
             ax = axes[i, j]
-            for k, s in enumerate(seeds):
-                ys = [r[key]["per_seed"][k] if k < len(r[key]["per_seed"]) else float("nan") for r in pts]
+            for s in seeds:
+                ys = [_seed_value(r, key, s) for r in pts]
                 ax.plot(xs, ys, marker=".", alpha=0.45, lw=1, label=f"seed {s}")
             ax.errorbar(xs, [r[key]["mean"] for r in pts], yerr=[r[key]["se"] or 0.0 for r in pts], fmt="s-",
                         color="black", capsize=4, label="mean ± se")
