@@ -602,6 +602,14 @@ def _row_order(r: Mapping[str, Any]) -> tuple:
             r["variant"], r["guidance"])
 
 
+def _test_cells(c: Mapping[str, Any]) -> str:
+    """The table cells of one paired test: per-seed differences | mean ± se | t | t95 | seeds won | reading."""
+    t = "-" if c["t"] is None else f"{c['t']:+.1f}"
+    se = "" if c["se"] is None else f" ± {c['se']:.2g}"
+    return (", ".join(f"{x:+.3g}" for x in c["full_minus_variant"]) + f" | {_snap(c['mean']):+.3g}{se} | {t} | "
+            f"{c['t_critical_95']:.3g} | {c['full_wins_seeds']}/{len(c['seeds'])} | {c['reading']}")
+
+
 def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> str:
     """Tables of :func:`combine_seeds`: mean ± standard error over seeds, and the paired comparisons."""
     some = any(r["seeds"] != sorted(combined["seeds"]) for r in combined["rows"])  # cells not run on every seed
@@ -613,9 +621,9 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
         seeds = (",".join(str(x) for x in r["seeds"]) + " | ") if some else ""
         lines.append(f"| {r['variant']} | {r['guidance']:g} | {seeds}"
                      + " | ".join(_pm(r.get(k)) for k, _, _ in SEED_METRICS) + " |")
+    order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
     gs = sorted({c["guidance"] for c in combined["comparisons"]})
     if len(gs) > 1:  # one line per variant and metric, one column per guidance weight
-        order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
         lines += ["", "Summary: the paired difference full - variant, mean over seeds (t), per guidance weight; **bold**: "
                   "|t| > t95, a difference at 95%; no t: the seeds' differences are equal (no spread to test); positive is "
                   "the paper's direction for the alignment axes, negative for the Fréchet distances.", "",
@@ -635,7 +643,6 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
                 if any(cells):
                     lines.append(f"| {v} | {label} | " + " | ".join(cells) + " |")
     if combined.get("over_guidance"):
-        order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
         lines += ["", "Averaged over the guidance weights: each seed's mean of full - variant over the weights it was "
                   "compared at, then the same paired test over seeds (one test per variant and metric; the weights "
                   "share each seed's checkpoints, so the per-weight readings above are not independent tests).", "",
@@ -643,24 +650,13 @@ def seeds_markdown(combined: Mapping[str, Any], header: Sequence[str] = ()) -> s
                   "|---|---|---|---|---:|---:|---:|---:|---|"]
         for c in sorted(combined["over_guidance"], key=lambda c: (order.get(c["variant"], (9, 0, 0)), c["variant"],
                                                                   [k for k, _, _ in SEED_METRICS].index(c["metric"]))):
-            t = "-" if c["t"] is None else f"{c['t']:+.1f}"
-            se = "" if c["se"] is None else f" ± {c['se']:.2g}"
-            lines.append(f"| {c['variant']} | {c['label']} | {len(c['guidance'])} | "
-                         + ", ".join(f"{x:+.3g}" for x in c["full_minus_variant"])
-                         + f" | {_snap(c['mean']):+.3g}{se} | {t} | {c['t_critical_95']:.3g} | "
-                         f"{c['full_wins_seeds']}/{len(c['seeds'])} | {c['reading']} |")
+            lines.append(f"| {c['variant']} | {c['label']} | {len(c['guidance'])} | {_test_cells(c)} |")
     lines += ["", "Paired by seed, full - variant (the paper's direction: full higher in alignment and CLIP score, "
               "lower in the Fréchet distances). t = mean / se over seeds, read as a difference when |t| exceeds the "
               "two-sided 95% Student-t value for n_seeds - 1 degrees of freedom (t95), else a tie.",
               "", "| variant | guidance | metric | full - variant per seed | mean ± se | t | t95 | seeds where full "
               "is better | reading |", "|---|---:|---|---|---:|---:|---:|---:|---|"]
-    order = {r["variant"]: _row_order(r)[:3] for r in combined["rows"]}
     for c in sorted(combined["comparisons"], key=lambda c: (order.get(c["variant"], (9, 0, 0)), c["variant"],
                                                              c["guidance"], c["metric"])):
-        t = "-" if c["t"] is None else f"{c['t']:+.1f}"
-        se = "" if c["se"] is None else f" ± {c['se']:.2g}"
-        lines.append(f"| {c['variant']} | {c['guidance']:g} | {c['label']} | "
-                     + ", ".join(f"{x:+.3g}" for x in c["full_minus_variant"])
-                     + f" | {_snap(c['mean']):+.3g}{se} | {t} | {c['t_critical_95']:.3g} | {c['full_wins_seeds']}/{len(c['seeds'])}"
-                     f" | {c['reading']} |")
+        lines.append(f"| {c['variant']} | {c['guidance']:g} | {c['label']} | {_test_cells(c)} |")
     return "\n".join(lines) + "\n"
