@@ -53,6 +53,7 @@ __all__ = [
     "sha256_file",
     "tensor_sha256",
     "token_cosine",
+    "binding_probe",
 ]
 
 TOY_CLIP_DIR = Path(__file__).resolve().parent / "assets" / "toy_clip"
@@ -202,6 +203,86 @@ def token_cosine(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], cap
         L = v.shape[0]
         vals.append((c.sum() - c.diagonal().sum()) / (L * (L - 1)))
     return float(torch.stack(vals).mean())
+
+
+def _two_object_captions(n: int, seed: int, image_size: int = 24):
+    """n captions "a C1 S1 <where P1> and a C2 S2 <where P2>" with distinct shapes, colours and cells (as the
+    benchmark's position prompts), their (S1, C1, S2, C2) labels, and the token index of each phrase's last word."""
+    from raphael_ref.data.synthetic import COLORS, POSITIONS, SHAPES, make_scene
+
+    rng = np.random.default_rng(seed)
+    colours = list(COLORS)
+    captions, labels, first_phrases = [], [], []
+    for _ in range(n):
+        s1, s2 = (SHAPES[i] for i in rng.choice(len(SHAPES), 2, replace=False))
+        c1, c2 = (colours[i] for i in rng.choice(len(colours), 2, replace=False))
+        p1, p2 = (POSITIONS[i] for i in rng.choice(len(POSITIONS), 2, replace=False))
+        captions.append(make_scene([(s1, c1, p1), (s2, c2, p2)], image_size).caption)
+        first_phrases.append(make_scene([(s1, c1, p1)], image_size).caption)
+        labels.append((SHAPES.index(s1), colours.index(c1), SHAPES.index(s2), colours.index(c2)))
+    ids = _tokenize(captions)
+    if not all(c.startswith(f + " and ") for c, f in zip(captions, first_phrases)):
+        raise AssertionError("caption template changed: the first object's phrase is no longer a prefix")
+    # token layout: SOT w_1 .. w_k EOT pad...; the last word of a text is the token before its EOT
+    last_1 = (_tokenize(first_phrases) != 0).sum(dim=1) - 2
+    last_2 = (ids != 0).sum(dim=1) - 2
+    return ids, torch.tensor(labels), last_1, last_2, len(SHAPES), len(colours)
+
+
+def _linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, n_train: int) -> float:
+    """Held-out accuracy of a multinomial logistic regression (L-BFGS, L2 1e-3) on standardized features."""
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x[:n_train] @ w + b, y[:n_train]) + 1e-3 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((x[n_train:] @ w + b).argmax(dim=1) == y[n_train:]).float().mean())
+
+
+def binding_probe(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], n: int = 3000, seed: int = 0,
+                  train_fraction: float = 2 / 3) -> dict[str, Any]:
+    """What the U-Net can read at each object's words in a two-object caption (binding, measured).
+
+    For ``n`` captions "a C1 S1 <where P1> and a C2 S2 <where P2>" (the benchmark's position prompts) a linear
+    probe (multinomial logistic regression, fitted on the first ``train_fraction``, scored on the rest) reads
+    S1, C1, S2 and C2 from the token feature at: ``word_1``, the last word of the first phrase (P1's word: with a
+    causal tower the first token that knows where object 1 goes), ``word_2``, the last word of the second phrase
+    (the only token that knows both what object 2 is and where it goes), and ``eot`` (the pooled token).
+
+    A U-Net query at cell P2 that wants object 2 must find it at ``word_2``; whatever of object 1 that token also
+    carries is what leaks into cell P2. Chance: shape 1/3, colour 1/6. At ``word_1`` a causal tower cannot know
+    object 2 beyond "not object 1": shape 1/2, colour 1/5 (a check that the probe reads the right tokens).
+
+    ``text_tower_forward(ids) -> (B, n_y, d)``. Returns ``{"word_1": {"shape_1": acc, ...}, "word_2": ...,
+    "eot": ..., "chance": ..., "n_train": .., "n_test": ..}``.
+    """
+    if n < 30 or not 0 < train_fraction < 1:
+        raise ValueError(f"binding_probe: need n >= 30 and 0 < train_fraction < 1; got n={n}, {train_fraction}")
+    ids, labels, last_1, last_2, n_shapes, n_colours = _two_object_captions(n, seed)
+    with torch.no_grad():
+        h = text_tower_forward(ids).double()  # (n, n_y, d)
+    rows = torch.arange(n)
+    eot = ids.argmax(dim=-1)
+    n_train = int(round(n * train_fraction))
+    out: dict[str, Any] = {}
+    for where, index in (("word_1", last_1), ("word_2", last_2), ("eot", eot)):
+        x = h[rows, index]
+        out[where] = {name: _linear_probe_accuracy(x, labels[:, k], classes, n_train)
+                      for k, (name, classes) in enumerate((("shape_1", n_shapes), ("colour_1", n_colours),
+                                                           ("shape_2", n_shapes), ("colour_2", n_colours)))}
+    out["chance"] = {"shape": 1 / n_shapes, "colour": 1 / n_colours,
+                     "shape_unseen": 1 / (n_shapes - 1), "colour_unseen": 1 / (n_colours - 1)}
+    out["n_train"], out["n_test"] = n_train, n - n_train
+    return out
 
 
 def _lr_at(step: int, cfg: ToyClipConfig) -> float:
