@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import Counter
 
 import numpy as np
@@ -14,6 +16,7 @@ from raphael_ref.data.synthetic import COLORS, POSITIONS, SyntheticShapes, make_
 from raphael_ref.evaluation.detector import (
     BACKGROUND,
     DetectorConfig,
+    background_rms,
     color_segmentation,
     connected_components,
     connected_components_literal,
@@ -157,3 +160,26 @@ def test_invalid_inputs_raise_value_error():
         to_uint8(torch.zeros(3, 4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="triangle_cy"):
         DetectorConfig(triangle_cy=0.7)
+
+
+def test_background_rms_is_zero_on_renders_and_reads_noise_outside_the_objects():
+    scene = make_scene([("circle", "red", "left"), ("square", "blue", "right")], 24)
+    img = render(scene)
+    objs = detect(img)
+    assert background_rms(img, objs) == 0.0  # the renders' background is pure black
+    noisy = img.clone()
+    noisy[:, 0, 0] = 30  # one background pixel (top-left corner, outside both boxes), all three channels
+    n_bg = 24 * 24 - sum((min(24, o.box[2] + 1) - max(0, o.box[0] - 1)) * (min(24, o.box[3] + 1) - max(0, o.box[1] - 1))
+                         for o in objs)
+    assert background_rms(noisy, objs) == pytest.approx(30 / n_bg ** 0.5, rel=1e-12)  # sqrt(3 * 30^2 / (3 n_bg))
+    inside = img.clone()
+    x0, y0, x1, y1 = objs[0].box
+    inside[:, y0, x0] = 30  # a pixel of an object's box is not background
+    assert background_rms(inside, objs) == 0.0
+    full = torch.zeros(3, 24, 24, dtype=torch.uint8)
+    whole = [dataclasses.replace(objs[0], box=(0, 0, 24, 24))]
+    assert math.isnan(background_rms(full, whole))
+    with pytest.raises(ValueError, match="margin"):
+        background_rms(img, objs, margin=-1)
+    with pytest.raises(ValueError, match="uint8"):
+        background_rms(img.float(), objs)

@@ -154,6 +154,8 @@ def test_evaluate_cli_on_a_tiny_random_checkpoint(evaluate, tiny_checkpoint, tmp
                             "--clip", str(clip_dir), "--attention", "1", "--device", "cpu"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == result["summary"] and saved["weights"] == "model.safetensors"
+    # a random-init model paints noise: its background is far from black (renders: 0)
+    assert saved["background"]["n"] == 12 and saved["background"]["rms_mean"] > 8.0
     for cat in CATEGORIES:
         v = saved["summary"]["categories"][cat]
         assert v["n"] == 2 and v["n_prompts"] == 1 and 0.0 <= v["accuracy"] <= 1.0
@@ -184,6 +186,10 @@ def test_reference_renders_bound_the_metric(evaluate, tmp_path):
     matched = evaluate.main(["--reference", "matched", "--out", str(tmp_path / "m"), *base])
     shuffled = evaluate.main(["--reference", "shuffled", "--out", str(tmp_path / "s"), *base])
     assert matched["summary"]["overall"] == 1.0 and matched["checkpoint"] is None
+    # renders have a pure black background: no residual noise, every image clean
+    assert matched["background"] == {"rms_mean": 0.0, "rms_se": 0.0, "clean_fraction": 1.0, "n": 144}
+    assert all(r["background_rms"] == 0.0 for r in matched["records"])
+    assert "background noise" in (tmp_path / "m" / "results.md").read_text()
     cats = shuffled["summary"]["categories"]
     assert all(v["n"] == 24 for v in cats.values())
     assert shuffled["summary"]["overall"] < 0.4
