@@ -194,7 +194,7 @@ def test_binding_probe_reads_each_phrase_last_word():
 
 
 def test_binding_probe_on_the_toy_clip_tower():
-    """Measured on 3000 captions (docs/evaluation.md, "Binding two objects"): at the first phrase's last word the
+    """Measured on 3000 captions (docs/results/toy_budget_eval.md, section 3): at the first phrase's last word the
     toy CLIP tower gives object 1 exactly (shape and colour 1.00) and, being causal, object 2 only at the
     conditional chance of "not object 1" (0.5 / 0.2); at the second phrase's last word object 2 reads 0.83 / 0.64
     and object 1 still 0.88 / 0.70 (the leak). Here 600 captions, 200 held out: binomial se <= 0.035."""
