@@ -43,6 +43,7 @@ __all__ = [
     "TOY_CLIP_DIR",
     "TOY_CLIP_EXTRACTOR",
     "ToyClipConfig",
+    "binding_probe",
     "build_toy_clip",
     "evaluate_retrieval",
     "model_cfg",
@@ -53,7 +54,6 @@ __all__ = [
     "sha256_file",
     "tensor_sha256",
     "token_cosine",
-    "binding_probe",
 ]
 
 TOY_CLIP_DIR = Path(__file__).resolve().parent / "assets" / "toy_clip"
@@ -206,8 +206,10 @@ def token_cosine(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], cap
 
 
 def _two_object_captions(n: int, seed: int, image_size: int = 24):
-    """n captions "a C1 S1 <where P1> and a C2 S2 <where P2>" with distinct shapes, colours and cells (as the
-    benchmark's position prompts), their (S1, C1, S2, C2) labels, and the token index of each phrase's last word."""
+    """``n`` captions "a C1 S1 <where P1> and a C2 S2 <where P2>" with distinct shapes, colours and cells (as the
+    benchmark's position prompts). Returns ``(ids, labels, last_1, last_2, n_shapes, n_colours)``: the token
+    ids (n, 77), the (S1, C1, S2, C2) class indices (n, 4), the token index of each phrase's last word (n,) and
+    the number of shape and colour classes."""
     from raphael_ref.data.synthetic import COLORS, POSITIONS, SHAPES, make_scene
 
     rng = np.random.default_rng(seed)
@@ -222,7 +224,8 @@ def _two_object_captions(n: int, seed: int, image_size: int = 24):
         labels.append((SHAPES.index(s1), colours.index(c1), SHAPES.index(s2), colours.index(c2)))
     ids = _tokenize(captions)
     if not all(c.startswith(f + " and ") for c, f in zip(captions, first_phrases)):
-        raise AssertionError("caption template changed: the first object's phrase is no longer a prefix")
+        raise RuntimeError("binding_probe: the caption template changed (the first object's phrase is no longer "
+                           "a prefix of the two-object caption); update _two_object_captions")
     # token layout: SOT w_1 .. w_k EOT pad...; the last word of a text is the token before its EOT
     last_1 = (_tokenize(first_phrases) != 0).sum(dim=1) - 2
     last_2 = (ids != 0).sum(dim=1) - 2
@@ -245,7 +248,7 @@ def _linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, n_t
 
     opt.step(closure)
     with torch.no_grad():
-        return float(((x[n_train:] @ w + b).argmax(dim=1) == y[n_train:]).float().mean())
+        return float(((x[n_train:] @ w + b).argmax(dim=1) == y[n_train:]).double().mean())
 
 
 def binding_probe(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], n: int = 3000, seed: int = 0,
@@ -256,7 +259,7 @@ def binding_probe(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], n:
     probe (multinomial logistic regression, fitted on the first ``train_fraction``, scored on the rest) reads
     S1, C1, S2 and C2 from the token feature at: ``word_1``, the last word of the first phrase (P1's word: with a
     causal tower the first token that knows where object 1 goes), ``word_2``, the last word of the second phrase
-    (the only token that knows both what object 2 is and where it goes), and ``eot`` (the pooled token).
+    (the first token that knows both what object 2 is and where it goes), and ``eot`` (the pooled token).
 
     A U-Net query at cell P2 that wants object 2 must find it at ``word_2``; whatever of object 1 that token also
     carries is what leaks into cell P2. Chance: shape 1/3, colour 1/6. At ``word_1`` a causal tower cannot know
@@ -265,14 +268,15 @@ def binding_probe(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], n:
     ``text_tower_forward(ids) -> (B, n_y, d)``. Returns ``{"word_1": {"shape_1": acc, ...}, "word_2": ...,
     "eot": ..., "chance": ..., "n_train": .., "n_test": ..}``.
     """
-    if n < 30 or not 0 < train_fraction < 1:
-        raise ValueError(f"binding_probe: need n >= 30 and 0 < train_fraction < 1; got n={n}, {train_fraction}")
+    n_train = int(round(n * train_fraction)) if 0 < train_fraction < 1 else 0
+    if n < 30 or not 10 <= n_train <= n - 10:
+        raise ValueError(f"binding_probe: need n >= 30 and a train_fraction that leaves >= 10 captions on each "
+                         f"side; got n={n}, train_fraction={train_fraction} ({n_train} to fit)")
     ids, labels, last_1, last_2, n_shapes, n_colours = _two_object_captions(n, seed)
     with torch.no_grad():
         h = text_tower_forward(ids).double()  # (n, n_y, d)
     rows = torch.arange(n)
     eot = ids.argmax(dim=-1)
-    n_train = int(round(n * train_fraction))
     out: dict[str, Any] = {}
     for where, index in (("word_1", last_1), ("word_2", last_2), ("eot", eot)):
         x = h[rows, index]

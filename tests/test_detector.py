@@ -176,6 +176,8 @@ def test_background_rms_is_zero_on_renders_and_reads_noise_outside_the_objects()
     x0, y0, x1, y1 = objs[0].box
     inside[:, y0, x0] = 30  # a pixel of an object's box is not background
     assert background_rms(inside, objs) == 0.0
+    blob = dataclasses.replace(objs[0], shape="unknown", box=(0, 0, 24, 24))  # a noise cluster: stays background
+    assert background_rms(noisy, [*objs, blob]) == background_rms(noisy, objs)
     full = torch.zeros(3, 24, 24, dtype=torch.uint8)
     whole = [dataclasses.replace(objs[0], box=(0, 0, 24, 24))]
     assert math.isnan(background_rms(full, whole))

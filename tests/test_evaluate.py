@@ -155,7 +155,8 @@ def test_evaluate_cli_on_a_tiny_random_checkpoint(evaluate, tiny_checkpoint, tmp
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == result["summary"] and saved["weights"] == "model.safetensors"
     # a random-init model paints noise: its background is far from black (renders: 0)
-    assert saved["background"]["n"] == 12 and saved["background"]["rms_mean"] > 8.0
+    assert saved["background"]["n"] + saved["background"]["n_undefined"] == 12
+    assert saved["background"]["rms_mean"] > 8.0
     for cat in CATEGORIES:
         v = saved["summary"]["categories"][cat]
         assert v["n"] == 2 and v["n_prompts"] == 1 and 0.0 <= v["accuracy"] <= 1.0
@@ -187,7 +188,8 @@ def test_reference_renders_bound_the_metric(evaluate, tmp_path):
     shuffled = evaluate.main(["--reference", "shuffled", "--out", str(tmp_path / "s"), *base])
     assert matched["summary"]["overall"] == 1.0 and matched["checkpoint"] is None
     # renders have a pure black background: no residual noise, every image clean
-    assert matched["background"] == {"rms_mean": 0.0, "rms_se": 0.0, "clean_fraction": 1.0, "n": 144}
+    assert matched["background"] == {"rms_mean": 0.0, "rms_se": 0.0, "clean_fraction": 1.0, "n": 144,
+                                      "n_undefined": 0}
     assert all(r["background_rms"] == 0.0 for r in matched["records"])
     assert "background noise" in (tmp_path / "m" / "results.md").read_text()
     cats = shuffled["summary"]["categories"]
@@ -295,3 +297,12 @@ def test_single_position_is_a_diagnostic_outside_the_overall_mean(evaluate, tmp_
     out = evaluate.main(["--reference", "matched", "--out", str(tmp_path / "m"), "--prompts-per-category", "3",
                          "--per-prompt", "1", "--seeds", "0", "--categories", "colors", "single_position"])
     assert out["summary"]["categories"]["single_position"]["accuracy"] == 1.0
+
+
+def test_background_summary_counts_undefined_images_as_not_clean(evaluate):
+    recs = [{"background_rms": 0.0}, {"background_rms": 20.0}, {"background_rms": float("nan")}]
+    got = evaluate.background_summary(recs)
+    # mean and se over the two defined images (sd of [0, 20] is 14.14..., / sqrt 2 = 10); clean: 1 of all 3
+    assert got == {"rms_mean": 10.0, "rms_se": pytest.approx(10.0, rel=1e-12), "clean_fraction": 1 / 3, "n": 2,
+                   "n_undefined": 1}
+    assert evaluate.background_summary([{"background_rms": float("nan")}])["clean_fraction"] == 0.0

@@ -277,15 +277,16 @@ CLEAN_BACKGROUND_RMS = 8.0
 
 
 def background_summary(records: Sequence[dict]) -> dict:
-    """Residual background noise over the images (detector.background_rms): mean +- se, and the fraction of
-    images whose background is clean (RMS < CLEAN_BACKGROUND_RMS). The ground-truth renders give 0 and 1."""
-    v = torch.tensor([r["background_rms"] for r in records if math.isfinite(r["background_rms"])], dtype=torch.float64)
-    n = int(v.numel())
-    if n == 0:
-        return {"rms_mean": float("nan"), "rms_se": float("nan"), "clean_fraction": float("nan"), "n": 0}
+    """Residual background noise over the images (detector.background_rms): mean +- se over the images where
+    it is defined, and the fraction of all images whose background is clean (RMS < CLEAN_BACKGROUND_RMS; an
+    image whose shapes leave no background counts as not clean). The ground-truth renders give 0 and 1."""
+    rms = [r["background_rms"] for r in records]
+    v = torch.tensor([x for x in rms if math.isfinite(x)], dtype=torch.float64)
+    n, n_all = int(v.numel()), len(rms)
+    mean = float(v.mean()) if n else float("nan")
     se = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return {"rms_mean": float(v.mean()), "rms_se": se, "clean_fraction": float((v < CLEAN_BACKGROUND_RMS).double().mean()),
-            "n": n}
+    clean = float((v < CLEAN_BACKGROUND_RMS).sum()) / n_all if n_all else float("nan")
+    return {"rms_mean": mean, "rms_se": se, "clean_fraction": clean, "n": n, "n_undefined": n_all - n}
 
 
 def _accuracy(recs: Sequence[dict]) -> dict:
@@ -428,7 +429,7 @@ def main(argv=None) -> dict:
               f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
               f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
               f"(one binary verdict per image)."]
-    labels = {"background": f"background noise (RMS of RGB 0-255 outside the detected objects; clean: < "
+    labels = {"background": f"background noise (RMS of RGB 0-255 outside the detected shapes; clean: < "
                             f"{CLEAN_BACKGROUND_RMS:g}; renders: 0)", "fid_kid": "FID/KID vs ground-truth renders",
               "clip_score": "CLIP score",
               "toy_clip": "toy CLIP axes (Fig. 6b at toy scale)"}

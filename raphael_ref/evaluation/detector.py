@@ -327,12 +327,14 @@ def detect_batch(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) -
 
 
 def background_rms(image: torch.Tensor, objects: Sequence[DetectedObject], margin: int = 1) -> float:
-    """Residual noise of the background: RMS of the RGB values (0..255) outside every detected object.
+    """Residual noise of the background: RMS of the RGB values (0..255) outside every detected shape.
 
     The synthetic scenes have a pure black background, so a render scores 0. The background is every pixel
-    outside the objects' boxes, each box grown by ``margin`` pixels (anti-aliased or blurred edges count as
-    the object's). Blobs too small or too far from the palette to be detected count as background: that is
-    the residual noise the toy issue asks to be gone. ``nan`` when the boxes cover the whole image.
+    outside the boxes of the objects read as a shape (circle, square or triangle), each box grown by
+    ``margin`` pixels (anti-aliased or blurred edges count as the object's). Everything else counts as
+    background: blobs too small or too far from the palette to be detected, and the "unknown" objects (the
+    detector's label for clusters too large or too ragged to be a shape, which is what noise forms). That
+    is the residual noise the toy issue asks to be gone. ``nan`` when the boxes cover the whole image.
     """
     _check_image(image, "background_rms")
     if margin < 0:
@@ -340,6 +342,8 @@ def background_rms(image: torch.Tensor, objects: Sequence[DetectedObject], margi
     S = image.shape[-1]
     bg = torch.ones(S, S, dtype=torch.bool)
     for o in objects:
+        if o.shape == "unknown":
+            continue
         x0, y0, x1, y1 = o.box
         bg[max(0, y0 - margin):min(S, y1 + margin), max(0, x0 - margin):min(S, x1 + margin)] = False
     if not bg.any():
