@@ -83,11 +83,16 @@ def time_moe(h: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor, bank:
         return weights.to(h.dtype)[:, None, None] * picked  # (B, n_x, d)
     order = torch.argsort(routes, stable=True)  # (B,) samples sorted by expert
     counts = torch.bincount(routes, minlength=bank.n_experts).tolist()  # the one host sync: group sizes
-    out = torch.empty_like(h)  # (B, n_x, d); every row is written once below
+    out = None  # (B, n_x, d) in the experts' output dtype; every row is written once below
     for e, rows in enumerate(torch.split(order, counts)):  # rows: (B_e,) samples routed to expert e
         if rows.numel() == 0:
             continue
         y = bank.expert(e, h.index_select(0, rows))  # (B_e, n_x, d)
         w = weights.index_select(0, rows).to(h.dtype)  # (B_e,)
-        out = out.index_copy(0, rows, w[:, None, None] * y)  # (B, n_x, d)
-    return out  # (B, n_x, d)
+        piece = w[:, None, None] * y  # (B_e, n_x, d)
+        if out is None:
+            # The experts' dtype, not h's: under CUDA bf16 autocast x @ w1 is bf16 but the float32 bias
+            # promotes the expert's output to float32 (as in time_moe_literal); index_copy does not cast.
+            out = piece.new_empty(h.shape)
+        out = out.index_copy(0, rows, piece)  # (B, n_x, d)
+    return out if out is not None else h.new_zeros(h.shape)  # (B, n_x, d)

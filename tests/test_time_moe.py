@@ -153,3 +153,27 @@ def test_geglu_experts_fast_equals_literal(impl, c):
     for name, a, b in zip(["h", "weights", "w1", "b1", "w2", "b2"], torch.autograd.grad((lit * g).sum(), leaves),
                           torch.autograd.grad((fast * g).sum(), leaves)):
         torch.testing.assert_close(b, a, **TOL64, msg=lambda m: f"grad {name}: {m}")
+
+
+class _PromotingBank(ExpertBank):
+    """Experts whose output dtype differs from the input's, as under CUDA bf16 autocast: there x @ w1 runs
+    in bf16 but the float32 bias promotes e(x) to float32 (CPU autocast hides this: its index_copy promotes)."""
+
+    def expert(self, k, x):
+        return super().expert(k, x.to(self.w1.dtype))  # bf16 in, float32 out
+
+
+@pytest.mark.spec_id("tmoe.output")
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
+def test_fast_form_keeps_the_experts_output_dtype(impl):
+    """Regression (found on an H200): the grouped form wrote float32 expert outputs into a buffer of h's
+    dtype (bf16) with index_copy, which CUDA rejects. Both fast forms must return what the literal returns."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 3, 4, generator=gen).to(torch.bfloat16)  # (B, n_x, d)
+    routes, weights = torch.tensor([1, 0, 1, 1, 0]), torch.rand(5, generator=gen)
+    bank = _PromotingBank(2, 4, 6, generator=gen)  # float32 parameters
+    lit = time_moe_literal(h, routes, weights, bank)
+    fast = time_moe(h, routes, weights, bank, impl=impl)
+    assert lit.dtype == fast.dtype == torch.float32
+    # same expert, same rows, same float32 arithmetic; the gate weight is rounded to bf16 in both forms
+    torch.testing.assert_close(fast, lit, rtol=1e-6, atol=1e-6)
