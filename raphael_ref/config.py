@@ -352,7 +352,8 @@ class RaphaelConfig:
                     bad(f"model.{name}", f"is read only with model.text_encoder='t5+clip' (it is {m.text_encoder!r}); "
                         "set model.text_encoder_clip and model.text_encoder_clip_weights to null")
         if m.text_encoder == "t5" and m.text_layer != "last":
-            bad("model.text_layer", "the T5 encoder offers 'last' only (its output after the final layer norm)")
+            bad("model.text_layer", "the T5 encoder offers 'last' only (its output after the final layer norm); set "
+                "model.text_layer=last (the toy preset reads its CLIP tower's penultimate layer)")
         choice("model.text_layer", m.text_layer, ("last", "penultimate"))
         unit("model.mask_alpha", m.mask_alpha)
         if m.gate_noise_std is not None:
@@ -671,7 +672,9 @@ def toy() -> RaphaelConfig:
     m.in_channels, m.sample_size, m.codec = 3, 24, "identity"
     m.model_channels, m.channel_mult, m.head_dim, m.norm_groups = 32, (1, 2, 2, 2), 32, 8
     m.num_res_blocks = 2
-    m.d_y, m.text_encoder, m.text_layer = 32, "toy-clip", "last"
+    # the tower's penultimate layer (then ln_final), as Stable Diffusion 2 reads OpenCLIP (E38): per-token states
+    # that bind each object's words to its own phrase better than the last layer's (E81, measured over 3 seeds)
+    m.d_y, m.text_encoder, m.text_layer = 32, "toy-clip", "penultimate"
     m.expert_mult, m.edge_width = 2, 8
     m.checkpoint = False
     # what lets the 10-minute toy read position words (measured, E72): queries that know their place (a fixed

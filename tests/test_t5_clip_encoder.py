@@ -123,7 +123,7 @@ def test_frozen_eval_no_graph(enc):
 def test_config_fields_and_clear_errors(t5_dir, clip_dir):
     base = {"model.text_encoder": "t5+clip", "model.text_encoder_weights": str(t5_dir),
             "model.text_encoder_clip": str(clip_dir), "model.text_encoder_clip_weights": str(clip_dir),
-            "model.n_y": N_T5 + 77, "model.d_y": 64}
+            "model.n_y": N_T5 + 77, "model.d_y": 64, "model.text_layer": "last"}
     cfg = get_preset("toy", base)
     enc = build_t5_text_encoder(cfg.model)
     assert isinstance(enc, T5ClipTextEncoder) and (enc.n_y, enc.d_y) == (cfg.model.n_y, cfg.model.d_y)
@@ -148,7 +148,7 @@ def test_build_text_encoder_dispatches_t5_clip(t5_dir, clip_dir):
 
     base = {"model.text_encoder": "t5+clip", "model.text_encoder_weights": str(t5_dir),
             "model.text_encoder_clip": str(clip_dir), "model.text_encoder_clip_weights": str(clip_dir),
-            "model.n_y": N_T5 + 77, "model.d_y": 64}
+            "model.n_y": N_T5 + 77, "model.d_y": 64, "model.text_layer": "last"}
     assert isinstance(build_text_encoder(get_preset("toy", base)), T5ClipTextEncoder)
     with pytest.raises(ValueError, match="set model.d_y=64"):
         build_text_encoder(get_preset("toy", {**base, "model.d_y": 32}))

@@ -90,15 +90,17 @@ def test_bad_inputs_say_what_to_do(t5_dir, enc, tmp_path):
 def test_config_and_build_text_encoder(t5_dir):
     from raphael_ref.training import build_text_encoder
 
-    cfg = get_preset("toy", {"model.text_encoder": "t5", "model.text_encoder_weights": str(t5_dir)})
+    cfg = get_preset("toy", {"model.text_encoder": "t5", "model.text_encoder_weights": str(t5_dir),
+                             "model.text_layer": "last"})
     enc = build_text_encoder(cfg)
     assert isinstance(enc, T5TextEncoder) and enc.d_y == cfg.model.d_y == 32 and enc.n_y == 77
     with pytest.raises(ValueError, match="model.text_encoder_weights"):
-        get_preset("toy", {"model.text_encoder": "t5"})
+        get_preset("toy", {"model.text_encoder": "t5", "model.text_layer": "last"})
     with pytest.raises(ValueError, match="model.text_layer"):
         get_preset("toy", {"model.text_encoder": "t5", "model.text_encoder_weights": str(t5_dir),
                            "model.text_layer": "penultimate"})
-    wide = get_preset("toy", {"model.text_encoder": "t5", "model.text_encoder_weights": str(t5_dir), "model.d_y": 64})
+    wide = get_preset("toy", {"model.text_encoder": "t5", "model.text_encoder_weights": str(t5_dir), "model.d_y": 64,
+                              "model.text_layer": "last"})
     with pytest.raises(ValueError, match="set model.d_y=32"):
         build_text_encoder(wide)
 
@@ -110,7 +112,7 @@ def test_a_t5_conditioned_unet_trains_a_step(t5_dir):
     from raphael_ref.objective import training_losses
 
     cfg = get_preset("toy", {"model.text_encoder": "t5", "model.text_encoder_weights": str(t5_dir),
-                             "model.n_y": 16, "model.sample_size": 8, "model.model_channels": 16,
+                             "model.text_layer": "last", "model.n_y": 16, "model.sample_size": 8, "model.model_channels": 16,
                              "model.head_dim": 8, "model.norm_groups": 4, "model.edge_width": 4})
     enc = T5TextEncoder.from_pretrained(t5_dir, n_y=16)
     torch.manual_seed(0)
