@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raphael_ref.evaluation.ablation import t_critical_95  # noqa: E402
+from raphael_ref.evaluation.ablation import mean_sd, paired_t  # noqa: E402
 
 NOT_IN_OVERALL = ("single_position",)
 
@@ -52,18 +52,12 @@ def cell(c: dict) -> dict:
 
 
 def paired(a: list[float], b: list[float]) -> dict:
+    """b - a per seed, with ablation.paired_t's mean, se, t and 95% critical value, the wins and the reading."""
     d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else None
-    if sd is not None and sd <= 1e-9 * max(1.0, max(abs(x) for x in d)):
-        sd = 0.0  # equal differences up to round-off: no spread, no t
-    se = sd / math.sqrt(n) if sd else None
-    t = mean / se if se else None
-    crit = t_critical_95(n - 1) if n > 1 else None
-    return {"b_minus_a": d, "mean": mean, "se": se, "t": t, "t_critical_95": crit,
-            "b_wins": sum(x > 0 for x in d), "a_wins": sum(x < 0 for x in d),
-            "reading": "tie" if t is None or abs(t) <= crit else ("b better" if t > 0 else "a better")}
+    pt = paired_t(d)
+    t = pt["t"]
+    return {"b_minus_a": d, **pt, "b_wins": sum(x > 0 for x in d), "a_wins": sum(x < 0 for x in d),
+            "reading": "tie" if t is None or abs(t) <= pt["t_critical_95"] else ("b better" if t > 0 else "a better")}
 
 
 def compare(a_runs: list[dict], b_runs: list[dict], seeds: list[int], control: dict | None = None) -> dict:
@@ -99,11 +93,9 @@ def _f(x: float | None, d: int = 3) -> str:
 
 
 def _mean_se(xs: list[float]) -> str:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return _f(m)
-    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-    return f"{m:.3f} ± {se:.3f}"
+    """mean ± standard error over the seeds' values (one cell of the table)."""
+    m, sd = mean_sd(xs)
+    return _f(m) if sd is None else f"{m:.3f} ± {sd / math.sqrt(len(xs)):.3f}"
 
 
 def markdown(res: dict, la: str, lb: str, lc: str | None) -> str:

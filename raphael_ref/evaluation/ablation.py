@@ -462,7 +462,8 @@ def _metric(row: Mapping[str, Any], key: str) -> float | None:
     return None if v is None else float(v)
 
 
-def _mean_sd(xs: Sequence[float]) -> tuple[float, float | None]:
+def mean_sd(xs: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); the deviation is None for fewer than 2 values."""
     m = sum(xs) / len(xs)
     if len(xs) < 2:
         return m, None
@@ -518,7 +519,7 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             xs = [_metric(by_seed[k], key) for k in sorted(by_seed)]
             if any(x is None for x in xs):
                 continue
-            m, sd = _mean_sd(xs)
+            m, sd = mean_sd(xs)
             row[key] = {"mean": m, "sd": sd, "se": None if sd is None else sd / math.sqrt(len(xs)), "per_seed": xs}
         rows.append(row)
     comparisons = []
@@ -554,14 +555,23 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"seeds": seeds, "rows": rows, "comparisons": comparisons, "over_guidance": over_guidance}
 
 
+def paired_t(d: Sequence[float]) -> dict[str, Any]:
+    """Paired differences d (one per training seed, n >= 2): their mean, standard error, t = mean / se and the
+    two-sided 95% critical value of Student's t with n - 1 degrees of freedom. se and t are None when the
+    differences do not spread (equal up to float round-off, e.g. 0.5 - 0.4 vs 0.4 - 0.3): no t to read."""
+    if len(d) < 2:
+        raise ValueError(f"paired_t needs at least 2 paired differences, got {len(d)}")
+    m, sd = mean_sd(list(d))
+    if sd <= 1e-9 * max(1.0, max(abs(x) for x in d)):
+        sd = 0.0
+    se = sd / math.sqrt(len(d)) if sd else None
+    return {"mean": m, "se": se, "t": m / se if se else None, "t_critical_95": t_critical_95(len(d) - 1)}
+
+
 def _paired(d: Sequence[float], seeds: Sequence[int], key: str, label: str, higher: bool, variant: str) -> dict:
     """One paired comparison: the per-seed differences full - variant, their mean, se, t and 95% reading."""
-    m, sd = _mean_sd(list(d))
-    if sd is not None and sd <= 1e-9 * max(1.0, max(abs(x) for x in d)):
-        sd = 0.0  # equal differences up to float round-off (0.5 - 0.4 vs 0.4 - 0.3): no spread, no t to read
-    se = sd / math.sqrt(len(d)) if sd else None
-    t = m / se if se else None
-    crit = t_critical_95(len(d) - 1)
+    pt = paired_t(d)
+    m, se, t, crit = pt["mean"], pt["se"], pt["t"], pt["t_critical_95"]
     better = None if t is None or abs(t) <= crit else ("full" if (m > 0) == higher else variant)
     return {"metric": key, "label": label, "higher_is_better": higher, "seeds": list(seeds),
             "full_minus_variant": list(d), "mean": m, "se": se, "t": t, "t_critical_95": crit,
