@@ -17,8 +17,10 @@ from raphael_ref.evaluation.detector import detect, detect_batch
 from raphael_ref.evaluation.prompts import (
     CATEGORIES,
     HELDOUT_PAIRS,
+    binding_summary,
     evaluation_prompts,
     prompt_set,
+    rescore_binding,
     score,
     uses_pair,
 )
@@ -306,3 +308,82 @@ def test_background_summary_counts_undefined_images_as_not_clean(evaluate):
     assert got == {"rms_mean": 10.0, "rms_se": pytest.approx(10.0, rel=1e-12), "clean_fraction": 1 / 3, "n": 2,
                    "n_undefined": 1}
     assert evaluate.background_summary([{"background_rms": float("nan")}])["clean_fraction"] == 0.0
+
+
+# ------------------------------------------------------------------------------ two-object binding diagnostic
+
+
+def test_binding_outcome_names_why_a_two_object_prompt_failed():
+    """bound / swapped / one_shape / other, from renders whose failure is known by construction."""
+    from raphael_ref.evaluation.prompts import binding_outcome
+
+    for cat, attr in (("position", "position"), ("color_attribution", "color")):
+        for s in prompt_set(cat, 12):
+            (a, b) = s.scene.objects
+            assert binding_outcome(s, detect(render(s.scene))) == "bound"
+            # each shape with the other's attribute: the words read, the binding exchanged
+            if attr == "position":
+                swapped = [(a.shape, a.color, b.position), (b.shape, b.color, a.position)]
+            else:
+                swapped = [(a.shape, b.color, a.position), (b.shape, a.color, b.position)]
+            assert binding_outcome(s, detect(render(make_scene(swapped, 32)))) == "swapped"
+            # object b copies a's shape (both attributes still drawn): one of the two shapes is missing
+            copied = [(a.shape, a.color, a.position), (a.shape, b.color, b.position)]
+            assert binding_outcome(s, detect(render(make_scene(copied, 32)))) == "one_shape"
+            assert binding_outcome(s, []) == "one_shape"
+            # both shapes drawn, but b's attribute on neither: not bound, not swapped
+            free_pos = next(p for p in ("left", "right", "top", "bottom", "center") if p not in (a.position, b.position))
+            free_col = next(c for c in COLORS if c not in (a.color, b.color))
+            other = ([(a.shape, a.color, a.position), (b.shape, b.color, free_pos)] if attr == "position"
+                     else [(a.shape, a.color, a.position), (b.shape, free_col, b.position)])
+            assert binding_outcome(s, detect(render(make_scene(other, 32)))) == "other"
+    with pytest.raises(ValueError, match="two-object prompts"):
+        binding_outcome(prompt_set("two_objects", 1)[0], [])
+
+
+def test_binding_summary_counts_and_the_chance_rate(evaluate, tmp_path):
+    recs = ([{"category": "position", "binding": "bound"}] * 3 + [{"category": "position", "binding": "swapped"}] * 3
+            + [{"category": "position", "binding": "one_shape"}] * 4 + [{"category": "colors", "correct": True}]
+            + [{"category": "color_attribution", "binding": "other"}])
+    got = binding_summary(recs)
+    assert got["position"] == {"bound": 3, "swapped": 3, "one_shape": 4, "other": 0, "n": 10, "binding_rate": 0.5}
+    assert got["color_attribution"]["n"] == 1 and got["color_attribution"]["binding_rate"] != got["color_attribution"]["binding_rate"]
+    assert binding_summary([{"category": "colors"}]) == {}
+    # the CLI writes it: matched renders bind every image
+    out = evaluate.main(["--reference", "matched", "--out", str(tmp_path / "m"), "--prompts-per-category", "3",
+                         "--per-prompt", "1", "--seeds", "0", "--categories", "position", "color_attribution", "colors"])
+    assert out["binding"]["position"] == {"bound": 3, "swapped": 0, "one_shape": 0, "other": 0, "n": 3, "binding_rate": 1.0}
+    assert all("binding" not in r for r in out["records"] if r["category"] == "colors")
+    assert "bound / (bound + swapped) 1.00" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_rescore_binding_matches_the_recorded_outcomes(evaluate, tmp_path):
+    """Old results (no "binding" in their records) are rescored from their detections to the same outcomes."""
+    out = evaluate.main(["--reference", "shuffled", "--out", str(tmp_path / "s"), "--prompts-per-category", "6",
+                         "--per-prompt", "2", "--seeds", "0", "--categories", "position", "color_attribution"])
+    stripped = [{k: v for k, v in r.items() if k != "binding"} for r in out["records"]]
+    again = rescore_binding(stripped)
+    assert [r["binding"] for r in again] == [r["binding"] for r in out["records"]]
+    assert json.dumps(binding_summary(again)) == json.dumps(out["binding"])  # NaN rates (none paired) alike
+    assert {r["binding"] for r in again} - {"bound"}  # shuffled scenes fail: the test sees more than one outcome
+    bad = dict(stripped[0], prompt="a red circle on the left and a blue square at the top")
+    if bad["prompt"] != stripped[0]["prompt"]:
+        with pytest.raises(ValueError, match="other prompt options"):
+            rescore_binding([bad])
+
+
+def test_binding_table_tool(evaluate, tmp_path):
+    from raphael_ref.testing import load_tool
+
+    bt = load_tool("binding_table")
+    evaluate.main(["--reference", "matched", "--out", str(tmp_path / "m"), "--prompts-per-category", "3",
+                   "--per-prompt", "1", "--seeds", "0", "--categories", "position", "color_attribution"])
+    rows = bt.main([f"renders={tmp_path / 'm'}", "--out", str(tmp_path / "t")])
+    assert rows["renders"]["position"]["binding_rate"] == 1.0 and rows["renders"]["position"]["binding_rate_se"] == 0.0
+    assert "| renders | position | 3 | 0 | 0 | 0 | 3 | 1.00 ± 0.00 |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="LABEL=EVAL"):
+        bt.main([str(tmp_path / "m")])
+    evaluate.main(["--reference", "matched", "--out", str(tmp_path / "c"), "--prompts-per-category", "2",
+                   "--per-prompt", "1", "--seeds", "0", "--categories", "colors"])
+    with pytest.raises(SystemExit, match="no position or color_attribution"):
+        bt.main([f"c={tmp_path / 'c'}"])

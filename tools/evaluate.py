@@ -23,7 +23,8 @@ image does not depend on the other prompts, categories or batch sizes.
 
 Writes to --out:
     results.json        settings, accuracy per category ("summary"), residual background noise ("background"),
-                        "fid_kid" / "clip_score" when asked,
+                        why the two-object binding prompts pass or fail ("binding": bound / swapped /
+                        one_shape / other, prompts.binding_outcome), "fid_kid" / "clip_score" when asked,
                         every image's verdict and detections ("records")
     results.md          the table (accuracy, correct / n per category; FID/KID/CLIP when asked)
     grids/<cat>.png     per category: ground-truth render, then the images (green: correct, red: not)
@@ -53,7 +54,8 @@ from raphael_ref.evaluation import attention_views as AV  # noqa: E402
 from raphael_ref.evaluation import metrics as M  # noqa: E402
 from raphael_ref.evaluation.detector import DetectedObject, background_rms, detect_batch, to_uint8  # noqa: E402
 from raphael_ref.evaluation.prompts import (  # noqa: E402
-    ALL_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, evaluation_prompts, score)
+    ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, binding_lines,
+    binding_outcome, binding_summary, evaluation_prompts, score)
 
 GenerateFn = Callable[[PromptSpec, int, int], torch.Tensor]  # (spec, seed, n) -> uint8 (n, 3, S, S)
 
@@ -266,9 +268,12 @@ def evaluate_specs(specs: dict[str, list[PromptSpec]], generate: GenerateFn, see
 
 
 def _record(spec: PromptSpec, seed: int, j: int, objs: Sequence[DetectedObject], bg_rms: float) -> dict:
-    return {"uid": spec.uid, "category": spec.category, "prompt": spec.prompt, "seed": seed, "sample": j,
-            "image": f"images/{spec.category}/{spec.uid}_s{seed}_{j:06d}.png", "correct": score(spec, objs),
-            "detected": [[o.shape, o.color, o.position] for o in objs], "background_rms": bg_rms}
+    rec = {"uid": spec.uid, "category": spec.category, "prompt": spec.prompt, "seed": seed, "sample": j,
+           "image": f"images/{spec.category}/{spec.uid}_s{seed}_{j:06d}.png", "correct": score(spec, objs),
+           "detected": [[o.shape, o.color, o.position] for o in objs], "background_rms": bg_rms}
+    if spec.category in BINDING_CATEGORIES:
+        rec["binding"] = binding_outcome(spec, objs)
+    return rec
 
 
 # our threshold for a "clean" background (of 255, ~3% of full scale; the renders give 0): a chosen value, not a
@@ -388,6 +393,9 @@ def main(argv=None) -> dict:
     records, by_cat = evaluate_specs(specs, generate, args.seeds, args.per_prompt, out)
     summary = summarize(records, args.categories)
     extra: dict[str, dict] = {"background": background_summary(records)}
+    binding = binding_summary(records)
+    if binding:
+        extra["binding"] = binding
     all_images = torch.cat(list(by_cat.values()))
     if args.fid:
         if args.fid_extractor == M.TINY_EXTRACTOR:
@@ -432,8 +440,10 @@ def main(argv=None) -> dict:
     labels = {"background": f"background noise (RMS of RGB 0-255 outside the detected shapes; clean: < "
                             f"{CLEAN_BACKGROUND_RMS:g}; renders: 0)", "fid_kid": "FID/KID vs ground-truth renders",
               "clip_score": "CLIP score",
+              "binding": "two-object binding (prompts.binding_outcome)",
               "toy_clip": "toy CLIP axes (Fig. 6b at toy scale)"}
-    (out / "results.md").write_text(markdown_table(summary, header, {labels[k]: v for k, v in extra.items()}))
+    shown = {labels[k]: (binding_lines(v) if k == "binding" else v) for k, v in extra.items()}
+    (out / "results.md").write_text(markdown_table(summary, header, shown))
     print((out / "results.md").read_text())
     return result
 

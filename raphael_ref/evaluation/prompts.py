@@ -36,6 +36,7 @@ training must then drop scenes for which :func:`uses_pair` is true (the data pip
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -45,15 +46,21 @@ from raphael_ref.evaluation.detector import DetectedObject
 
 __all__ = [
     "ALL_CATEGORIES",
+    "BINDING_CATEGORIES",
+    "BINDING_OUTCOMES",
     "CATEGORIES",
     "DIAGNOSTIC_CATEGORIES",
     "EVAL_SEED",
     "HELDOUT_PAIRS",
     "PromptSpec",
     "Requirement",
+    "binding_lines",
+    "binding_outcome",
+    "binding_summary",
     "evaluation_prompts",
     "match_requirements",
     "prompt_set",
+    "rescore_binding",
     "score",
     "uses_pair",
 ]
@@ -134,6 +141,43 @@ def score(spec: PromptSpec, objects: Sequence[DetectedObject]) -> bool:
         shapes = {r.shape for r in spec.requirements}
         return sum(o.shape in shapes for o in objects) == len(spec.requirements)
     return True
+
+
+# Two-object categories whose verdict binds an attribute to each shape: the attribute each one binds.
+BINDING_CATEGORIES: dict[str, str] = {"position": "position", "color_attribution": "color"}
+BINDING_OUTCOMES: tuple[str, ...] = ("bound", "swapped", "one_shape", "other")
+
+
+def binding_outcome(spec: PromptSpec, objects: Sequence[DetectedObject]) -> str:
+    """Why a two-object binding prompt passed or failed (a diagnostic; not in the paper or GenEval).
+
+    For the categories of BINDING_CATEGORIES ("a red circle on the left and a blue square at the top":
+    position binds a cell to each shape, color_attribution a colour), the first that holds of:
+
+        "bound"      the verdict of :func:`score` (each shape with its own attribute)
+        "swapped"    each shape with the *other* shape's attribute (the words read, the binding exchanged)
+        "one_shape"  at most one of the two named shapes is drawn anywhere (the other copies it or is missing)
+        "other"      both shapes drawn, neither binding met
+
+    A model that reads both shapes and both attributes but pairs them at random gives as many "swapped" as
+    "bound" images: bound / (bound + swapped) is 0.5 by chance and 1 for a model that binds.
+    """
+    if not isinstance(spec, PromptSpec):
+        raise ValueError(f"binding_outcome expects a PromptSpec; got {type(spec).__name__}")
+    attr = BINDING_CATEGORIES.get(spec.category)
+    if attr is None or len(spec.requirements) != 2:
+        raise ValueError(f"binding_outcome: only two-object prompts of {tuple(BINDING_CATEGORIES)} bind an "
+                         f"attribute to each shape; got a {spec.category!r} prompt ({spec.prompt!r}).")
+    if score(spec, objects):
+        return "bound"
+    a, b = spec.requirements
+    swapped = (dataclasses.replace(a, **{attr: getattr(b, attr)}), dataclasses.replace(b, **{attr: getattr(a, attr)}))
+    if match_requirements(swapped, objects) is not None:
+        return "swapped"
+    drawn = {o.shape for o in objects}
+    if a.shape not in drawn or b.shape not in drawn:
+        return "one_shape"
+    return "other"
 
 
 def uses_pair(scene: Scene, pairs: Iterable[tuple[str, str]] = HELDOUT_PAIRS) -> bool:
@@ -221,3 +265,50 @@ def evaluation_prompts(categories: Sequence[str] = CATEGORIES, n_per_category: i
     if unknown:
         raise ValueError(f"unknown categories {unknown}; choose from {ALL_CATEGORIES}")
     return {c: prompt_set(c, n_per_category, **kwargs) for c in categories}
+
+
+# ---------------------------------------------------------------------------------------------
+# binding outcomes of an evaluation's records (tools/evaluate.py, tools/binding_table.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def binding_summary(records: Sequence[dict]) -> dict:
+    """Per binding category (prompts.BINDING_CATEGORIES): how many images are bound / swapped / one_shape / other
+    (prompts.binding_outcome), and the binding rate bound / (bound + swapped): 0.5 when a model draws both shapes
+    with both attributes but pairs them at random, 1 when it binds (NaN when neither occurs)."""
+    out = {}
+    for cat in BINDING_CATEGORIES:
+        recs = [r for r in records if r["category"] == cat and "binding" in r]
+        if not recs:
+            continue
+        counts = {k: sum(r["binding"] == k for r in recs) for k in BINDING_OUTCOMES}
+        paired = counts["bound"] + counts["swapped"]
+        out[cat] = {**counts, "n": len(recs), "binding_rate": counts["bound"] / paired if paired else float("nan")}
+    return out
+
+
+def rescore_binding(records: Sequence[dict]) -> list[dict]:
+    """Records of an evaluation made before "binding" was recorded, with it filled in from their detections
+    (uid -> the prompt; the prompt sets are deterministic and a longer set starts with the shorter one)."""
+    out, specs = [], {}
+    for r in records:
+        r = dict(r)
+        if r["category"] in BINDING_CATEGORIES and "binding" not in r:
+            cat, index = r["uid"].rsplit("-", 1)
+            if cat not in specs or len(specs[cat]) <= int(index):
+                specs[cat] = prompt_set(cat, int(index) + 1)
+            spec = specs[cat][int(index)]
+            if spec.prompt != r["prompt"]:
+                raise ValueError(f"rescore_binding: record {r['uid']} reads {r['prompt']!r}, but that prompt is "
+                                 f"{spec.prompt!r}: an evaluation with other prompt options (--holdout-pairs?)")
+            objs = [SimpleNamespace(shape=a, color=b, position=c) for a, b, c in r["detected"]]
+            r["binding"] = binding_outcome(spec, objs)
+        out.append(r)
+    return out
+
+
+def binding_lines(binding: dict) -> dict[str, str]:
+    """binding_summary as one readable line per category (for a results.md)."""
+    return {cat: (", ".join(f"{k.replace('_', ' ')} {v[k]}" for k in BINDING_OUTCOMES) + f" of {v['n']}; "
+                  f"bound / (bound + swapped) {v['binding_rate']:.2f} (0.5: placed at random)")
+            for cat, v in binding.items()}
