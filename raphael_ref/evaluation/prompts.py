@@ -290,14 +290,16 @@ def binding_summary(records: Sequence[dict]) -> dict:
 def rescore_binding(records: Sequence[dict]) -> list[dict]:
     """Records of an evaluation made before "binding" was recorded, with it filled in from their detections
     (uid -> the prompt; the prompt sets are deterministic and a longer set starts with the shorter one)."""
-    out, specs = [], {}
+    todo = [r for r in records if r["category"] in BINDING_CATEGORIES and "binding" not in r]
+    size: dict[str, int] = {}
+    for r in todo:
+        size[r["category"]] = max(size.get(r["category"], 0), int(r["uid"].rsplit("-", 1)[1]) + 1)
+    specs = {cat: prompt_set(cat, n) for cat, n in size.items()}  # each set drawn once, as long as needed
+    out = []
     for r in records:
         r = dict(r)
         if r["category"] in BINDING_CATEGORIES and "binding" not in r:
-            cat, index = r["uid"].rsplit("-", 1)
-            if cat not in specs or len(specs[cat]) <= int(index):
-                specs[cat] = prompt_set(cat, int(index) + 1)
-            spec = specs[cat][int(index)]
+            spec = specs[r["category"]][int(r["uid"].rsplit("-", 1)[1])]
             if spec.prompt != r["prompt"]:
                 raise ValueError(f"rescore_binding: record {r['uid']} reads {r['prompt']!r}, but that prompt is "
                                  f"{spec.prompt!r}: an evaluation with other prompt options (--holdout-pairs?)")
