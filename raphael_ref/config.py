@@ -121,6 +121,11 @@ class TrainConfig:
     # coefficient of the load-balancing loss of the gates (Switch Transformer's n sum_i f_i P_i, averaged over
     # the MoE layers; raphael_ref.balance): 0 = off, the paper has none (erratum E73); Switch uses 0.01
     balance_loss: float = 0.0
+    # coefficient of the token-attention loss (TokenCompose's token loss on the cross-attention maps against the
+    # synthetic scenes' object masks; raphael_ref.token_attention): 0 = off, the paper has none (erratum E82)
+    token_loss: float = 0.0
+    # which words of each object's phrase the token loss supervises: "color", "shape", "position"
+    token_words: tuple[str, ...] = ("color", "shape", "position")
     # weight of L_denoise per noise level: "none" (the paper) or "v" (the v-prediction loss written for the
     # eps network, normalised to mean 1; raphael_ref.objective.denoise_weights, erratum E70)
     loss_weight: str = "none"
@@ -428,6 +433,13 @@ class RaphaelConfig:
         if t.balance_loss > 0 and not gated:
             bad("train.balance_loss", f"balances the gates of the MoE layers, but the model has none (model.use_space_moe"
                 f"=false and no learned time gate); set it to 0, got {t.balance_loss}")
+        finite_at_least("train.token_loss", t.token_loss, 0.0, " (0 switches the token-attention loss off)")
+        if t.token_loss > 0 and t.source != "synthetic":
+            bad("train.token_loss", f"supervises the cross-attention maps with the object masks of the synthetic set "
+                f"and needs train.source='synthetic', got train.source={t.source!r}; set it to 0")
+        words = tuple(t.token_words) if isinstance(t.token_words, (list, tuple)) else ()
+        if not words or len(set(words)) != len(words) or any(w not in ("color", "shape", "position") for w in words):
+            bad("train.token_words", f"must be distinct names from ('color', 'shape', 'position'), got {t.token_words!r}")
         if not math.isfinite(t.aesthetic_min):
             bad("train.aesthetic_min", f"must be a finite number, got {t.aesthetic_min}")
         at_least("train.batch_size", t.batch_size, 1)

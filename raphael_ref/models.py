@@ -53,6 +53,9 @@ class BlockAux:
     # the load-balancing loss (raphael_ref.balance; not in the paper, erratum E73)
     space_probs: torch.Tensor | None = None  # (B, n_y, k)
     time_probs: torch.Tensor | None = None  # (B, n_t); None for the "intervals" router (no gate)
+    # the cross-attention map M with gradient, only when asked (return_maps=True): the token-attention loss
+    # (raphael_ref.token_attention; not in the paper, erratum E82)
+    attn_map: torch.Tensor | None = None  # (B, n_x, n_y)
 
 
 def _time_moe_impl() -> str:
@@ -133,9 +136,10 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int], y: torch.Tensor, y_valid: torch.Tensor,
                 pooled_index: torch.Tensor, temb: torch.Tensor, return_masks: bool = False,
                 fixed_time_routes: tuple[torch.Tensor, torch.Tensor] | None = None, return_probs: bool = False,
-                paint=None):
+                paint=None, return_maps: bool = False):
         """Returns ``(x, (space_routes, time_routes, pooled_map, edge_logits, masks))``; with ``return_probs``
-        the tuple also ends with ``(space_probs, time_probs)`` (:class:`BlockAux`). ``paint``: a
+        the tuple also ends with ``(space_probs, time_probs)``, with ``return_maps`` with ``(space_probs,
+        time_probs, M)`` (:class:`BlockAux`; the probabilities None unless asked). ``paint``: a
         ``raphael_ref.paint.BlockPaint`` (eDiff-I's paint-with-words: a cross-attention logit bias and the
         painted regions in the space-MoE masks; E77) or None."""
         cfg = self.cfg
@@ -185,6 +189,8 @@ class TransformerBlock(nn.Module):
         pooled = pooled_attention_map(M, pooled_index, *grid, check_values=False)  # (B, 1, h, w)
         edge_logits = self.edge(pooled.to(x.dtype)) if self.edge is not None else None  # (B, 1, h, w)
         out = (s_routes, t_routes, pooled, edge_logits, masks if return_masks else None)
+        if return_maps:  # erratum E82: M with gradient for the token-attention loss
+            return x, out + (s_probs, t_probs, M)
         return x, (out + (s_probs, t_probs) if return_probs else out)
 
 
@@ -217,13 +223,13 @@ class SpatialTransformer(nn.Module):
         return pe
 
     def forward(self, x, y, y_valid, pooled_index, temb, return_masks=False, fixed_time_routes=None,
-                return_probs=False, paint=None):
+                return_probs=False, paint=None, return_maps=False):
         B, C, H, W = x.shape
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, n_x, C)
         if self.pos_embed == "sincos":  # erratum E72 (not in the paper)
             h = h + self.position_embedding(H, W, h.device, h.dtype)  # (n_x, C) broadcast
         h, aux = self.block(h, (H, W), y, y_valid, pooled_index, temb, return_masks, fixed_time_routes, return_probs,
-                            None if paint is None else paint((H, W)))
+                            None if paint is None else paint((H, W)), return_maps)
         h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
         return x + h, aux
 
@@ -356,13 +362,15 @@ class RaphaelUNet(nn.Module):
                 pooled_index: torch.Tensor, return_masks: bool = False,
                 return_probs: bool = False, paint=None, control_residuals=None,
                 cond: torch.Tensor | None = None, aug_level: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, list[BlockAux]]:
+                return_maps: bool = False) -> tuple[torch.Tensor, list[BlockAux]]:
         """``paint``: a ``raphael_ref.paint.PaintWithWords`` for this batch (eDiff-I's paint-with-words, E77) or
         None; a spec with weight 0 or nothing painted is ignored (the output is bit for bit the one without).
         ``control_residuals``: a ``raphael_ref.controlnet.ControlResiduals`` (ControlNet, E79), added to the skips and
         the middle output before the decoder reads them; None (default): the forward is unchanged.
         ``cond`` (B, cond_channels, H, W) and ``aug_level`` (B,): the SR stage's augmented low-res image and its
-        noise-augmentation level (raphael_ref/sr.py, E80); only for a U-Net with model.cond_channels > 0."""
+        noise-augmentation level (raphael_ref/sr.py, E80); only for a U-Net with model.cond_channels > 0.
+        ``return_maps``: each block's cross-attention map M, with gradient, in ``BlockAux.attn_map`` (the
+        token-attention loss, raphael_ref/token_attention.py, E82)."""
         self._check_inputs(x, t, y, y_valid, pooled_index)
         block_paint = None
         if paint is not None:
@@ -382,7 +390,8 @@ class RaphaelUNet(nn.Module):
 
         def attn(module, h):
             h2, (s_r, t_r, pooled, edge, masks, *probs) = self._run(module, h, y, y_valid, pooled_index, temb,
-                                                                    return_masks, fixed, return_probs, block_paint)
+                                                                    return_masks, fixed, return_probs, block_paint,
+                                                                    return_maps)
             aux.append(BlockAux(len(aux), tuple(h.shape[-2:]), s_r, t_r, pooled, edge, masks, *probs))
             return h2
 

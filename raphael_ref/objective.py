@@ -5,6 +5,7 @@
     L_edge = Focal(P_theta(M_pooled), I_edge) per block      (focal.focal_loss_per_sample)
     L      = L_den + 1[t < T_c] L_edge                       (losses.total_loss)
     L     += c_bal L_bal, only when c_bal > 0 (not the paper)  (balance.model_balance_loss, erratum E73)
+    L     += c_tok L_tok, only when c_tok > 0 (not the paper)  (token_attention.model_token_attention_loss, E82)
 
 Nothing is re-implemented here: this module only wires the model's outputs into those functions.
 """
@@ -20,6 +21,7 @@ from raphael_ref.edge import edge_target_to_grid
 from raphael_ref.focal import focal_loss_per_sample
 from raphael_ref.losses import total_loss
 from raphael_ref.models import BlockAux, RaphaelUNet
+from raphael_ref.token_attention import TokenTargets, model_token_attention_loss
 
 
 def edge_losses(aux: list[BlockAux], edge_map: torch.Tensor, alpha: float = 0.5, gamma: float = 2.0) -> torch.Tensor:
@@ -79,7 +81,8 @@ def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedul
                     noise: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor, pooled_index: torch.Tensor,
                     edge_map: torch.Tensor | None = None, *, focal_alpha: float = 0.5,
                     focal_gamma: float = 2.0, loss_weight: str = "none",
-                    loss_weight_max: float | None = None, balance_loss: float = 0.0) -> dict[str, torch.Tensor]:
+                    loss_weight_max: float | None = None, balance_loss: float = 0.0, token_loss: float = 0.0,
+                    token_targets: TokenTargets | None = None) -> dict[str, torch.Tensor]:
     """One evaluation of L = L_denoise + L_edge on a batch; returns {total, denoise, edge, aux}.
 
     x0 (B, C, H, W) latents (or pixels for the toy preset); t (B,) 0-based timesteps; noise like x0;
@@ -88,16 +91,27 @@ def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedul
     ``balance_loss`` > 0 (not in the paper, erratum E73): total += balance_loss * L_bal, the mean
     Switch-Transformer load-balancing loss of the MoE layers (``balance.model_balance_loss``), returned
     unweighted under ``"balance"``; 0 (default) leaves the paper's loss and forward untouched.
+    ``token_loss`` > 0 (not in the paper, erratum E82): total += token_loss * L_tok, TokenCompose's token loss
+    on the blocks' cross-attention maps against ``token_targets`` (``token_attention.token_targets``: the
+    synthetic scenes' object masks), returned unweighted under ``"token"``; 0 (default): untouched.
     """
     if isinstance(balance_loss, bool) or not isinstance(balance_loss, (int, float)) \
             or not 0.0 <= balance_loss < float("inf"):
         raise ValueError(f"balance_loss must be a finite number >= 0 (0: off, the paper), got {balance_loss!r}")
+    if isinstance(token_loss, bool) or not isinstance(token_loss, (int, float)) \
+            or not 0.0 <= token_loss < float("inf"):
+        raise ValueError(f"token_loss must be a finite number >= 0 (0: off, the paper), got {token_loss!r}")
+    if token_loss > 0 and not isinstance(token_targets, TokenTargets):
+        raise ValueError("token_loss > 0 needs token_targets (raphael_ref.token_attention.token_targets of the "
+                         "batch's synthetic scenes), got " + type(token_targets).__name__)
     cfg = getattr(model, "module", model).cfg  # the model's config, also through a DDP wrapper (.module)
     x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
+    extra = {}
     if balance_loss > 0:
-        eps_hat, aux = model(x_t, t, y, y_valid, pooled_index, return_probs=True)
-    else:
-        eps_hat, aux = model(x_t, t, y, y_valid, pooled_index)
+        extra["return_probs"] = True
+    if token_loss > 0:
+        extra["return_maps"] = True
+    eps_hat, aux = model(x_t, t, y, y_valid, pooled_index, **extra)
     acc = torch.promote_types(eps_hat.dtype, torch.float32)  # the loss of a bf16/fp16 model in float32
     denoise = loss_eps(eps_hat.to(acc), noise.to(acc), reduction="none")  # (B,)
     if loss_weight != "none":
@@ -110,5 +124,9 @@ def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedul
     if balance_loss > 0:  # erratum E73
         out["balance"] = model_balance_loss(aux, y_valid).to(out["total"].dtype)  # ()
         out["total"] = out["total"] + balance_loss * out["balance"]
+    if token_loss > 0:  # erratum E82
+        maps = [(a.attn_map, a.grid) for a in aux if a.attn_map is not None]
+        out["token"] = model_token_attention_loss(maps, token_targets).to(out["total"].dtype)  # ()
+        out["total"] = out["total"] + token_loss * out["token"]
     out["aux"] = aux
     return out

@@ -51,6 +51,7 @@ from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters
 from raphael_ref.monitoring import (  # noqa: E402
     ExpertUsage, TensorBoardLog, check_tensorboard, collapse_warning, plot_expert_usage)
 from raphael_ref.objective import training_losses  # noqa: E402
+from raphael_ref.token_attention import token_targets  # noqa: E402
 
 EXIT_USAGE = 2  # a user error, reported before any training
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm (train.nonfinite)
@@ -456,6 +457,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     usage = ExpertUsage.for_config(cfg, device)
     balance = tc.balance_loss > 0  # the optional load-balancing loss (E73): its sum over the window
     balance_window = torch.zeros((), dtype=torch.float64, device=device)
+    token = tc.token_loss > 0  # the optional token-attention loss (E82): its sum over the window
+    token_window = torch.zeros((), dtype=torch.float64, device=device)
+    token_at = 5 + int(balance)  # its index in the per-step stats
     if resume_from is not None:
         if ck["format"] == "sharded":  # collective: each rank reads its part of every tensor (DCP reshards)
             T.load_sharded_state(resume_from, model, ema, opt, ck["optimizer_meta"])
@@ -469,6 +473,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         skipped_steps = int(st.get("skipped_steps", 0))
         usage.load_window_state(st.get("expert_usage"), rank)  # absent in older checkpoints: a fresh window
         balance_window.fill_(float(st.get("balance_window", 0.0)))
+        token_window.fill_(float(st.get("token_window", 0.0)))
         rng_states = ck["rng"] if st["world_size"] == world else None
         if rng_states is None and tc.rng == "sample":
             say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: train.rng = "
@@ -554,7 +559,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()} if rank == 0 else None
         state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
                  "seed": tc.seed, "skipped_steps": skipped_steps, "expert_usage": usage_state,
-                 "balance_window": float(balance_window)} if rank == 0 else None
+                 "balance_window": float(balance_window), "token_window": float(token_window)} if rank == 0 else None
         if sharded:  # collective; a NonFiniteError is raised on every rank
             try:
                 path = T.save_sharded_checkpoint(run_dir, step, model=model, ema=ema, optimizer=opt, cfg=cfg,
@@ -654,6 +659,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     images = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
                     x0 = codec.encode(images, generator=gen if draws is None else draws.gens)  # (B, C, h, w)
                 text = encoder(captions)  # hidden (B, n_y, d_y), valid (B, n_y), pooled_index (B,)
+                # token-attention loss (E82): each object's colour / shape / position tokens and its pixel mask
+                targets = token_targets(batch["scene"], captions, text.hidden.shape[1], tc.token_words) if token else None
                 edges = edge_detector(images) if edge_detector is not None else None  # (B, 1, H, W) in [0, 1]
             B = x0.shape[0]
             if draws is None:
@@ -669,7 +676,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             # micro-loss is divided by K: the summed gradient is that of the batch mean; the ranks reduce it
             # once, in the last micro-step's backward (grad_sync).
             opt.zero_grad(set_to_none=True)
-            sums = None  # (total, denoise, edge[, balance]) summed over the micro-batches, float64 on the device
+            sums = None  # (total, denoise, edge[, balance][, token]) summed over the micro-batches, float64 on the device
             for k, mb in enumerate(micro_slices(B, accum)):
                 with grad_sync(net_for_loss, k == accum - 1):
                     with amp, (nullcontext() if draws is None else per_sample_noise(draws.seeds[mb])):
@@ -677,11 +684,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                                               text.valid[mb], text.pooled_index[mb], None if edges is None else edges[mb],
                                               focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
                                               loss_weight=tc.loss_weight, loss_weight_max=tc.loss_weight_max,
-                                              balance_loss=tc.balance_loss)
+                                              balance_loss=tc.balance_loss, token_loss=tc.token_loss,
+                                              token_targets=None if targets is None else targets.select(mb).to(device))
                     usage.update(out["aux"], text.valid[mb], count_step=k == accum - 1)  # no host sync
                     (out["total"] if accum == 1 else out["total"] / accum).backward()
                 micro = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach()]
-                                    + ([out["balance"].detach()] if balance else [])).double()
+                                    + ([out["balance"].detach()] if balance else [])
+                                    + ([out["token"].detach()] if token else [])).double()
                 sums = micro if sums is None else sums + micro  # a non-finite micro-loss makes the sum non-finite
                 del out  # the micro-step's routes and losses; its graph is freed by backward
             mean = sums if accum == 1 else sums / accum  # the mean over the micro-batches = the batch mean
@@ -693,7 +702,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             bad_here = ~(torch.isfinite(losses).all() & torch.isfinite(norm))
             stats = torch.cat([losses, bad_here.double().reshape(1),
                                torch.full((1,), float(stop.requested), dtype=torch.float64, device=device)]
-                              + ([mean[3:]] if balance else []))
+                              + ([mean[3:]] if balance or token else []))
             if world > 1:
                 dist.all_reduce(stats)
                 stats[:3] /= world
@@ -713,6 +722,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     window += torch.cat([stats[:3], one])
                     if balance:
                         balance_window += stats[5]
+                    if token:
+                        token_window += stats[token_at]
             else:
                 opt.step()  # non-finite gradients make the weights non-finite: the run stops at the next check
                 nonfinite_at = torch.where(bad & (nonfinite_at < 0), step + 1, nonfinite_at)
@@ -720,6 +731,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 window += torch.cat([stats[:3], one])
                 if balance:
                     balance_window += stats[5]
+                if token:
+                    token_window += stats[token_at]
             step += 1
             busy, busy_steps = busy + time.perf_counter() - t_step, busy_steps + 1
             if bar is not None:
@@ -735,6 +748,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     record["skipped"] = skipped_window
                 if balance:
                     record["balance"] = float(balance_window) / n if n else math.nan
+                if token:
+                    record["token"] = float(token_window) / n if n else math.nan
                 record["expert_usage"] = usage.summary()  # collective under DDP / FSDP: every rank
                 if log is not None:
                     log.write(record)
@@ -748,6 +763,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                               flush=True)
                 window.zero_()
                 balance_window.zero_()
+                token_window.zero_()
                 usage.reset()
                 busy, busy_steps, skipped_window = 0.0, 0, 0
                 check_finite()
