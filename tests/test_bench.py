@@ -65,7 +65,8 @@ def test_params_counts_the_paper_preset(bench, tmp_path, capsys):
 
 def test_train_step_variants_run_and_report_ratios(bench, tmp_path, capsys):
     out = tmp_path / "step.json"
-    names = ["24px pixels, gather, b16", "24px s2d f3 (8x8x27), width 32, gather, b32"]
+    names = ["24px pixels, gather, b16", "24px s2d f3 (8x8x27), width 32, gather, b32",
+             "toy + token loss (position words)"]
     rc = bench.main(["train-step", "--variants", *names, "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert rc == 0
     rec = json.loads(out.read_text())

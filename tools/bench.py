@@ -264,6 +264,8 @@ TRAIN_STEP_VARIANTS: dict[str, dict] = {
     "toy, padding attended, no pos-embed": {"model.pos_embed": "none", "model.attend_padding": True,
                                             "model.count_padding": True},
     "24px pixels, gather, b16": {"model.moe_impl": "gather"},
+    # the token-attention loss on the position words (E82; an option, off in the preset)
+    "toy + token loss (position words)": {"train.token_loss": 0.02, "train.token_words": ["position"]},
     "24px pixels, dense, b32": {"train.batch_size": 32},
     "24px s2d f3 (8x8x27), width 32, gather, b32": {**_S2D, "model.moe_impl": "gather", "train.batch_size": 32},
     "24px s2d f3 (8x8x27), width 64, gather, b32": {**_S2D, "model.moe_impl": "gather", "train.batch_size": 32,
@@ -281,8 +283,10 @@ def add_train_step_args(p: argparse.ArgumentParser) -> None:
 def run_train_step(args: argparse.Namespace) -> dict:
     from raphael_ref.config import get_preset
     from raphael_ref.diffusion import NoiseSchedule
+    from raphael_ref.data.synthetic import SyntheticShapes
     from raphael_ref.models import RaphaelUNet
     from raphael_ref.objective import training_losses
+    from raphael_ref.token_attention import TokenTargets, token_targets
 
     names = args.variants or list(TRAIN_STEP_VARIANTS)
     unknown = [n for n in names if n not in TRAIN_STEP_VARIANTS]
@@ -305,10 +309,18 @@ def run_train_step(args: argparse.Namespace) -> dict:
         valid = (torch.arange(m.n_y)[None] < 10).expand(B, m.n_y)
         pooled = torch.full((B,), 9)
         edge = torch.rand(B, 1, S * f, S * f, generator=gen)
+        targets = None
+        if cfg.train.token_loss > 0:  # the pairs of B synthetic captions (those of the 10 valid slots), built once
+            ds = SyntheticShapes(seed=args.seed, image_size=S * f)
+            scenes = [ds.scene(i) for i in range(B)]
+            tt = token_targets(scenes, [sc.caption for sc in scenes], m.n_y, cfg.train.token_words)
+            keep = tt.token < 10
+            targets = TokenTargets(tt.sample[keep], tt.token[keep], tt.mask[keep])
 
         def step():
             t = torch.randint(0, cfg.diffusion.T, (B,), generator=gen)
-            out = training_losses(model, sched, x0, t, torch.randn(x0.shape, generator=gen), y, valid, pooled, edge)
+            out = training_losses(model, sched, x0, t, torch.randn(x0.shape, generator=gen), y, valid, pooled, edge,
+                                  token_loss=cfg.train.token_loss, token_targets=targets)
             opt.zero_grad(set_to_none=True)
             out["total"].mean().backward()
             opt.step()
