@@ -58,6 +58,18 @@ def test_tool_joins_folders_pairs_seeds_and_writes_the_control_margin(tmp_path):
     assert res["categories"]["position"]["b_over_control_in_se"][0] < 0  # below the control: a negative margin
     md = (tmp_path / "res" / "cmp.md").read_text()
     assert "| colors |" in md and "**overall**" in md and "pen against no-text" in md
+    assert not (tmp_path / "res" / "cmp.png").exists()  # the plot only when asked
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [_write(tmp_path / f"r{i}", {"colors": (40 + 10 * i, 96), "position": (5 + i, 96)}) for i in range(4)]
+    ctl = _write(tmp_path / "ctl", {"colors": (16, 96), "position": (2, 96)})
+    out = tmp_path / "cmp"
+    assert ce.main(["--seeds", "0", "1", "--a", "A", *runs[:2], "--b", "B", *runs[2:], "--control", "none", ctl,
+                    "--out", str(out), "--plot"]) == 0
+    png = (tmp_path / "cmp.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_clear_errors(tmp_path):

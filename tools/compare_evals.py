@@ -13,7 +13,8 @@ error, the per-seed difference B - A, its mean, standard error over seeds, t and
 critical value (Student's t, n - 1 degrees of freedom), and how many seeds B wins. ``overall`` is the
 mean over those categories without ``single_position`` (as ``tools/evaluate.py``'s overall). With
 ``--control`` (e.g. the no-text twin), each B run's margin over it in standard errors of the
-difference, sqrt(se_B^2 + se_control^2), binomial. Writes OUT.md and OUT.json.
+difference, sqrt(se_B^2 + se_control^2), binomial. Writes OUT.md and OUT.json, and with ``--plot`` OUT.png
+(per category: each setting's seeds as dots, their mean as a bar with ± se over seeds, the control as a line).
 """
 
 from __future__ import annotations
@@ -132,6 +133,41 @@ def markdown(res: dict, la: str, lb: str, lc: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(res: dict, la: str, lb: str, lc: str | None, path: Path) -> None:
+    """Grouped bars: per category, A and B's mean over seeds (± se over seeds), each seed a dot, the control a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(res["categories"])
+    groups = [(c, [x["accuracy"] for x in res["categories"][c]["a"]], [x["accuracy"] for x in res["categories"][c]["b"]],
+               res["categories"][c].get("control")) for c in cats]
+    if res["overall"]:
+        groups.append(("overall", res["overall"]["a"], res["overall"]["b"], None))
+    fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 2, 3.6))
+    w = 0.38
+    for k, (label, off, color) in enumerate(((la, -w / 2, "tab:gray"), (lb, w / 2, "tab:blue"))):
+        for i, g in enumerate(groups):
+            vals = g[1 + k]
+            m, sd = mean_sd(vals)
+            err = None if sd is None else sd / math.sqrt(len(vals))
+            ax.bar(i + off, m, w, yerr=err, color=color, alpha=0.55, capsize=3, label=label if i == 0 else None)
+            ax.scatter([i + off] * len(vals), vals, s=10, color="k", zorder=3)
+    for i, g in enumerate(groups):
+        if g[3] is not None:
+            ax.hlines(g[3]["accuracy"], i - w, i + w, colors="tab:red", linestyles="--",
+                      label=lc if lc and i == next(j for j, h in enumerate(groups) if h[3] is not None) else None)
+    ax.set_xticks(range(len(groups)), [g[0].replace("_", "\n") for g in groups], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{lb} vs {la}: mean ± se over seeds {', '.join(map(str, res['seeds']))}; dots: seeds", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--a", nargs="+", required=True, metavar="LABEL_THEN_EVALS", help="label, then one evaluation per seed")
@@ -139,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds, in the order of the evaluations")
     p.add_argument("--control", nargs=2, metavar=("LABEL", "EVAL"), help="a control run (e.g. the no-text twin)")
     p.add_argument("--out", required=True, help="output stem: writes OUT.md and OUT.json")
+    p.add_argument("--plot", action="store_true", help="also write OUT.png (needs matplotlib, the [eval] extra)")
     args = p.parse_args(argv)
     for flag, v in (("--a", args.a), ("--b", args.b)):
         if len(v) < 2:
@@ -156,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(f"{out}.json").write_text(json.dumps(res, indent=1) + "\n")
     md = markdown(res, la, lb, args.control[0] if args.control else None)
     Path(f"{out}.md").write_text(md)
+    if args.plot:
+        plot(res, la, lb, args.control[0] if args.control else None, Path(f"{out}.png"))
     print(md)
     return 0
 
