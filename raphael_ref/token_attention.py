@@ -87,7 +87,7 @@ def token_targets(scenes: Sequence, captions: Sequence[str], n_y: int,
     objects and each position word with its own object. Tokens are numbered as ``TextEncoder.tokenize``
     does (SOT at 0); tokens beyond the context (``n_y`` - 1: EOT's slot) are left out.
     """
-    from raphael_ref.data.synthetic import POSITION_PHRASES, Scene, _shape_mask
+    from raphael_ref.data.synthetic import POSITION_PHRASES, Scene, is_count_scene, object_mask
     from raphael_ref.text_encoder import clip_tokenizer
 
     words = tuple(words)
@@ -106,16 +106,10 @@ def token_targets(scenes: Sequence, captions: Sequence[str], n_y: int,
             continue
         if caption != scene.caption:
             raise ValueError(f"token_targets: caption {b} {caption!r} is not its scene's caption {scene.caption!r}")
-        S = scene.image_size
-        pixel = []
-        for o in scene.objects:  # each object's pixel mask, (S, S)
-            m = np.zeros((S, S), dtype=np.float32)
-            x0, y0, x1, y1 = o.box
-            m[y0:y1, x0:x1] = _shape_mask(o.shape, o.box)
-            pixel.append(m)
         objs = scene.objects
+        pixel = [object_mask(o, scene.image_size) for o in objs]  # each object's pixel mask, (S, S)
         expected: list[tuple[str, np.ndarray]] = []  # the supervised words in caption order, with their masks
-        if len(objs) >= 2 and len({(o.shape, o.color) for o in objs}) == 1:  # count scene (caption_for)
+        if is_count_scene(objs):  # "two green triangles on the left and in the center" (caption_for)
             union = np.maximum.reduce(pixel)
             expected += [(objs[0].color, union)] if "color" in words else []
             expected += [(objs[0].shape + "s", union)] if "shape" in words else []

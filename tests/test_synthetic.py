@@ -255,3 +255,21 @@ def test_novel_colours_render_but_are_never_drawn_for_training():
     assert drawn == set(S.COLORS)
     with pytest.raises(ValueError, match="novel"):
         S.make_scene([("square", "orange", "left")], 24)
+
+
+def test_object_mask_is_the_rendered_shape_and_is_count_scene_matches_the_caption():
+    from raphael_ref.data.synthetic import is_count_scene, make_scene, object_mask, render
+
+    scene = make_scene([("triangle", "red", "left"), ("circle", "blue", "top")], image_size=24)
+    img = render(scene)
+    for o in scene.objects:
+        m = object_mask(o, 24)
+        assert m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0} and m.sum() > 0
+        px = img[:, torch.from_numpy(m > 0)]  # (3, pixels of the mask)
+        assert (px == px[:, :1]).all() and px.sum() > 0  # every mask pixel has the object's (one, non-black) colour
+    union = sum(object_mask(o, 24) for o in scene.objects)
+    assert ((img.sum(0) > 0).numpy() == (union > 0)).all()  # and the rendered pixels are exactly the masks
+    assert not is_count_scene(scene.objects)
+    count = make_scene([("square", "green", "left"), ("square", "green", "center")], image_size=24)
+    assert is_count_scene(count.objects) and count.caption.startswith("two green squares")
+    assert not is_count_scene(make_scene([("square", "green", "left")], image_size=24).objects)

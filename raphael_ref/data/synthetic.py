@@ -39,9 +39,11 @@ __all__ = [
     "Scene",
     "object_size",
     "position_box",
+    "is_count_scene",
     "caption_for",
     "make_scene",
     "sample_scene",
+    "object_mask",
     "render",
     "scene_to_dict",
     "scene_from_dict",
@@ -144,6 +146,11 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def is_count_scene(objects: Sequence[SceneObject]) -> bool:
+    """True when >= 2 objects all share shape and colour: the caption counts them ("two green triangles ...")."""
+    return len(objects) >= 2 and len({(o.shape, o.color) for o in objects}) == 1
+
+
 def caption_for(objects: Sequence[SceneObject]) -> str:
     """The caption template: every object named with its colour, shape and position.
 
@@ -153,8 +160,7 @@ def caption_for(objects: Sequence[SceneObject]) -> str:
     """
     if len(objects) == 0:
         raise ValueError("caption_for: need at least one object; got none.")
-    kinds = {(o.shape, o.color) for o in objects}
-    if len(objects) >= 2 and len(kinds) == 1:
+    if is_count_scene(objects):
         if len(objects) not in COUNT_WORDS:
             raise ValueError(f"caption_for: no count word for {len(objects)} objects; at most {max(COUNT_WORDS)}.")
         o = objects[0]
@@ -228,6 +234,14 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
     if shape == "triangle":  # apex (w/2, 0), base from (0, h) to (w, h): |x - w/2| <= (w/2) (y / h)
         return np.abs(xs - w / 2) <= (w / 2) * (ys / h)
     raise ValueError(f"render: unknown shape {shape!r}; expected one of {SHAPES}.")
+
+
+def object_mask(obj: SceneObject, image_size: int) -> np.ndarray:
+    """Float32 (S, S) mask of one object's pixels in the image (1 on the shape, 0 elsewhere), as render draws it."""
+    m = np.zeros((image_size, image_size), dtype=np.float32)
+    x0, y0, x1, y1 = obj.box
+    m[y0:y1, x0:x1] = _shape_mask(obj.shape, obj.box)
+    return m
 
 
 def render(scene: Scene) -> torch.Tensor:
