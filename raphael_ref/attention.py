@@ -25,8 +25,25 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["cross_attention_literal", "cross_attention", "cross_attention_map", "softmax_dtype"]
+__all__ = ["cross_attention_literal", "cross_attention", "cross_attention_map", "sdpa", "softmax_dtype"]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention``, falling back to its math backend where torch's CPU flash kernel fails.
+
+    torch's CPU flash kernel for bf16 / fp16 chooses VNNI packing from the hardware but refuses it when the ATen
+    kernels are capped below AVX-512 (``ATEN_CPU_CAPABILITY=default`` on an AVX-512 machine): "pack_vnni2 is only
+    supported when avx512 is supported". The math backend computes the same attention (within the dtype's rounding).
+    """
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    except RuntimeError as e:
+        if "pack_vnni" not in str(e):
+            raise
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,7 +220,7 @@ def cross_attention(
         _check_bias(q, k, heads, logit_bias)
         mask = logit_bias.to(q.dtype) if mask is None else \
             logit_bias.to(q.dtype).masked_fill(~mask, float("-inf"))  # (B, heads, n_x, n_y) additive
-    out = F.scaled_dot_product_attention(
+    out = sdpa(
         _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=mask
     )  # (B, heads, n_x, d_head)
     B, _, n_x, _ = out.shape

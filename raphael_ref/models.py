@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from raphael_ref.attention import cross_attention
+from raphael_ref.attention import cross_attention, sdpa
 from raphael_ref.config import ModelConfig
 from raphael_ref.edge import EdgePredictor, pooled_attention_map
 from raphael_ref.experts import ExpertBank
@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # (B, H, n_x, dh) each
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, n_x, dh)
+        o = sdpa(q, k, v)  # (B, H, n_x, dh); fused kernels
         return self.out(rearrange(o, "b h n d -> b n (h d)"))  # (B, n_x, width)
 
 

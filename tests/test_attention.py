@@ -277,3 +277,32 @@ def test_fast_gradients_equal_literal():
     grads_l = torch.autograd.grad((out_l.sum() + (maps_l.mean(1) ** 2).sum()), (q, k, v))
     for a, b in zip(grads_f, grads_l):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sdpa_falls_back_to_the_math_backend_on_the_vnni_packing_error(monkeypatch):
+    # torch's CPU flash kernel raises this for bf16 under ATEN_CPU_CAPABILITY=default on AVX-512 hardware
+    import torch.nn.functional as F
+
+    from raphael_ref import attention as A
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    want = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+    real, calls = F.scaled_dot_product_attention, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", flaky)
+    torch.testing.assert_close(A.sdpa(q, k, v), want, rtol=1e-5, atol=1e-6)  # float32: kernel rounding only
+    assert len(calls) == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("some other kernel failure")
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", broken)
+    with pytest.raises(RuntimeError, match="some other kernel failure"):
+        A.sdpa(q, k, v)
