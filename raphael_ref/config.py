@@ -126,6 +126,11 @@ class TrainConfig:
     token_loss: float = 0.0
     # which words of each object's phrase the token loss supervises: "color", "shape", "position"
     token_words: tuple[str, ...] = ("color", "shape", "position")
+    # the synthetic source's scene mix (raphael_ref.data.synthetic.sample_scene; not in the paper, erratum E83):
+    # the share of count scenes ("two red circles ..."), and whether the objects of the other scenes all have
+    # distinct shapes (True) or only distinct (shape, colour) pairs (False: "a red circle ... and a blue circle ...")
+    scene_count_prob: float = 0.2
+    scene_distinct_shapes: bool = False
     # weight of L_denoise per noise level: "none" (the paper) or "v" (the v-prediction loss written for the
     # eps network, normalised to mean 1; raphael_ref.objective.denoise_weights, erratum E70)
     loss_weight: str = "none"
@@ -440,6 +445,11 @@ class RaphaelConfig:
         words = tuple(t.token_words) if isinstance(t.token_words, (list, tuple)) else ()
         if not words or len(set(words)) != len(words) or any(w not in ("color", "shape", "position") for w in words):
             bad("train.token_words", f"must be distinct names from ('color', 'shape', 'position'), got {t.token_words!r}")
+        unit("train.scene_count_prob", t.scene_count_prob)
+        if t.source != "synthetic" and (t.scene_count_prob != 0.2 or t.scene_distinct_shapes):
+            bad("train.scene_count_prob" if t.scene_count_prob != 0.2 else "train.scene_distinct_shapes",
+                f"sets the scene mix of the synthetic set and needs train.source='synthetic', got train.source="
+                f"{t.source!r}; leave train.scene_count_prob at 0.2 and train.scene_distinct_shapes false")
         if not math.isfinite(t.aesthetic_min):
             bad("train.aesthetic_min", f"must be a finite number, got {t.aesthetic_min}")
         at_least("train.batch_size", t.batch_size, 1)

@@ -200,3 +200,18 @@ def test_train_stops_on_missing_hed_weights_before_the_run_folder(tmp_path, caps
     err = capsys.readouterr().err
     assert "bash tools/fetch_hed_weights.sh" in err and "train.edge_detector=canny" in err
     assert not out.exists()
+
+
+def test_scene_mix_fields():
+    cfg = C.load_config("toy", overrides=["train.scene_count_prob=0.1", "train.scene_distinct_shapes=true"])
+    assert cfg.train.scene_count_prob == 0.1 and cfg.train.scene_distinct_shapes is True
+    for preset in ("toy", "small", "paper"):  # the data every earlier run trained on
+        assert C.get_preset(preset).train.scene_count_prob == 0.2 and not C.get_preset(preset).train.scene_distinct_shapes
+    with pytest.raises(ValueError, match="train.scene_count_prob"):
+        C.load_config("toy", overrides=["train.scene_count_prob=1.2"])
+    with pytest.raises(ValueError, match="train.scene_distinct_shapes"):
+        C.load_config("toy", overrides=["train.scene_distinct_shapes=2"])
+    with pytest.raises(ValueError, match="train.scene_distinct_shapes.*train.source='synthetic'"):
+        C.load_config("toy", overrides=["train.scene_distinct_shapes=true", "train.source=/data/shards"])
+    with pytest.raises(ValueError, match="train.scene_count_prob.*train.source='synthetic'"):
+        C.load_config("toy", overrides=["train.scene_count_prob=0", "train.source=/data/shards"])

@@ -266,3 +266,17 @@ def test_invalid_arguments_raise(tmp_path):
         make_train_loader("synthetic", image_size=32, batch_size=1, caption_dropout=1.5)
     with pytest.raises(ValueError, match="rank"):
         make_train_loader("synthetic", image_size=32, batch_size=1, rank=2, world_size=2)
+
+
+def test_the_synthetic_loader_passes_the_scene_mix_on():
+    kw = dict(image_size=32, batch_size=64, seed=5)
+    default = next(iter(make_train_loader("synthetic", **kw)))
+    mixed = next(iter(make_train_loader("synthetic", count_prob=0.0, distinct_shapes=True, **kw)))
+    ds = SyntheticShapes(seed=5, count_prob=0.0, distinct_shapes=True)
+    keys = mixed["key"]
+    assert keys == default["key"]  # the same items of the stream, drawn from the other mix
+    scenes = [ds.scene(int(k.rsplit("-", 1)[1])) for k in keys]
+    assert mixed["scene"] == scenes
+    assert all(len({o.shape for o in s.objects}) == len(s.objects) for s in scenes)
+    assert torch.equal(mixed["image"], torch.stack([render(s) for s in scenes]).float() / 127.5 - 1.0)
+    assert [s.caption for s in mixed["scene"]] != [s.caption for s in default["scene"]]

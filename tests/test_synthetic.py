@@ -273,3 +273,60 @@ def test_object_mask_is_the_rendered_shape_and_is_count_scene_matches_the_captio
     count = make_scene([("square", "green", "left"), ("square", "green", "center")], image_size=24)
     assert is_count_scene(count.objects) and count.caption.startswith("two green squares")
     assert not is_count_scene(make_scene([("square", "green", "left")], image_size=24).objects)
+
+
+# The first captions of SyntheticShapes(seed=3) as the generator drew them before the scene-mix options existed
+# (sha256 of the 500 captions joined by newlines, computed from that version of the module): the defaults must keep
+# every earlier run's data, draw for draw.
+_SEED3_CAPTIONS_SHA256 = "ebfeb3fa09983f71b94a4eea2a7b94861948e45034b737e4636e7bea72ca2774"
+
+
+def test_the_default_scene_mix_is_the_data_every_earlier_run_trained_on():
+    ds = SyntheticShapes(seed=3)
+    assert [ds.scene(i).caption for i in range(2)] == [
+        "two green circles at the bottom and in the center", "a green triangle on the left and a red square at the top"]
+    joined = "\n".join(ds.scene(i).caption for i in range(500))
+    assert hashlib.sha256(joined.encode()).hexdigest() == _SEED3_CAPTIONS_SHA256
+
+
+@given(seed=seeds, index=indices, max_objects=st.integers(1, 3))
+@settings(max_examples=40)
+def test_distinct_shapes_gives_every_object_of_a_non_count_scene_its_own_shape(seed, index, max_objects):
+    rng = np.random.default_rng([seed, index])
+    scene = sample_scene(rng, 32, max_objects, distinct_shapes=True)
+    assert _parse_caption(scene.caption) == _scene_objects(scene)
+    if not S.is_count_scene(scene.objects):
+        assert len({o.shape for o in scene.objects}) == len(scene.objects)
+
+
+def test_scene_mix_shares():
+    n = 1500
+    draw = lambda **kw: [sample_scene(np.random.default_rng([11, i]), 32, 3, **kw) for i in range(n)]  # noqa: E731
+    default, distinct, no_count = draw(), draw(distinct_shapes=True), draw(count_prob=0.0)
+    repeated = lambda scenes: sum(  # noqa: E731
+        len(s.objects) >= 2 and not S.is_count_scene(s.objects) and len({o.shape for o in s.objects}) < len(s.objects)
+        for s in scenes)
+    # Default: two objects share a shape with probability 5/17 (distinct (shape, colour) pairs), three objects with
+    # 1 - (12/17)(6/16) = 0.735; 0.8 * (1/3 * 5/17 + 1/3 * 0.735) = 0.275 of all scenes, ~412 of 1500 (sd ~17).
+    assert abs(repeated(default) - 0.275 * n) < 5 * math.sqrt(n * 0.275 * 0.725)
+    assert repeated(distinct) == 0
+    assert sum(S.is_count_scene(s.objects) for s in no_count) == 0
+    # The count-scene share is count_prob whatever the other option says (5 sd of Binomial(1500, 0.2) is ~77).
+    for scenes in (default, distinct):
+        assert abs(sum(S.is_count_scene(s.objects) for s in scenes) - 0.2 * n) < 77
+    # distinct_shapes leaves the numbers of objects and the colours uniform.
+    assert set(Counter(len(s.objects) for s in distinct)) == {1, 2, 3}
+    colours = Counter(o.color for s in distinct for o in s.objects)
+    assert set(colours) == set(COLORS) and max(colours.values()) < 1.5 * min(colours.values())
+
+
+def test_scene_mix_options_are_checked():
+    with pytest.raises(ValueError, match="count_prob"):
+        sample_scene(np.random.default_rng(0), count_prob=1.5)
+    with pytest.raises(ValueError, match="count_prob"):
+        SyntheticShapes(count_prob=float("nan"))
+    with pytest.raises(ValueError, match="distinct_shapes"):
+        SyntheticShapes(distinct_shapes=1)
+    with pytest.raises(ValueError, match="max_objects must be <= 3"):
+        SyntheticShapes(max_objects=4, distinct_shapes=True)
+    SyntheticShapes(max_objects=4)  # fine without the option

@@ -493,7 +493,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         loader = make_train_loader(tc.source, image_size=image_size, batch_size=tc.batch_size // world, rank=rank,
                                    world_size=world, seed=tc.seed, multiscale=tc.multiscale, buckets=buckets,
                                    caption_dropout=tc.caption_dropout if tc.rng == "rank" else 0.0,  # "sample": per sample below
-                                   num_workers=tc.num_workers, start_step=step)
+                                   num_workers=tc.num_workers, start_step=step, count_prob=tc.scene_count_prob,
+                                   distinct_shapes=tc.scene_distinct_shapes)
     except (ValueError, FileNotFoundError) as e:
         return fail(rank, str(e))
     data = iter(loader)  # (draws from the loader's own generator, not from the RNG streams restored below)

@@ -62,7 +62,7 @@ from raphael_ref.data.shards import (
     list_shards,
     shard_sample_count,
 )
-from raphael_ref.data.synthetic import SyntheticShapes, render
+from raphael_ref.data.synthetic import COUNT_SCENE_PROB, SyntheticShapes, render
 
 __all__ = [
     "SYNTHETIC",
@@ -156,8 +156,10 @@ class SyntheticStream(torch.utils.data.IterableDataset):
 
     def __init__(self, *, image_size: int, batch_size: int, rank: int, world_size: int, seed: int,
                  caption_dropout: float, start_step: int, max_objects: int, length: int,
-                 bucket_index: int | None = None):
-        self.dataset = SyntheticShapes(seed=seed, image_size=image_size, length=length, max_objects=max_objects)
+                 bucket_index: int | None = None, count_prob: float = COUNT_SCENE_PROB,
+                 distinct_shapes: bool = False):
+        self.dataset = SyntheticShapes(seed=seed, image_size=image_size, length=length, max_objects=max_objects,
+                                       count_prob=count_prob, distinct_shapes=distinct_shapes)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.caption_dropout, self.start_step = caption_dropout, start_step
         self.bucket_index = bucket_index
@@ -361,6 +363,8 @@ def make_train_loader(
     buckets: Sequence[tuple[int, int]] | None = None,
     start_step: int = 0,
     max_objects: int = 3,
+    count_prob: float = COUNT_SCENE_PROB,
+    distinct_shapes: bool = False,
     synthetic_length: int = 1_000_000,
     min_aesthetic: float | None = AESTHETIC_MIN,
     max_pwatermark: float | None = PWATERMARK_MAX,
@@ -371,7 +375,8 @@ def make_train_loader(
     "{00000..00099}" range of .tar files, one .tar, or a folder of images with same-stem .txt captions.
     batch_size is per rank. multiscale: batches from the nearest of `buckets` (default: the paper's
     BUCKETS, 448..832 px, whatever image_size is; pass scaled_buckets(BUCKETS, f, step) for small
-    presets); otherwise image_size x image_size crops. The synthetic source is always image_size.
+    presets); otherwise image_size x image_size crops. The synthetic source is always image_size;
+    max_objects, count_prob and distinct_shapes set its scene mix (data.synthetic.sample_scene).
     Tar/folder sources need at least world_size * max(1, num_workers) shards (files).
     Returns a DataLoader (batch_size=None) whose iteration never ends; with num_workers = 0 its
     `.dataset.stats` holds the reader's DataStats.
@@ -407,7 +412,8 @@ def make_train_loader(
             bucket_index = bucket_nearest(image_size, image_size, buckets)
         dataset = SyntheticStream(image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size,
                                   seed=seed, caption_dropout=caption_dropout, start_step=start_step,
-                                  max_objects=max_objects, length=synthetic_length, bucket_index=bucket_index)
+                                  max_objects=max_objects, length=synthetic_length, bucket_index=bucket_index,
+                                  count_prob=count_prob, distinct_shapes=distinct_shapes)
     else:
         kind, units, root = _resolve_source(source)
         readers = world_size * max(1, num_workers)

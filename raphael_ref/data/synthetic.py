@@ -198,22 +198,43 @@ def make_scene(objects: Sequence[tuple[str, str, str]], image_size: int = 32) ->
     return Scene(objects=tuple(built), caption=caption_for(built), image_size=image_size)
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 32, max_objects: int = 3) -> Scene:
+def _check_scene_mix(count_prob: float, distinct_shapes: bool, max_objects: int, fn: str) -> None:
+    if isinstance(count_prob, bool) or not isinstance(count_prob, (int, float)) or not 0.0 <= count_prob <= 1.0:
+        raise ValueError(f"{fn}: count_prob must be a probability in [0, 1]; got {count_prob!r}.")
+    if not isinstance(distinct_shapes, bool):
+        raise ValueError(f"{fn}: distinct_shapes must be True or False; got {distinct_shapes!r}.")
+    if distinct_shapes and max_objects > len(SHAPES):
+        raise ValueError(f"{fn}: distinct_shapes=True gives each object of a scene its own shape, so max_objects "
+                         f"must be <= {len(SHAPES)} (the number of shapes); got max_objects={max_objects}.")
+
+
+def sample_scene(rng: np.random.Generator, image_size: int = 32, max_objects: int = 3, *,
+                 count_prob: float = COUNT_SCENE_PROB, distinct_shapes: bool = False) -> Scene:
     """Draw a scene: 1..max_objects objects at distinct positions, or a count scene.
 
-    With probability COUNT_SCENE_PROB (when max_objects >= 2) the scene is k in [2, max_objects]
+    With probability ``count_prob`` (when max_objects >= 2) the scene is k in [2, max_objects]
     copies of one (shape, colour) at k positions; otherwise n ~ U{1..max_objects} objects with
     distinct (shape, colour) pairs, so the caption names each one unambiguously.
+
+    distinct_shapes: if True, the objects of a scene that is not a count scene also have distinct
+    shapes (each a uniform colour, repeats allowed), as in the evaluation's two-object prompts; the
+    default draws distinct (shape, colour) pairs, so "a red circle ... and a blue circle ..." occurs.
+    The defaults reproduce the data every run before this option was trained on, draw for draw.
     """
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"sample_scene: rng must be a numpy.random.Generator; got {type(rng).__name__}.")
     _check_image_size(image_size, "sample_scene")
     _check_max_objects(max_objects, "sample_scene")
+    _check_scene_mix(count_prob, distinct_shapes, max_objects, "sample_scene")
     colors = tuple(COLORS)
-    if max_objects >= 2 and rng.random() < COUNT_SCENE_PROB:
+    if max_objects >= 2 and rng.random() < count_prob:
         k = int(rng.integers(2, max_objects + 1))
         shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
         kinds = [(shape, color)] * k
+    elif distinct_shapes:
+        k = int(rng.integers(1, max_objects + 1))
+        shapes = [SHAPES[j] for j in rng.choice(len(SHAPES), size=k, replace=False)]
+        kinds = [(s, colors[j]) for s, j in zip(shapes, rng.integers(len(colors), size=k))]
     else:
         k = int(rng.integers(1, max_objects + 1))
         pairs = [(s, c) for s in SHAPES for c in colors]
@@ -298,14 +319,17 @@ class SyntheticShapes(torch.utils.data.Dataset):
     "key": f"synth-{seed}-{i:09d}"}.
     """
 
-    def __init__(self, seed: int = 0, image_size: int = 32, length: int = 1_000_000, max_objects: int = 3):
+    def __init__(self, seed: int = 0, image_size: int = 32, length: int = 1_000_000, max_objects: int = 3, *,
+                 count_prob: float = COUNT_SCENE_PROB, distinct_shapes: bool = False):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"SyntheticShapes: seed must be an int >= 0; got {seed!r}.")
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"SyntheticShapes: length must be an int >= 1; got {length!r}.")
         _check_image_size(image_size, "SyntheticShapes")
         _check_max_objects(max_objects, "SyntheticShapes")
+        _check_scene_mix(count_prob, distinct_shapes, max_objects, "SyntheticShapes")
         self.seed, self.image_size, self.length, self.max_objects = seed, image_size, length, max_objects
+        self.count_prob, self.distinct_shapes = float(count_prob), distinct_shapes
 
     def __len__(self) -> int:
         return self.length
@@ -318,7 +342,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.length:
             raise IndexError(f"SyntheticShapes: index must be an int in [0, {self.length}); got {index!r}.")
         rng = np.random.default_rng([self.seed, int(index)])
-        return sample_scene(rng, self.image_size, self.max_objects)
+        return sample_scene(rng, self.image_size, self.max_objects, count_prob=self.count_prob,
+                            distinct_shapes=self.distinct_shapes)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = self.scene(index)
