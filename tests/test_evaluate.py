@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -355,6 +356,11 @@ def test_binding_summary_counts_and_the_chance_rate(evaluate, tmp_path):
     assert out["binding"]["position"] == {"bound": 3, "swapped": 0, "one_shape": 0, "other": 0, "n": 3, "binding_rate": 1.0}
     assert all("binding" not in r for r in out["records"] if r["category"] == "colors")
     assert "bound / (bound + swapped) 1.00" in (tmp_path / "m" / "results.md").read_text()
+    order = out["shape_order"]["position"]
+    assert {k: order[k] for k in ("both", "first_only", "second_only", "neither", "n")} == {
+        "both": 3, "first_only": 0, "second_only": 0, "neither": 0, "n": 3}
+    assert math.isnan(order["first_share"])  # no image lost a shape
+    assert "colors" not in out["shape_order"] and "both 3, first only 0" in (tmp_path / "m" / "results.md").read_text()
 
 
 def test_rescore_binding_matches_the_recorded_outcomes(evaluate, tmp_path):
@@ -381,9 +387,44 @@ def test_binding_table_tool(evaluate, tmp_path):
     rows = bt.main([f"renders={tmp_path / 'm'}", "--out", str(tmp_path / "t")])
     assert rows["renders"]["position"]["binding_rate"] == 1.0 and rows["renders"]["position"]["binding_rate_se"] == 0.0
     assert "| renders | position | 3 | 0 | 0 | 0 | 3 | 1.00 ± 0.00 |" in (tmp_path / "t.md").read_text()
+    # the shape-order table: matched renders draw both named shapes in every image; no one-shape image, no share
+    assert "| renders | position | 3 | 0 | 0 | 0 | 3 | - |" in (tmp_path / "t.md").read_text()
+    assert json.loads((tmp_path / "t.json").read_text())["shape_order"]["renders"]["color_attribution"]["both"] == 3
     with pytest.raises(SystemExit, match="LABEL=EVAL"):
         bt.main([str(tmp_path / "m")])
     evaluate.main(["--reference", "matched", "--out", str(tmp_path / "c"), "--prompts-per-category", "2",
                    "--per-prompt", "1", "--seeds", "0", "--categories", "colors"])
     with pytest.raises(SystemExit, match="no position or color_attribution"):
         bt.main([f"c={tmp_path / 'c'}"])
+
+
+def test_named_shapes_drawn_splits_one_shape_images_by_caption_order():
+    """both / first_only / second_only / neither, from renders whose drawn shapes are known by construction."""
+    from raphael_ref.evaluation.prompts import named_shapes_drawn, shape_order_summary
+
+    records = []
+    for cat in ("two_objects", "position", "color_attribution"):
+        for s in prompt_set(cat, 6):
+            (a, b) = s.scene.objects
+            assert a.shape != b.shape and s.prompt.index(a.shape) < s.prompt.index(b.shape)  # caption order
+            cases = {
+                "both": s.scene,
+                "first_only": make_scene([(a.shape, a.color, a.position), (a.shape, b.color, b.position)], 32),
+                "second_only": make_scene([(b.shape, b.color, a.position), (b.shape, b.color, b.position)], 32),
+            }
+            for want, scene in cases.items():
+                objs = detect(render(scene))
+                assert named_shapes_drawn(s, objs) == want
+                records.append({"category": cat, "uid": s.uid, "prompt": s.prompt,
+                                "detected": [[o.shape, o.color, o.position] for o in objs]})
+            assert named_shapes_drawn(s, []) == "neither"
+    got = shape_order_summary(records)
+    for cat in ("two_objects", "position", "color_attribution"):
+        assert got[cat] == {"both": 6, "first_only": 6, "second_only": 6, "neither": 0, "n": 18,
+                            "first_share": 0.5, "first_share_se": math.sqrt(0.25 / 12)}
+    assert shape_order_summary([r for r in records if r["uid"].startswith("position")][1:2])["position"][
+        "first_share"] == 1.0
+    with pytest.raises(ValueError, match="two-object prompts"):
+        named_shapes_drawn(prompt_set("counting", 1)[0], [])
+    with pytest.raises(ValueError, match="other prompt options"):
+        shape_order_summary([dict(records[0], prompt="a red circle on the left")])

@@ -24,7 +24,9 @@ image does not depend on the other prompts, categories or batch sizes.
 Writes to --out:
     results.json        settings, accuracy per category ("summary"), residual background noise ("background"),
                         why the two-object binding prompts pass or fail ("binding": bound / swapped /
-                        one_shape / other, prompts.binding_outcome), "fid_kid" / "clip_score" when asked,
+                        one_shape / other, prompts.binding_outcome), which named shapes the two-object prompts
+                        draw, by caption order ("shape_order", prompts.named_shapes_drawn), "fid_kid" /
+                        "clip_score" when asked,
                         every image's verdict and detections ("records")
     results.md          the table (accuracy, correct / n per category; FID/KID/CLIP when asked)
     grids/<cat>.png     per category: ground-truth render, then the images (green: correct, red: not)
@@ -55,6 +57,7 @@ from raphael_ref.evaluation import metrics as M  # noqa: E402
 from raphael_ref.evaluation.detector import DetectedObject, background_rms, detect_batch, to_uint8  # noqa: E402
 from raphael_ref.evaluation.prompts import (  # noqa: E402
     ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, binding_lines,
+    shape_order_lines, shape_order_summary,
     binding_outcome, binding_summary, evaluation_prompts, score)
 
 GenerateFn = Callable[[PromptSpec, int, int], torch.Tensor]  # (spec, seed, n) -> uint8 (n, 3, S, S)
@@ -396,6 +399,9 @@ def main(argv=None) -> dict:
     binding = binding_summary(records)
     if binding:
         extra["binding"] = binding
+    order = shape_order_summary(records, {s.uid: s for c in specs.values() for s in c})
+    if order:
+        extra["shape_order"] = order
     all_images = torch.cat(list(by_cat.values()))
     if args.fid:
         if args.fid_extractor == M.TINY_EXTRACTOR:
@@ -441,8 +447,10 @@ def main(argv=None) -> dict:
                             f"{CLEAN_BACKGROUND_RMS:g}; renders: 0)", "fid_kid": "FID/KID vs ground-truth renders",
               "clip_score": "CLIP score",
               "binding": "two-object binding (prompts.binding_outcome)",
+              "shape_order": "named shapes drawn, by caption order (prompts.named_shapes_drawn)",
               "toy_clip": "toy CLIP axes (Fig. 6b at toy scale)"}
-    shown = {labels[k]: (binding_lines(v) if k == "binding" else v) for k, v in extra.items()}
+    shown = {labels[k]: (binding_lines(v) if k == "binding" else shape_order_lines(v) if k == "shape_order" else v)
+             for k, v in extra.items()}
     (out / "results.md").write_text(markdown_table(summary, header, shown))
     print((out / "results.md").read_text())
     return result

@@ -36,6 +36,7 @@ training must then drop scenes for which :func:`uses_pair` is true (the data pip
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 from typing import Iterable, Sequence
 
@@ -54,14 +55,19 @@ __all__ = [
     "HELDOUT_PAIRS",
     "PromptSpec",
     "Requirement",
+    "SHAPE_ORDER_CATEGORIES",
+    "SHAPE_ORDER_OUTCOMES",
     "binding_lines",
     "binding_outcome",
     "binding_summary",
     "evaluation_prompts",
     "match_requirements",
+    "named_shapes_drawn",
     "prompt_set",
     "rescore_binding",
     "score",
+    "shape_order_lines",
+    "shape_order_summary",
     "uses_pair",
 ]
 
@@ -307,6 +313,66 @@ def rescore_binding(records: Sequence[dict]) -> list[dict]:
             r["binding"] = binding_outcome(spec, objs)
         out.append(r)
     return out
+
+
+# Two-object categories (two distinct shapes named, in caption order) and which of the two shapes an image draws.
+SHAPE_ORDER_CATEGORIES: tuple[str, ...] = ("two_objects", "position", "color_attribution")
+SHAPE_ORDER_OUTCOMES: tuple[str, ...] = ("both", "first_only", "second_only", "neither")
+
+
+def named_shapes_drawn(spec: PromptSpec, objects: Sequence[DetectedObject]) -> str:
+    """Which of a two-object prompt's two named shapes are drawn anywhere (a diagnostic; not in the paper or GenEval).
+
+    "both", "first_only" (the shape named first in the prompt, e.g. "circle" in "a red circle on the left and a blue
+    square at the top"), "second_only" or "neither". It splits binding_outcome's "one_shape" by caption order: a
+    model that loses one shape at random gives as many "first_only" as "second_only"; a model whose second object
+    copies the first gives "first_only".
+    """
+    if not isinstance(spec, PromptSpec):
+        raise ValueError(f"named_shapes_drawn expects a PromptSpec; got {type(spec).__name__}")
+    if spec.category not in SHAPE_ORDER_CATEGORIES or len(spec.requirements) != 2:
+        raise ValueError(f"named_shapes_drawn: only the two-object prompts of {SHAPE_ORDER_CATEGORIES} name two "
+                         f"shapes; got a {spec.category!r} prompt ({spec.prompt!r}).")
+    drawn = {o.shape for o in objects}
+    first, second = (r.shape in drawn for r in spec.requirements)
+    return SHAPE_ORDER_OUTCOMES[0 if first and second else 1 if first else 2 if second else 3]
+
+
+def shape_order_summary(records: Sequence[dict], specs: dict[str, PromptSpec] | None = None) -> dict:
+    """Per category of SHAPE_ORDER_CATEGORIES in ``records`` (tools/evaluate.py's, with "uid", "prompt" and
+    "detected"): counts of :func:`named_shapes_drawn`'s outcomes, and ``first_share`` = first_only / (first_only +
+    second_only) with its binomial se (0.5 when the lost shape does not depend on the order; NaN when neither
+    occurs). specs: uid -> PromptSpec of the records' prompts; by default the benchmark's prompt sets."""
+    size: dict[str, int] = {}
+    for r in records:
+        if r["category"] in SHAPE_ORDER_CATEGORIES:
+            size[r["category"]] = max(size.get(r["category"], 0), int(r["uid"].rsplit("-", 1)[1]) + 1)
+    if specs is None:
+        specs = {s.uid: s for cat, n in size.items() for s in prompt_set(cat, n)}
+    out = {}
+    for cat in size:
+        counts = dict.fromkeys(SHAPE_ORDER_OUTCOMES, 0)
+        for r in records:
+            if r["category"] != cat:
+                continue
+            spec = specs[r["uid"]]
+            if spec.prompt != r["prompt"]:
+                raise ValueError(f"shape_order_summary: record {r['uid']} reads {r['prompt']!r}, but that prompt is "
+                                 f"{spec.prompt!r}: an evaluation with other prompt options (--holdout-pairs?)")
+            objs = [SimpleNamespace(shape=a, color=b, position=c) for a, b, c in r["detected"]]
+            counts[named_shapes_drawn(spec, objs)] += 1
+        one = counts["first_only"] + counts["second_only"]
+        share = counts["first_only"] / one if one else float("nan")
+        se = math.sqrt(share * (1 - share) / one) if one else float("nan")
+        out[cat] = {**counts, "n": sum(counts.values()), "first_share": share, "first_share_se": se}
+    return out
+
+
+def shape_order_lines(order: dict) -> dict[str, str]:
+    """shape_order_summary as one readable line per category (for a results.md)."""
+    return {cat: (", ".join(f"{k.replace('_', ' ')} {v[k]}" for k in SHAPE_ORDER_OUTCOMES) + f" of {v['n']}; "
+                  f"first only / (first only + second only) {v['first_share']:.2f} (0.5: either shape lost alike)")
+            for cat, v in order.items()}
 
 
 def binding_lines(binding: dict) -> dict[str, str]:
