@@ -207,29 +207,34 @@ def token_cosine(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], cap
 
 def _two_object_captions(n: int, seed: int, image_size: int = 24):
     """``n`` captions "a C1 S1 <where P1> and a C2 S2 <where P2>" with distinct shapes, colours and cells (as the
-    benchmark's position prompts). Returns ``(ids, labels, last_1, last_2, n_shapes, n_colours)``: the token
-    ids (n, 77), the (S1, C1, S2, C2) class indices (n, 4), the token index of each phrase's last word (n,) and
-    the number of shape and colour classes."""
-    from raphael_ref.data.synthetic import COLORS, POSITIONS, SHAPES, make_scene
+    benchmark's position prompts). Returns ``(ids, labels, last_1, last_2, shape_1, shape_2, n_shapes,
+    n_colours)``: the token ids (n, 77), the (S1, C1, S2, C2) class indices (n, 4), the token index of each
+    phrase's last word (n,), of each phrase's shape word (n,; its last BPE token) and the number of shape and
+    colour classes."""
+    from raphael_ref.data.synthetic import COLORS, POSITIONS, SHAPES, _article, make_scene
 
     rng = np.random.default_rng(seed)
     colours = list(COLORS)
-    captions, labels, first_phrases = [], [], []
+    captions, labels, first_phrases, shape_prefixes = [], [], [], ([], [])
     for _ in range(n):
         s1, s2 = (SHAPES[i] for i in rng.choice(len(SHAPES), 2, replace=False))
         c1, c2 = (colours[i] for i in rng.choice(len(colours), 2, replace=False))
         p1, p2 = (POSITIONS[i] for i in rng.choice(len(POSITIONS), 2, replace=False))
         captions.append(make_scene([(s1, c1, p1), (s2, c2, p2)], image_size).caption)
         first_phrases.append(make_scene([(s1, c1, p1)], image_size).caption)
+        shape_prefixes[0].append(f"{_article(c1)} {c1} {s1}")
+        shape_prefixes[1].append(f"{first_phrases[-1]} and {_article(c2)} {c2} {s2}")
         labels.append((SHAPES.index(s1), colours.index(c1), SHAPES.index(s2), colours.index(c2)))
     ids = _tokenize(captions)
-    if not all(c.startswith(f + " and ") for c, f in zip(captions, first_phrases)):
+    if not all(c.startswith(f + " and ") and c.startswith(a) and c.startswith(b)
+               for c, f, a, b in zip(captions, first_phrases, *shape_prefixes)):
         raise RuntimeError("binding_probe: the caption template changed (the first object's phrase is no longer "
                            "a prefix of the two-object caption); update _two_object_captions")
     # token layout: SOT w_1 .. w_k EOT pad...; the last word of a text is the token before its EOT
     last_1 = (_tokenize(first_phrases) != 0).sum(dim=1) - 2
     last_2 = (ids != 0).sum(dim=1) - 2
-    return ids, torch.tensor(labels), last_1, last_2, len(SHAPES), len(colours)
+    shape_1, shape_2 = ((_tokenize(pre) != 0).sum(dim=1) - 2 for pre in shape_prefixes)
+    return ids, torch.tensor(labels), last_1, last_2, shape_1, shape_2, len(SHAPES), len(colours)
 
 
 def _linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, n_train: int) -> float:
@@ -259,26 +264,28 @@ def binding_probe(text_tower_forward: Callable[[torch.Tensor], torch.Tensor], n:
     probe (multinomial logistic regression, fitted on the first ``train_fraction``, scored on the rest) reads
     S1, C1, S2 and C2 from the token feature at: ``word_1``, the last word of the first phrase (P1's word: with a
     causal tower the first token that knows where object 1 goes), ``word_2``, the last word of the second phrase
-    (the first token that knows both what object 2 is and where it goes), and ``eot`` (the pooled token).
+    (the first token that knows both what object 2 is and where it goes), ``shape_word_1`` / ``shape_word_2``,
+    each phrase's shape word ("circle"; its last BPE token), and ``eot`` (the pooled token).
 
     A U-Net query at cell P2 that wants object 2 must find it at ``word_2``; whatever of object 1 that token also
     carries is what leaks into cell P2. Chance: shape 1/3, colour 1/6. At ``word_1`` a causal tower cannot know
     object 2 beyond "not object 1": shape 1/2, colour 1/5 (a check that the probe reads the right tokens).
 
     ``text_tower_forward(ids) -> (B, n_y, d)``. Returns ``{"word_1": {"shape_1": acc, ...}, "word_2": ...,
-    "eot": ..., "chance": ..., "n_train": .., "n_test": ..}``.
+    "shape_word_1": ..., "shape_word_2": ..., "eot": ..., "chance": ..., "n_train": .., "n_test": ..}``.
     """
     n_train = int(round(n * train_fraction)) if 0 < train_fraction < 1 else 0
     if n < 30 or not 10 <= n_train <= n - 10:
         raise ValueError(f"binding_probe: need n >= 30 and a train_fraction that leaves >= 10 captions on each "
                          f"side; got n={n}, train_fraction={train_fraction} ({n_train} to fit)")
-    ids, labels, last_1, last_2, n_shapes, n_colours = _two_object_captions(n, seed)
+    ids, labels, last_1, last_2, shape_1, shape_2, n_shapes, n_colours = _two_object_captions(n, seed)
     with torch.no_grad():
         h = text_tower_forward(ids).double()  # (n, n_y, d)
     rows = torch.arange(n)
     eot = ids.argmax(dim=-1)
     out: dict[str, Any] = {}
-    for where, index in (("word_1", last_1), ("word_2", last_2), ("eot", eot)):
+    for where, index in (("word_1", last_1), ("word_2", last_2), ("shape_word_1", shape_1),
+                         ("shape_word_2", shape_2), ("eot", eot)):
         x = h[rows, index]
         out[where] = {name: _linear_probe_accuracy(x, labels[:, k], classes, n_train)
                       for k, (name, classes) in enumerate((("shape_1", n_shapes), ("colour_1", n_colours),

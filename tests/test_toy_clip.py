@@ -181,13 +181,17 @@ def test_tool_reproduces_the_shipped_weights(tmp_path):
 
 def test_binding_probe_reads_each_phrase_last_word():
     """The probe's token indices point at the last word of each object's phrase (the position word)."""
-    from raphael_ref.data.synthetic import POSITIONS
+    from raphael_ref.data.synthetic import POSITIONS, SHAPES
 
-    ids, labels, last_1, last_2, n_shapes, n_colours = TC._two_object_captions(40, seed=1)
+    ids, labels, last_1, last_2, shape_1, shape_2, n_shapes, n_colours = TC._two_object_captions(40, seed=1)
     word_id = {p: int(TC._tokenize([p])[0, 1]) for p in POSITIONS}  # SOT, the word, EOT
     and_id = int(TC._tokenize(["and"])[0, 1])
+    shape_end = {s: int(TC._tokenize([s])[0, (TC._tokenize([s])[0] != 0).sum() - 2]) for s in SHAPES}  # last BPE
     assert (n_shapes, n_colours) == (3, 6)
     for b in range(40):
+        assert int(ids[b, shape_1[b]]) == shape_end[SHAPES[labels[b, 0]]]
+        assert int(ids[b, shape_2[b]]) == shape_end[SHAPES[labels[b, 2]]]
+        assert shape_1[b] < last_1[b] < shape_2[b] < last_2[b]
         assert int(ids[b, last_1[b]]) in word_id.values() and int(ids[b, last_2[b]]) in word_id.values()
         assert int(ids[b, last_1[b] + 1]) == and_id  # the first phrase ends right before "and"
         assert int(ids[b, last_2[b] + 1]) == int(ids[b].max())  # EOT right after the second phrase
@@ -209,6 +213,11 @@ def test_binding_probe_on_the_toy_clip_tower():
     assert w1["shape_2"] < 0.5 + 4 * 0.035 and w1["colour_2"] < 0.2 + 4 * 0.029, w1
     # at word 2 object 2 is read well above chance (1/3, 1/6)
     assert w2["shape_2"] > 0.6 and w2["colour_2"] > 0.4, w2
+    # the second shape word carries both shapes (3000 captions: 1.00 / 1.00 at the last layer; the first named
+    # shape leaks into every later token of a causal tower), the first shape word only its own (object 2 at chance)
+    s1, s2 = r["shape_word_1"], r["shape_word_2"]
+    assert s1["shape_1"] > 0.9 and s1["shape_2"] < 0.5 + 4 * 0.035, s1
+    assert s2["shape_2"] > 0.9 and s2["shape_1"] > 0.9, s2
     with pytest.raises(ValueError, match="n >= 30"):
         TC.binding_probe(lambda ids: enc(ids).hidden, n=10)
     with pytest.raises(ValueError, match="train_fraction"):
@@ -220,7 +229,7 @@ def test_text_probe_tool_writes_its_table_and_json(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "text_probe.py"), "--encoder", "tiny", "--layers", "last",
                         "--n", "60", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "| last | word_2 |" in r.stdout
+    assert "| last | word_2 |" in r.stdout and "| last | shape_word_2 |" in r.stdout
     got = json.loads(out.read_text())
     assert got["encoder"] == "tiny" and set(got["layers"]) == {"last"}
     assert set(got["layers"]["last"]["word_2"]) == {"shape_1", "colour_1", "shape_2", "colour_2"}

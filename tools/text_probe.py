@@ -5,8 +5,8 @@
     python tools/text_probe.py --encoder tiny --layers last --out probe.json
 
 For captions "a C1 S1 <where P1> and a C2 S2 <where P2>" (the benchmark's position prompts), a linear probe
-reads each object's shape and colour from the token feature at the last word of each phrase and at the
-pooled (EOT) token (``raphael_ref.toy_clip.binding_probe``). A U-Net query at cell P2 must find object 2 at
+reads each object's shape and colour from the token feature at the last word of each phrase, at each phrase's
+shape word and at the pooled (EOT) token (``raphael_ref.toy_clip.binding_probe``). A U-Net query at cell P2 must find object 2 at
 the second phrase's words; what of object 1 that token also carries is what can leak into cell P2.
 """
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     print("| layer | token | shape 1 | colour 1 | shape 2 | colour 2 |")
     print("|---|---|---:|---:|---:|---:|")
     for layer, r in results.items():
-        for where in ("word_1", "word_2", "eot"):
+        for where in ("word_1", "word_2", "shape_word_1", "shape_word_2", "eot"):
             v = r[where]
             print(f"| {layer} | {where} | {v['shape_1']:.2f} | {v['colour_1']:.2f} | {v['shape_2']:.2f} | "
                   f"{v['colour_2']:.2f} |")
