@@ -446,10 +446,11 @@ class RaphaelConfig:
         if not words or len(set(words)) != len(words) or any(w not in ("color", "shape", "position") for w in words):
             bad("train.token_words", f"must be distinct names from ('color', 'shape', 'position'), got {t.token_words!r}")
         unit("train.scene_count_prob", t.scene_count_prob)
-        if t.source != "synthetic" and (t.scene_count_prob != 0.2 or t.scene_distinct_shapes):
-            bad("train.scene_count_prob" if t.scene_count_prob != 0.2 else "train.scene_distinct_shapes",
+        count_default = TrainConfig.scene_count_prob  # data.synthetic.COUNT_SCENE_PROB, the mix of every earlier run
+        if t.source != "synthetic" and (t.scene_count_prob != count_default or t.scene_distinct_shapes):
+            bad("train.scene_count_prob" if t.scene_count_prob != count_default else "train.scene_distinct_shapes",
                 f"sets the scene mix of the synthetic set and needs train.source='synthetic', got train.source="
-                f"{t.source!r}; leave train.scene_count_prob at 0.2 and train.scene_distinct_shapes false")
+                f"{t.source!r}; leave train.scene_count_prob at {count_default} and train.scene_distinct_shapes false")
         if not math.isfinite(t.aesthetic_min):
             bad("train.aesthetic_min", f"must be a finite number, got {t.aesthetic_min}")
         at_least("train.batch_size", t.batch_size, 1)

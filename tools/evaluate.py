@@ -57,8 +57,7 @@ from raphael_ref.evaluation import metrics as M  # noqa: E402
 from raphael_ref.evaluation.detector import DetectedObject, background_rms, detect_batch, to_uint8  # noqa: E402
 from raphael_ref.evaluation.prompts import (  # noqa: E402
     ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, binding_lines,
-    shape_order_lines, shape_order_summary,
-    binding_outcome, binding_summary, evaluation_prompts, score)
+    binding_outcome, binding_summary, evaluation_prompts, score, shape_order_lines, shape_order_summary)
 
 GenerateFn = Callable[[PromptSpec, int, int], torch.Tensor]  # (spec, seed, n) -> uint8 (n, 3, S, S)
 

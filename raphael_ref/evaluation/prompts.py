@@ -293,24 +293,36 @@ def binding_summary(records: Sequence[dict]) -> dict:
     return out
 
 
+def _benchmark_specs(records: Sequence[dict], fn: str) -> dict[str, PromptSpec]:
+    """uid -> PromptSpec of each record's prompt, from the benchmark's prompt sets (deterministic, and a longer set
+    starts with the shorter one: each category's set is drawn once, as long as its largest uid needs). Raises if a
+    record's prompt is not the benchmark's (an evaluation with other prompt options)."""
+    size: dict[str, int] = {}
+    for r in records:
+        size[r["category"]] = max(size.get(r["category"], 0), int(r["uid"].rsplit("-", 1)[1]) + 1)
+    specs = {s.uid: s for cat, n in size.items() for s in prompt_set(cat, n)}
+    for r in records:
+        if specs[r["uid"]].prompt != r["prompt"]:
+            raise ValueError(f"{fn}: record {r['uid']} reads {r['prompt']!r}, but that prompt is "
+                             f"{specs[r['uid']].prompt!r}: an evaluation with other prompt options (--holdout-pairs?)")
+    return specs
+
+
+def _detections(record: dict) -> list[SimpleNamespace]:
+    """A record's saved detections as objects with .shape, .color and .position."""
+    return [SimpleNamespace(shape=a, color=b, position=c) for a, b, c in record["detected"]]
+
+
 def rescore_binding(records: Sequence[dict]) -> list[dict]:
     """Records of an evaluation made before "binding" was recorded, with it filled in from their detections
-    (uid -> the prompt; the prompt sets are deterministic and a longer set starts with the shorter one)."""
+    (uid -> the prompt of the benchmark's prompt sets)."""
     todo = [r for r in records if r["category"] in BINDING_CATEGORIES and "binding" not in r]
-    size: dict[str, int] = {}
-    for r in todo:
-        size[r["category"]] = max(size.get(r["category"], 0), int(r["uid"].rsplit("-", 1)[1]) + 1)
-    specs = {cat: prompt_set(cat, n) for cat, n in size.items()}  # each set drawn once, as long as needed
+    specs = _benchmark_specs(todo, "rescore_binding")
     out = []
     for r in records:
         r = dict(r)
         if r["category"] in BINDING_CATEGORIES and "binding" not in r:
-            spec = specs[r["category"]][int(r["uid"].rsplit("-", 1)[1])]
-            if spec.prompt != r["prompt"]:
-                raise ValueError(f"rescore_binding: record {r['uid']} reads {r['prompt']!r}, but that prompt is "
-                                 f"{spec.prompt!r}: an evaluation with other prompt options (--holdout-pairs?)")
-            objs = [SimpleNamespace(shape=a, color=b, position=c) for a, b, c in r["detected"]]
-            r["binding"] = binding_outcome(spec, objs)
+            r["binding"] = binding_outcome(specs[r["uid"]], _detections(r))
         out.append(r)
     return out
 
@@ -343,24 +355,15 @@ def shape_order_summary(records: Sequence[dict], specs: dict[str, PromptSpec] | 
     "detected"): counts of :func:`named_shapes_drawn`'s outcomes, and ``first_share`` = first_only / (first_only +
     second_only) with its binomial se (0.5 when the lost shape does not depend on the order; NaN when neither
     occurs). specs: uid -> PromptSpec of the records' prompts; by default the benchmark's prompt sets."""
-    size: dict[str, int] = {}
-    for r in records:
-        if r["category"] in SHAPE_ORDER_CATEGORIES:
-            size[r["category"]] = max(size.get(r["category"], 0), int(r["uid"].rsplit("-", 1)[1]) + 1)
+    records = [r for r in records if r["category"] in SHAPE_ORDER_CATEGORIES]
     if specs is None:
-        specs = {s.uid: s for cat, n in size.items() for s in prompt_set(cat, n)}
+        specs = _benchmark_specs(records, "shape_order_summary")
     out = {}
-    for cat in size:
+    for cat in dict.fromkeys(r["category"] for r in records):
         counts = dict.fromkeys(SHAPE_ORDER_OUTCOMES, 0)
         for r in records:
-            if r["category"] != cat:
-                continue
-            spec = specs[r["uid"]]
-            if spec.prompt != r["prompt"]:
-                raise ValueError(f"shape_order_summary: record {r['uid']} reads {r['prompt']!r}, but that prompt is "
-                                 f"{spec.prompt!r}: an evaluation with other prompt options (--holdout-pairs?)")
-            objs = [SimpleNamespace(shape=a, color=b, position=c) for a, b, c in r["detected"]]
-            counts[named_shapes_drawn(spec, objs)] += 1
+            if r["category"] == cat:
+                counts[named_shapes_drawn(specs[r["uid"]], _detections(r))] += 1
         one = counts["first_only"] + counts["second_only"]
         share = counts["first_only"] / one if one else float("nan")
         se = math.sqrt(share * (1 - share) / one) if one else float("nan")
