@@ -79,7 +79,7 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
            spacing: str = "leading", generator: torch.Generator | None = None, collect_paths: bool = False,
            collect_masks: bool | Sequence[int] = False, progress: Callable | None = None, clip_x0: float | None = None,
            prev_timestep: str = "next", set_alpha_to_one: bool = True,
-           paint=None, start_from: torch.Tensor | None = None) -> tuple[torch.Tensor, DiffusionPaths | None]:
+           paint=None, start_from: torch.Tensor | None = None, excite=None) -> tuple[torch.Tensor, DiffusionPaths | None]:
     """Draw ``shape = (B, C, H, W)`` samples. ``cond``/``uncond`` are ``(hidden, valid, pooled_index)``
     of the prompts and of the empty prompt (``uncond=None`` or ``guidance == 1``: no guidance).
 
@@ -98,6 +98,8 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
     start_from + sqrt(1 - abar_{t_0}) noise (t_0 the first timestep, the same noise draw) instead of at pure noise;
     for a model trained with non-zero terminal SNR whose x_T still carries an estimate of the image (the SR stage's
     upsampled low-res image, raphael_ref/sr.py, E80). None: pure noise, as the paper samples.
+    ``excite`` (a ``raphael_ref.excite.Excite`` for the B prompts, E84; not with ``paint``): Attend-and-Excite's
+    latent update before each of the first ``excite.steps`` sampler steps, from the conditional branch's maps.
     Returns ``(x_0, paths or None)``.
     """
     if sampler not in ("ddim", "ddpm"):
@@ -135,6 +137,15 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         if any(not 0 <= i < len(ts) for i in mask_steps):
             raise ValueError(f"collect_masks: step indices must lie in [0, {len(ts)}) for {len(ts)} sampler steps; "
                              f"got {list(collect_masks)}")
+    if excite is not None:
+        from raphael_ref.excite import Excite
+
+        if not isinstance(excite, Excite):
+            raise ValueError(f"excite must be a raphael_ref.excite.Excite or None, got {type(excite).__name__}")
+        if paint is not None:
+            raise ValueError("excite and paint cannot be combined (each steers the cross-attention; use one)")
+        if len(excite.subjects) != B:
+            raise ValueError(f"excite has subject lists for {len(excite.subjects)} samples, the batch has {B}")
     paint = prepare_paint(paint, schedule, B, use_cfg)
     was_training = model.training
     model.eval()
@@ -143,13 +154,13 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
                             cond2=(hidden2, valid2, pooled2) if use_cfg else None, guidance=guidance,
                             sampler=sampler, eta=eta, generator=generator, collect_paths=collect_paths,
                             mask_steps=mask_steps, progress=progress, clip_x0=clip_x0, paint=paint,
-                            start_from=start_from)
+                            start_from=start_from, excite=excite)
     finally:
         model.train(was_training)
 
 
 def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond, cond2, guidance, sampler, eta, generator, collect_paths,
-                 mask_steps, progress, clip_x0, paint=None, start_from=None):
+                 mask_steps, progress, clip_x0, paint=None, start_from=None, excite=None):
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = cond
@@ -173,6 +184,8 @@ def _sample_loop(model, schedule, ts, t_prevs, shape, *, set_alpha_to_one, cond,
         t = int(ts[i])
         tb = torch.full((B,), t, dtype=torch.long, device=device)
         collect_masks = i in keep_masks
+        if excite is not None and excite.alpha(i, len(ts)) > 0:  # Attend-and-Excite (E84): z_t <- z_t - alpha grad L
+            x, _ = excite.update(model, x, tb, (hidden, valid, pooled), excite.alpha(i, len(ts)))
         if use_cfg:
             eps2, aux = model(torch.cat([x, x]), torch.cat([tb, tb]), hidden2, valid2, pooled2, return_masks=collect_masks,
                               **paint)

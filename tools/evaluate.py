@@ -55,6 +55,7 @@ from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
 from raphael_ref.evaluation import attention_views as AV  # noqa: E402
 from raphael_ref.evaluation import metrics as M  # noqa: E402
 from raphael_ref.evaluation.detector import DetectedObject, background_rms, detect_batch, to_uint8  # noqa: E402
+from raphael_ref.excite import Excite  # noqa: E402
 from raphael_ref.evaluation.prompts import (  # noqa: E402
     ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, binding_lines,
     binding_outcome, binding_summary, evaluation_prompts, score, shape_order_lines, shape_order_summary)
@@ -107,12 +108,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-block", type=int, default=None,
                    help="transformer block of the views, 0..15 in forward order (default: first finest-grid block)")
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown per category grid")
+    p.add_argument("--excite-scale", type=float, default=0.0,
+                   help="Attend-and-Excite at sampling time (raphael_ref/excite.py, E84; not in RAPHAEL): the step size "
+                        "alpha of the latent update at the first step; 0 (default): off")
+    p.add_argument("--excite-steps", type=int, default=10, help="the first N sampler steps get the update (ddim/ddpm)")
+    p.add_argument("--excite-words", nargs="+", choices=("color", "shape", "position"), default=["shape"],
+                   help="which words of each object's phrase are the subject tokens (default: the shape words)")
     args = p.parse_args(argv)
     args.weights = args.weights or "auto"
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.excite_scale:
+        if not (math.isfinite(args.excite_scale) and args.excite_scale > 0):
+            p.error(f"--excite-scale must be a finite number > 0 (0: off), got {args.excite_scale}")
+        if args.sampler not in ("ddim", "ddpm"):
+            p.error(f"--excite-scale needs --sampler ddim or ddpm (our sampling loop), got {args.sampler}")
+        if args.excite_steps < 1:
+            p.error(f"--excite-steps must be >= 1, got {args.excite_steps}")
+        if args.unconditional or args.reference is not None:
+            p.error("--excite-scale needs a checkpoint and prompts (not --unconditional or --reference)")
     if args.sampler not in ("ddim", "ddpm") and args.attention:
         p.error(f"--sampler {args.sampler}: the attention views need ddim or ddpm; pass --attention 0")
     if args.sampler not in ("ddim", "ddpm"):
@@ -213,6 +229,9 @@ class ModelGenerator:
                   guidance=1.0 if a.unconditional else a.guidance, sampler=a.sampler, eta=a.eta,
                   generator=torch.Generator().manual_seed(image_seed(seed, spec)),
                   set_alpha_to_one=self.cfg.sample.set_alpha_to_one)
+        if a.excite_scale:  # Attend-and-Excite (E84) on the words of each object of the prompt's scene
+            kw["excite"] = Excite(excite_subjects(spec, enc.hidden.shape[1], a.excite_words) * n,
+                                  scale=a.excite_scale, steps=a.excite_steps)
         if record_step is None and a.sampler not in ("ddim", "ddpm"):  # diffusers' schedulers
             from raphael_ref.schedulers import sample_with_scheduler
 
@@ -228,6 +247,15 @@ class ModelGenerator:
             x, rec = AV.collect_attention(self.model, self.schedule, cond, uncond, record_steps=[record_step], **kw)
         images = to_uint8(self.codec.decode(x.float()).cpu())  # (n, 3, S, S)
         return (images, rec, enc) if record_step is not None else images
+
+
+def excite_subjects(spec: PromptSpec, n_y: int, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """The token indices of the chosen words of each object of the prompt (``token_targets`` on its scene), as the
+    one subject list of an Attend-and-Excite update (E84)."""
+    from raphael_ref.token_attention import token_targets
+
+    t = token_targets([spec.scene], [spec.prompt], n_y, words)
+    return [tuple(int(j) for j in t.token.tolist())]
 
 
 class RenderGenerator:
@@ -438,7 +466,10 @@ def main(argv=None) -> dict:
              if ref else f"`{gen.ckpt}` ({gen.weights})")
     header = [f"# Compositional evaluation of {title}", "",
               ("" if ref else f"{args.sampler}, {args.steps} steps, guidance {args.guidance}"
-               f"{', unconditional (empty prompts)' if args.unconditional else ''}, ") + f"seeds {args.seeds}, "
+               f"{', unconditional (empty prompts)' if args.unconditional else ''}"
+               + (f", Attend-and-Excite (E84) scale {args.excite_scale:g} on the first {args.excite_steps} steps "
+                  f"({'/'.join(args.excite_words)} words)" if args.excite_scale else "")
+               + ", ") + f"seeds {args.seeds}, "
               f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
               f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
               f"(one binary verdict per image)."]

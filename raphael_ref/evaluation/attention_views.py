@@ -72,16 +72,23 @@ def record_attention(model: RaphaelUNet, steps: Sequence[int] | None, n_cond: in
     """
     rec = AttentionRecord()
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
-    state = {"call": -1, "block": 0}
+    state = {"call": -1, "block": 0, "skip": False}
     keep = None if steps is None else set(steps)
 
-    def on_unet(module, args):
+    def on_unet(module, args, kwargs):
+        # a call that asks for the maps with gradient is Attend-and-Excite's update (raphael_ref/excite.py, E84),
+        # not a sampler step: it is neither counted nor recorded
+        state["skip"] = bool(kwargs.get("return_maps", False))
+        if state["skip"]:
+            return
         state["call"] += 1
         state["block"] = 0
         if keep is None or state["call"] in keep:
             rec.timesteps[state["call"]] = int(args[1][0])
 
     def on_block(module, args, output):
+        if state["skip"]:
+            return
         s, k = state["call"], state["block"]
         state["block"] += 1
         if s == 0:
@@ -93,7 +100,7 @@ def record_attention(model: RaphaelUNet, steps: Sequence[int] | None, n_cond: in
         rec.masks.setdefault(s, []).append(None if masks is None else masks[:n_cond].cpu())
         rec.routes.setdefault(s, []).append(None if s_routes is None else s_routes[:n_cond].cpu())
 
-    handles = [model.register_forward_pre_hook(on_unet)]
+    handles = [model.register_forward_pre_hook(on_unet, with_kwargs=True)]
     handles += [b.register_forward_hook(on_block) for b in blocks]
     try:
         yield rec
