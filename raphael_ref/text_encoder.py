@@ -592,3 +592,39 @@ class TextEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, d_y={self.d_y}, n_y={self.n_y}, layer={self.layer!r}"
+
+
+def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], sep: str = " and ") -> TextEncoding:
+    """A diagnostic departure from E_theta (not in RAPHAEL; docs/results/toy_excite.md): each prompt encoded whole,
+    then the token states of every phrase after the first (the prompt split at ``sep``) replaced by those of the
+    phrase encoded on its own.
+
+    In a causal tower the first phrase's states are the same either way; a later phrase's states then no longer see
+    the earlier phrases (in "a red circle on the left and a blue square at the top", "square" stops carrying the
+    circle). The separator's own tokens, SOT, EOT (the pooled token) and the ids stay the whole prompt's. A prompt
+    without ``sep`` is encoded as usual. Raises if a phrase's tokens are not those of the whole prompt at its place
+    (a tokenizer that merges across the separator) or the prompt is truncated."""
+    prompts = prompt_list(prompts)
+    if not sep.strip():
+        raise ValueError(f"sep must contain a word, got {sep!r}")
+    tok = clip_tokenizer()
+    for b, prompt in enumerate(prompts):
+        if sep in prompt and len(tok.encode(prompt)) > encoder.n_y - 2:
+            raise ValueError(f"prompt {b} would be truncated at {encoder.n_y - 2} tokens: its phrases cannot be "
+                             f"placed; shorten it")
+    full = encoder(prompts)
+    hidden = full.hidden.clone()
+    for b, prompt in enumerate(prompts):
+        phrases = prompt.split(sep)
+        if len(phrases) == 1:
+            continue
+        start = 1 + len(tok.encode(phrases[0]))  # SOT, then the first phrase
+        for k, phrase in enumerate(phrases[1:], start=1):
+            start += len(tok.encode(sep.strip()))
+            n = len(tok.encode(phrase))
+            alone = encoder([phrase])
+            if not torch.equal(alone.ids[0, 1:1 + n].cpu(), full.ids[b, start:start + n].cpu()):
+                raise ValueError(f"prompt {b}: phrase {k} {phrase!r} does not tokenize the same alone as in the prompt")
+            hidden[b, start:start + n] = alone.hidden[0, 1:1 + n]
+            start += n
+    return dataclasses.replace(full, hidden=hidden)  # the pooled (EOT) state is the whole prompt's

@@ -428,3 +428,33 @@ def test_named_shapes_drawn_splits_one_shape_images_by_caption_order():
         named_shapes_drawn(prompt_set("counting", 1)[0], [])
     with pytest.raises(ValueError, match="other prompt options"):
         shape_order_summary([dict(records[0], prompt="a red circle on the left")])
+
+
+def test_evaluate_cli_with_excite_and_phrases_apart(evaluate, tiny_checkpoint, tmp_path, monkeypatch):
+    """The sampling-time options reach the sampler: Attend-and-Excite (E84) with the shape words' tokens as
+    subjects, and the phrases-apart encoding; the attention views still record (the recorder skips the update)."""
+    import raphael_ref.evaluation.attention_views as AV
+    import raphael_ref.sampling as S
+
+    seen = []
+    orig = S.sample
+
+    def spy(*a, **kw):
+        seen.append((kw.get("excite"), a[2][0].clone()))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(S, "sample", spy)
+    monkeypatch.setattr(AV, "sample", spy)  # the attention views sample through their own import
+    argv = [str(tiny_checkpoint), "--steps", "2", "--per-prompt", "2", "--prompts-per-category", "1",
+            "--categories", "two_objects", "--device", "cpu", "--seeds", "0"]
+    plain = evaluate.main(argv + ["--out", str(tmp_path / "plain"), "--attention", "0"])
+    result = evaluate.main(argv + ["--out", str(tmp_path / "on"), "--excite-scale", "30", "--excite-steps", "1",
+                                   "--phrases-apart"])
+    assert result["settings"]["excite_scale"] == 30 and result["settings"]["phrases_apart"]
+    text = (tmp_path / "on" / "results.md").read_text()
+    assert "Attend-and-Excite (E84) scale 30 on the first 1 steps (shape words)" in text and "encoded apart" in text
+    assert result["attention_views"] and plain["summary"].keys() == result["summary"].keys()
+    (ex_off, h_off), (ex_on, h_on) = seen[0], seen[-1]
+    assert ex_off is None and ex_on is not None and ex_on.scale == 30 and ex_on.steps == 1
+    assert len(ex_on.subjects) == 2 and len(ex_on.subjects[0]) == 2  # two named shapes, one token each
+    assert not torch.equal(h_off, h_on)  # the second phrase's states changed

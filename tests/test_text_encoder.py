@@ -326,3 +326,30 @@ def test_tiny_distinct_is_tiny_with_token_embeddings_of_std_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # random by design: no "random weights" warning
         TextEncoder.from_config("tiny-distinct", seed=0)
+
+
+def test_encode_phrases_apart(enc, tok):
+    """Later phrases take the states of the phrase encoded alone; the first phrase, the separator, SOT and EOT keep
+    the whole prompt's; a prompt without the separator is encoded as usual; bad input is refused."""
+    from raphael_ref.text_encoder import encode_phrases_apart
+
+    prompts = ["a red circle on the left and a blue triangle at the top", "a green square"]
+    full, apart = enc(prompts), encode_phrases_apart(enc, prompts)
+    n1, n2 = len(tok.encode("a red circle on the left")), len(tok.encode("a blue triangle at the top"))
+    s2 = 1 + n1 + 1  # SOT, phrase 1, "and"
+    alone = enc(["a blue triangle at the top"])
+    assert torch.equal(apart.ids, full.ids) and torch.equal(apart.valid, full.valid)
+    assert torch.equal(apart.pooled, full.pooled) and torch.equal(apart.pooled_index, full.pooled_index)
+    assert torch.equal(apart.hidden[0, :s2], full.hidden[0, :s2])  # SOT, phrase 1 and "and"
+    assert torch.equal(apart.hidden[0, s2:s2 + n2], alone.hidden[0, 1:1 + n2])
+    assert not torch.equal(apart.hidden[0, s2:s2 + n2], full.hidden[0, s2:s2 + n2])  # they saw phrase 1 before
+    assert torch.equal(apart.hidden[0, s2 + n2:], full.hidden[0, s2 + n2:])  # EOT and padding
+    assert torch.equal(apart.hidden[1], full.hidden[1])
+    three = encode_phrases_apart(enc, ["a red circle and a blue square and a green triangle"])
+    n_sq = len(tok.encode("a blue square"))
+    s3 = 1 + len(tok.encode("a red circle")) + 1 + n_sq + 1
+    assert torch.equal(three.hidden[0, s3:s3 + 3], enc(["a green triangle"]).hidden[0, 1:4])
+    with pytest.raises(ValueError, match="sep must contain a word"):
+        encode_phrases_apart(enc, prompts, sep="  ")
+    with pytest.raises(ValueError, match="truncated"):
+        encode_phrases_apart(enc, [" ".join(["red"] * 80) + " and a circle"])

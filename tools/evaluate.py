@@ -56,6 +56,7 @@ from raphael_ref.evaluation import attention_views as AV  # noqa: E402
 from raphael_ref.evaluation import metrics as M  # noqa: E402
 from raphael_ref.evaluation.detector import DetectedObject, background_rms, detect_batch, to_uint8  # noqa: E402
 from raphael_ref.excite import Excite  # noqa: E402
+from raphael_ref.text_encoder import encode_phrases_apart  # noqa: E402
 from raphael_ref.evaluation.prompts import (  # noqa: E402
     ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, binding_lines,
     binding_outcome, binding_summary, evaluation_prompts, score, shape_order_lines, shape_order_summary)
@@ -112,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Attend-and-Excite at sampling time (raphael_ref/excite.py, E84; not in RAPHAEL): the step size "
                         "alpha of the latent update at the first step; 0 (default): off")
     p.add_argument("--excite-steps", type=int, default=10, help="the first N sampler steps get the update (ddim/ddpm)")
+    p.add_argument("--phrases-apart", action="store_true",
+                   help="diagnostic, not RAPHAEL's E_theta: the token states of each object phrase after the first "
+                        "replaced by the phrase encoded on its own (text_encoder.encode_phrases_apart)")
     p.add_argument("--excite-words", nargs="+", choices=("color", "shape", "position"), default=["shape"],
                    help="which words of each object's phrase are the subject tokens (default: the shape words)")
     args = p.parse_args(argv)
@@ -129,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--excite-steps must be >= 1, got {args.excite_steps}")
         if args.unconditional or args.reference is not None:
             p.error("--excite-scale needs a checkpoint and prompts (not --unconditional or --reference)")
+    if args.phrases_apart and (args.unconditional or args.reference is not None):
+        p.error("--phrases-apart needs a checkpoint and prompts (not --unconditional or --reference)")
     if args.sampler not in ("ddim", "ddpm") and args.attention:
         p.error(f"--sampler {args.sampler}: the attention views need ddim or ddpm; pass --attention 0")
     if args.sampler not in ("ddim", "ddpm"):
@@ -222,7 +228,10 @@ class ModelGenerator:
 
     def __call__(self, spec: PromptSpec, seed: int, n: int, record_step: int | None = None):
         a = self.args
-        enc = self.encoder([""] * n if a.unconditional else [spec.prompt] * n)
+        if a.phrases_apart and not a.unconditional:
+            enc = encode_phrases_apart(self.encoder, [spec.prompt] * n)
+        else:
+            enc = self.encoder([""] * n if a.unconditional else [spec.prompt] * n)
         cond = (enc.hidden, enc.valid, enc.pooled_index)
         uncond = None if a.unconditional else (self.empty.hidden, self.empty.valid, self.empty.pooled_index)
         kw = dict(shape=(n, self.cfg.model.in_channels, self.size, self.size), steps=a.steps,
@@ -467,6 +476,7 @@ def main(argv=None) -> dict:
     header = [f"# Compositional evaluation of {title}", "",
               ("" if ref else f"{args.sampler}, {args.steps} steps, guidance {args.guidance}"
                f"{', unconditional (empty prompts)' if args.unconditional else ''}"
+               + (", later object phrases encoded apart (diagnostic)" if args.phrases_apart else "")
                + (f", Attend-and-Excite (E84) scale {args.excite_scale:g} on the first {args.excite_steps} steps "
                   f"({'/'.join(args.excite_words)} words)" if args.excite_scale else "")
                + ", ") + f"seeds {args.seeds}, "
