@@ -432,7 +432,8 @@ def test_named_shapes_drawn_splits_one_shape_images_by_caption_order():
 
 def test_evaluate_cli_with_excite_and_phrases_apart(evaluate, tiny_checkpoint, tmp_path, monkeypatch):
     """The sampling-time options reach the sampler: Attend-and-Excite (E84) with the shape words' tokens as
-    subjects, and the phrases-apart encoding; the attention views still record (the recorder skips the update)."""
+    subjects, and the phrases-apart encoding; the attention views still record (the recorder skips the update);
+    --prompt-seed draws prompts off the benchmark."""
     import raphael_ref.evaluation.attention_views as AV
     import raphael_ref.sampling as S
 
@@ -449,10 +450,12 @@ def test_evaluate_cli_with_excite_and_phrases_apart(evaluate, tiny_checkpoint, t
             "--categories", "two_objects", "--device", "cpu", "--seeds", "0"]
     plain = evaluate.main(argv + ["--out", str(tmp_path / "plain"), "--attention", "0"])
     result = evaluate.main(argv + ["--out", str(tmp_path / "on"), "--excite-scale", "30", "--excite-steps", "1",
-                                   "--phrases-apart"])
+                                   "--phrases-apart", "--prompt-seed", "777"])
     assert result["settings"]["excite_scale"] == 30 and result["settings"]["phrases_apart"]
     text = (tmp_path / "on" / "results.md").read_text()
     assert "Attend-and-Excite (E84) scale 30 on the first 1 steps (shape words)" in text and "encoded apart" in text
+    assert "prompt seed 777 (not the benchmark set)" in text  # tuning prompts, off the benchmark
+    assert result["records"][0]["prompt"] != plain["records"][0]["prompt"]
     assert result["attention_views"] and plain["summary"].keys() == result["summary"].keys()
     (ex_off, h_off), (ex_on, h_on) = seen[0], seen[-1]
     assert ex_off is None and ex_on is not None and ex_on.scale == 30 and ex_on.steps == 1

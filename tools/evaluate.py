@@ -58,7 +58,7 @@ from raphael_ref.evaluation.detector import DetectedObject, background_rms, dete
 from raphael_ref.excite import Excite  # noqa: E402
 from raphael_ref.text_encoder import encode_phrases_apart  # noqa: E402
 from raphael_ref.evaluation.prompts import (  # noqa: E402
-    ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, HELDOUT_PAIRS, PromptSpec, binding_lines,
+    ALL_CATEGORIES, BINDING_CATEGORIES, CATEGORIES, DIAGNOSTIC_CATEGORIES, EVAL_SEED, HELDOUT_PAIRS, PromptSpec, binding_lines,
     binding_outcome, binding_summary, evaluation_prompts, score, shape_order_lines, shape_order_summary)
 
 GenerateFn = Callable[[PromptSpec, int, int], torch.Tensor]  # (spec, seed, n) -> uint8 (n, 3, S, S)
@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"default: the GenEval-style {list(CATEGORIES)}; diagnostic (never in 'overall'): "
                         f"{list(DIAGNOSTIC_CATEGORIES)}")
     p.add_argument("--max-count", type=int, default=3, help="largest count in counting prompts (<= training max_objects)")
+    p.add_argument("--prompt-seed", type=int, default=EVAL_SEED,
+                   help=f"seed of the prompt set (default {EVAL_SEED}: the benchmark); another seed draws prompts off "
+                        "the benchmark, e.g. to tune a sampling option before measuring it")
     p.add_argument("--holdout-pairs", action="store_true",
                    help=f"only prompts naming a held-out (colour, shape) pair {HELDOUT_PAIRS} (train without them)")
     w = p.add_mutually_exclusive_group()
@@ -407,7 +410,8 @@ def main(argv=None) -> dict:
               f"guidance {args.guidance}{' (unconditional)' if args.unconditional else ''}, seeds {args.seeds}, "
               f"{args.per_prompt} images per prompt, device {device}", flush=True)
     specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=image_size,
-                               max_count=args.max_count, holdout_pairs=HELDOUT_PAIRS if args.holdout_pairs else None)
+                               max_count=args.max_count, holdout_pairs=HELDOUT_PAIRS if args.holdout_pairs else None,
+                               seed=args.prompt_seed)
     if args.reference is not None:
         gen = RenderGenerator(args.reference, image_size, [s for c in specs.values() for s in c])
         print(f"reference renders ({args.reference}), {image_size} px, seeds {args.seeds}, "
@@ -481,7 +485,9 @@ def main(argv=None) -> dict:
                   f"({'/'.join(args.excite_words)} words)" if args.excite_scale else "")
                + ", ") + f"seeds {args.seeds}, "
               f"{args.per_prompt} images per prompt and seed, {args.prompts_per_category} prompts per category"
-              f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}. Detector-scored, GenEval-style "
+              f"{', held-out colour-shape pairs' if args.holdout_pairs else ''}"
+              f"{f', prompt seed {args.prompt_seed} (not the benchmark set)' if args.prompt_seed != EVAL_SEED else ''}"
+              f". Detector-scored, GenEval-style "
               f"(one binary verdict per image)."]
     labels = {"background": f"background noise (RMS of RGB 0-255 outside the detected shapes; clean: < "
                             f"{CLEAN_BACKGROUND_RMS:g}; renders: 0)", "fid_kid": "FID/KID vs ground-truth renders",
