@@ -594,16 +594,23 @@ class TextEncoder(nn.Module):
         return f"name={self.config.name!r}, d_y={self.d_y}, n_y={self.n_y}, layer={self.layer!r}"
 
 
-def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], sep: str = " and ") -> TextEncoding:
-    """A diagnostic departure from E_theta (not in RAPHAEL; docs/results/toy_excite.md): each prompt encoded whole,
-    then the token states of every phrase after the first (the prompt split at ``sep``) replaced by those of the
+# words that open a new object phrase after the separator ("... and a blue square", "... and two red circles")
+PHRASE_OPENERS: tuple[str, ...] = ("a", "an", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], sep: str = " and ",
+                         openers: Sequence[str] = PHRASE_OPENERS) -> TextEncoding:
+    """A diagnostic departure from E_theta (not in RAPHAEL; erratum E85, docs/results/toy_phrases_apart.md): each
+    prompt encoded whole, then the token states of every object phrase after the first replaced by those of the
     phrase encoded on its own.
 
-    In a causal tower the first phrase's states are the same either way; a later phrase's states then no longer see
-    the earlier phrases (in "a red circle on the left and a blue square at the top", "square" stops carrying the
-    circle). The separator's own tokens, SOT, EOT (the pooled token) and the ids stay the whole prompt's. A prompt
-    without ``sep`` is encoded as usual. Raises if a phrase's tokens are not those of the whole prompt at its place
-    (a tokenizer that merges across the separator) or the prompt is truncated."""
+    The prompt is split at ``sep``; a part opens a new object phrase when its first word is one of ``openers``
+    ("a blue square at the top"), otherwise it stays with the phrase before it (the second place of "two red circles
+    on the left and at the bottom"). In a causal tower the first phrase's states are the same either way; a later
+    phrase's states then no longer see the earlier phrases (in "a red circle on the left and a blue square at the
+    top", "square" stops carrying the circle). The separators' own tokens, SOT, EOT (the pooled token) and the ids
+    stay the whole prompt's. A prompt with one object phrase is encoded as usual. Raises if a phrase's tokens are not
+    those of the whole prompt at its place or the prompt would be truncated."""
     prompts = prompt_list(prompts)
     if not sep.strip():
         raise ValueError(f"sep must contain a word, got {sep!r}")
@@ -614,13 +621,20 @@ def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], s
                              f"placed; shorten it")
     full = encoder(prompts)
     hidden = full.hidden.clone()
+    n_sep = len(tok.encode(sep.strip()))
     for b, prompt in enumerate(prompts):
-        phrases = prompt.split(sep)
+        phrases: list[str] = []
+        for part in prompt.split(sep):
+            words = part.split()
+            if phrases and not (words and words[0].lower() in openers):
+                phrases[-1] = phrases[-1] + sep + part  # not a new object: it stays with the phrase before it
+            else:
+                phrases.append(part)
         if len(phrases) == 1:
             continue
         start = 1 + len(tok.encode(phrases[0]))  # SOT, then the first phrase
         for k, phrase in enumerate(phrases[1:], start=1):
-            start += len(tok.encode(sep.strip()))
+            start += n_sep
             n = len(tok.encode(phrase))
             alone = encoder([phrase])
             if not torch.equal(alone.ids[0, 1:1 + n].cpu(), full.ids[b, start:start + n].cpu()):

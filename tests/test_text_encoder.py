@@ -329,8 +329,8 @@ def test_tiny_distinct_is_tiny_with_token_embeddings_of_std_one(tmp_path):
 
 
 def test_encode_phrases_apart(enc, tok):
-    """Later phrases take the states of the phrase encoded alone; the first phrase, the separator, SOT and EOT keep
-    the whole prompt's; a prompt without the separator is encoded as usual; bad input is refused."""
+    """Later object phrases take the states of the phrase encoded alone; the first phrase, the separator, SOT and EOT
+    keep the whole prompt's; a prompt with one object phrase is encoded as usual; bad input is refused."""
     from raphael_ref.text_encoder import encode_phrases_apart
 
     prompts = ["a red circle on the left and a blue triangle at the top", "a green square"]
@@ -349,6 +349,14 @@ def test_encode_phrases_apart(enc, tok):
     n_sq = len(tok.encode("a blue square"))
     s3 = 1 + len(tok.encode("a red circle")) + 1 + n_sq + 1
     assert torch.equal(three.hidden[0, s3:s3 + 3], enc(["a green triangle"]).hidden[0, 1:4])
+    # a part that does not open an object phrase stays with the phrase before it: a count prompt is unchanged, and
+    # in "a red circle and at the top and a blue square" only the last phrase is encoded apart
+    count = "two red circles on the left and at the bottom"
+    assert torch.equal(encode_phrases_apart(enc, [count]).hidden, enc([count]).hidden)
+    mixed = encode_phrases_apart(enc, ["a red circle and at the top and a blue square"])
+    s_last = 1 + len(tok.encode("a red circle and at the top")) + 1
+    assert torch.equal(mixed.hidden[0, :s_last], enc(["a red circle and at the top and a blue square"]).hidden[0, :s_last])
+    assert torch.equal(mixed.hidden[0, s_last:s_last + 3], enc(["a blue square"]).hidden[0, 1:4])
     with pytest.raises(ValueError, match="sep must contain a word"):
         encode_phrases_apart(enc, prompts, sep="  ")
     with pytest.raises(ValueError, match="truncated"):
