@@ -53,6 +53,10 @@ class ModelConfig:
     text_encoder: str = "ViT-g-14"  # Table 2: "OpenCLIP-g/14" text tower
     text_encoder_weights: str | None = None  # local file; never downloaded
     text_layer: str = "last"
+    # not in the paper (E85): each later object phrase of a prompt ("... and a blue square at the top") takes the
+    # states of the phrase encoded alone (text_encoder.encode_phrases_apart), in training and sampling alike; CLIP
+    # towers only. False: the whole prompt, as the paper's E_theta.
+    text_phrases_apart: bool = False
     # text_encoder = "t5+clip" (eDiff-I, seed 003; E78): the CLIP tower beside the T5 folder of text_encoder_weights
     # (an open_clip name, 'toy-clip', a JSON file or folder) and its local weights; n_y = T5 length + CLIP's 77,
     # d_y = T5 width + CLIP width. Read only with "t5+clip" (null otherwise).
@@ -365,6 +369,11 @@ class RaphaelConfig:
             bad("model.text_layer", "the T5 encoder offers 'last' only (its output after the final layer norm); set "
                 "model.text_layer=last (the toy preset reads its CLIP tower's penultimate layer)")
         choice("model.text_layer", m.text_layer, ("last", "penultimate"))
+        if not isinstance(m.text_phrases_apart, bool):
+            bad("model.text_phrases_apart", f"must be true or false, got {m.text_phrases_apart!r}")
+        elif m.text_phrases_apart and m.text_encoder in ("t5", "t5+clip"):
+            bad("model.text_phrases_apart", f"works with a CLIP text tower only (its BPE places the phrases), not "
+                f"{m.text_encoder!r}; set model.text_phrases_apart=false")
         unit("model.mask_alpha", m.mask_alpha)
         if m.gate_noise_std is not None:
             finite_at_least("model.gate_noise_std", m.gate_noise_std, 0.0, " (or null: the gates' default)")

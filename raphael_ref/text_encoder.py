@@ -642,3 +642,33 @@ def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], s
             hidden[b, start:start + n] = alone.hidden[0, 1:1 + n]
             start += n
     return dataclasses.replace(full, hidden=hidden)  # the pooled (EOT) state is the whole prompt's
+
+
+class PhrasesApartEncoder(nn.Module):
+    """A CLIP :class:`TextEncoder` whose prompts are encoded by :func:`encode_phrases_apart` (``model.
+    text_phrases_apart``, E85): the same tower, tokenizer and token layout; only the later object phrases' states
+    differ. It takes prompts, not ids (the phrases are found in the text)."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        if not isinstance(encoder, TextEncoder):
+            raise ValueError(f"PhrasesApartEncoder wraps a CLIP TextEncoder, got {type(encoder).__name__}")
+        self.encoder = encoder
+
+    n_y = property(lambda self: self.encoder.n_y)
+    d_y = property(lambda self: self.encoder.d_y)
+    config = property(lambda self: self.encoder.config)
+    layer = property(lambda self: self.encoder.layer)
+
+    def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        return self.encoder.tokenize(prompts)
+
+    @torch.no_grad()
+    def forward(self, prompts: str | Sequence[str]) -> TextEncoding:
+        if isinstance(prompts, torch.Tensor):
+            raise ValueError("model.text_phrases_apart: the encoder needs the prompts as text (it splits them into "
+                             "object phrases), not token ids")
+        return encode_phrases_apart(self.encoder, prompts)
+
+    def extra_repr(self) -> str:
+        return "later object phrases encoded apart (E85)"

@@ -122,6 +122,7 @@ def build_text_encoder(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
 
     Without weights the tower is random but seeded (seed 0), so training and sampling see the
     same encoder: the ``tiny`` toy tower is random by design; a real tower without weights warns.
+    ``model.text_phrases_apart`` (E85) wraps it in :class:`raphael_ref.text_encoder.PhrasesApartEncoder`.
     """
     from raphael_ref.text_encoder import TextEncoder
 
@@ -136,6 +137,10 @@ def build_text_encoder(cfg: RaphaelConfig, device: str | torch.device = "cpu"):
         raise ValueError(f"config field model.d_y / model.n_y: the text encoder {m.text_encoder!r} gives tokens "
                          f"of width {enc.d_y} and length {enc.n_y}, the config says d_y={m.d_y}, n_y={m.n_y}; "
                          f"set model.d_y={enc.d_y} model.n_y={enc.n_y}")
+    if m.text_phrases_apart:  # E85: later object phrases encoded on their own, in training and sampling alike
+        from raphael_ref.text_encoder import PhrasesApartEncoder
+
+        enc = PhrasesApartEncoder(enc)
     return enc
 
 

@@ -215,3 +215,15 @@ def test_scene_mix_fields():
         C.load_config("toy", overrides=["train.scene_distinct_shapes=true", "train.source=/data/shards"])
     with pytest.raises(ValueError, match="train.scene_count_prob.*train.source='synthetic'"):
         C.load_config("toy", overrides=["train.scene_count_prob=0", "train.source=/data/shards"])
+
+
+def test_text_phrases_apart_field():
+    cfg = C.load_config("toy", overrides=["model.text_phrases_apart=true"])
+    assert cfg.model.text_phrases_apart is True
+    for preset in ("toy", "small", "paper"):  # the paper's E_theta reads the whole prompt
+        assert C.get_preset(preset).model.text_phrases_apart is False
+    with pytest.raises(ValueError, match="model.text_phrases_apart"):
+        C.load_config("toy", overrides=["model.text_phrases_apart=2"])
+    with pytest.raises(ValueError, match="model.text_phrases_apart.*CLIP text tower only"):
+        C.load_config("toy", overrides=["model.text_phrases_apart=true", "model.text_encoder=t5",
+                                        "model.text_layer=last", "model.text_encoder_weights=/x/t5"])

@@ -361,3 +361,27 @@ def test_encode_phrases_apart(enc, tok):
         encode_phrases_apart(enc, prompts, sep="  ")
     with pytest.raises(ValueError, match="truncated"):
         encode_phrases_apart(enc, [" ".join(["red"] * 80) + " and a circle"])
+
+
+def test_phrases_apart_encoder_in_training_and_sampling():
+    """model.text_phrases_apart (E85): build_text_encoder gives the wrapped tower, whose encoding is
+    encode_phrases_apart's, and a prompt with one object phrase is encoded as the plain tower does."""
+    from raphael_ref.config import get_preset
+    from raphael_ref.text_encoder import PhrasesApartEncoder, encode_phrases_apart
+    from raphael_ref.training import build_text_encoder
+
+    cfg = get_preset("toy", {"model.text_phrases_apart": True})
+    enc = build_text_encoder(cfg)
+    plain = build_text_encoder(get_preset("toy"))
+    assert isinstance(enc, PhrasesApartEncoder) and not isinstance(plain, PhrasesApartEncoder)
+    assert (enc.n_y, enc.d_y) == (plain.n_y, plain.d_y) and torch.equal(enc.tokenize(["a"]), plain.tokenize(["a"]))
+    two = ["a red circle on the left and a blue square at the top", "a green square", ""]
+    got, want = enc(two), encode_phrases_apart(plain, two)
+    assert torch.equal(got.hidden, want.hidden) and torch.equal(got.valid, want.valid)
+    assert not torch.equal(got.hidden[0], plain(two).hidden[0]) and torch.equal(got.hidden[1:], plain(two).hidden[1:])
+    # evaluate.py --phrases-apart on such a checkpoint changes nothing more (the split is idempotent)
+    assert torch.equal(encode_phrases_apart(enc, two).hidden, got.hidden)
+    with pytest.raises(ValueError, match="as text"):
+        enc(plain.tokenize(two))
+    with pytest.raises(ValueError, match="CLIP TextEncoder"):
+        PhrasesApartEncoder(object())
