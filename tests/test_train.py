@@ -387,7 +387,9 @@ def test_run_with_phrases_apart_text(tmp_path):
     """model.text_phrases_apart (E85): a run trains and samples through the wrapped tower; its config records it,
     so sampling and evaluating the checkpoint encode prompts the same way."""
     out = tmp_path / "run"
-    _ok(_run(_args("train.steps=1", "train.ckpt_every=1", "sample.every=1", "model.text_phrases_apart=true", out=out)))
+    proc = _ok(_run(_args("train.steps=1", "train.ckpt_every=1", "sample.every=1", "model.text_phrases_apart=true",
+                          out=out)))
+    assert "later object phrases encoded apart (E85)" in proc.stdout + proc.stderr
     ckpt = T.latest_checkpoint(out)
     assert json.loads((ckpt / "config.json").read_text())["model"]["text_phrases_apart"] is True
     assert sorted((out / "samples").glob("*.png"))

@@ -526,7 +526,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                  if tc.grad_accum > 1 else "")
               + f", steps {step} -> {tc.steps}")
     say(rank, f"data: {tc.source} at {image_size}px{f' (multi-scale buckets {buckets or BUCKETS})' if tc.multiscale else ''}; "
-              f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'shipped pretrained weights, raphael_ref/assets/toy_clip' if mc.text_encoder == 'toy-clip' else 'random, seed 0'}); "
+              f"text encoder {mc.text_encoder} ({'weights ' + mc.text_encoder_weights if mc.text_encoder_weights else 'shipped pretrained weights, raphael_ref/assets/toy_clip' if mc.text_encoder == 'toy-clip' else 'random, seed 0'}{', later object phrases encoded apart (E85)' if mc.text_phrases_apart else ''}); "
               f"codec {mc.codec}")
     say(rank, f"edge ground truth I_edge: {edge_detector.describe() if edge_detector else 'off (model.use_edge = false)'}")
     if resume_from is not None:
