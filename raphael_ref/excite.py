@@ -21,9 +21,10 @@ Our decisions (spec/equations.toml "excite.loss"):
 - G is the normalised 3 x 3 Gaussian of sigma 0.5, applied with reflected borders.
 - Over a batch the loss is the sum of each sample's L (so each sample's latent moves by its own gradient, whatever
   the batch size); a sample with no subject token contributes nothing and keeps its latent.
-- alpha_i = scale (1 - i / (2 N)) at sampler step i of N, on the first ``steps`` steps only: A&E's step size that
-  falls linearly to half over the trajectory. One update per step (A&E's iterative refinement to a threshold at a
-  few chosen steps is left out).
+- alpha_i = scale (1 - i / (2 N)) at sampler step i of N, on the first ``steps`` steps only: a step size that falls
+  linearly to half over the trajectory (our choice; A&E also shrink it over the steps). One update per step (A&E's
+  iterative refinement to a threshold at a few chosen steps is left out).
+- A cell where the word tokens hold no attention at all has Abar = 0 there (0 / 0 := 0).
 
 Two forms, equal on every input (tests/test_excite.py): :func:`excite_loss_literal` (plain loops over samples,
 subjects and cells, the convolution written out) and :func:`excite_loss` (one gather and one conv2d).
@@ -102,23 +103,22 @@ def excite_loss_literal(M: torch.Tensor, grid: tuple[int, int], subjects: Sequen
         word_ids = [j for j in range(M.shape[2]) if bool(words[b, j])]
         losses = []
         for s in subjects[b]:
-            Abar = [M[b, u, int(s)].to(acc) / sum(M[b, u, j].to(acc) for j in word_ids) for u in range(h * w)]
-            peak = None
-            for r in range(h):
-                for c in range(w):
-                    v = sum(g[a + 1, e + 1] * Abar[reflect(r + a, h) * w + reflect(c + e, w)]
+            Abar = []
+            for u in range(h * w):
+                denom = sum(M[b, u, j].to(acc) for j in word_ids)
+                Abar.append(M[b, u, int(s)].to(acc) / denom if bool(denom > 0) else denom * 0)  # 0 / 0 := 0
+            smoothed = [sum(g[a + 1, e + 1] * Abar[reflect(r + a, h) * w + reflect(c + e, w)]
                             for a in (-1, 0, 1) for e in (-1, 0, 1))
-                    peak = v if peak is None else torch.maximum(peak, v)
-            losses.append(1 - peak)
-        total = total + torch.stack(losses).max()
+                        for r in range(h) for c in range(w)]
+            losses.append(1 - torch.stack(smoothed).amax())  # amax: tied peaks share the gradient evenly
+        total = total + torch.stack(losses).amax()
     return total
 
 
 def excite_loss(M: torch.Tensor, grid: tuple[int, int], subjects: Sequence[Sequence[int]], words: torch.Tensor,
-                sigma: float = GAUSS_SIGMA, eps: float = 1e-12) -> torch.Tensor:
-    """The fast form of :func:`excite_loss_literal` (one gather, one conv2d); equal to it on every input.
-
-    ``eps`` guards a cell whose word tokens hold no attention at all (the literal form divides by that zero)."""
+                sigma: float = GAUSS_SIGMA) -> torch.Tensor:
+    """The fast form of :func:`excite_loss_literal` (one gather, one conv2d); equal to it on every input, gradients
+    included (a cell whose word tokens hold no attention has Abar = 0 in both)."""
     _check(M, grid, subjects, words)
     h, w = grid
     acc = torch.promote_types(M.dtype, torch.float32)
@@ -128,8 +128,10 @@ def excite_loss(M: torch.Tensor, grid: tuple[int, int], subjects: Sequence[Seque
     b_idx = torch.tensor([p[0] for p in pairs], device=M.device)
     s_idx = torch.tensor([p[1] for p in pairs], device=M.device)
     Mw = M.to(acc) * words[:, None, :].to(acc)  # (B, n_x, n_y): non-word tokens out
-    denom = Mw.sum(-1).clamp_min(eps)  # (B, n_x)
-    Abar = M[b_idx, :, s_idx].to(acc) / denom[b_idx]  # (P, n_x)
+    denom = Mw.sum(-1)[b_idx]  # (P, n_x)
+    pos = denom > 0
+    Abar = torch.where(pos, M[b_idx, :, s_idx].to(acc) / torch.where(pos, denom, torch.ones_like(denom)),
+                       torch.zeros_like(denom))  # (P, n_x), 0 / 0 := 0 (no NaN in the gradient either)
     img = F.pad(Abar.reshape(-1, 1, h, w), (1, 1, 1, 1), mode="reflect")
     smooth = F.conv2d(img, gaussian_kernel(sigma, acc).to(M.device)[None, None])  # (P, 1, h, w)
     loss_p = 1 - smooth.flatten(1).amax(1)  # (P,)
@@ -187,13 +189,13 @@ class Excite:
         hidden, valid, pooled = cond
         if len(self.subjects) != x.shape[0]:
             raise ValueError(f"excite: {len(self.subjects)} subject lists for a batch of {x.shape[0]} samples")
+        if not any(self.subjects):  # nothing to excite: no model call, the latents as they are
+            return x, x.new_zeros((), dtype=torch.float32)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             _, aux = model(xg, t, hidden, valid, pooled, return_maps=True)
             grid = self.pick_grid([a.grid for a in aux])
             maps = [a.attn_map for a in aux if tuple(a.grid) == grid]
             L = excite_loss(torch.stack(maps).mean(0), grid, self.subjects, word_tokens(valid, pooled), self.sigma)
-            if not L.requires_grad:  # no subject token in the batch
-                return x, L.detach()
             (g,) = torch.autograd.grad(L, xg)
         return (x - alpha * g.to(x.dtype)).detach(), L.detach()

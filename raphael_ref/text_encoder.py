@@ -620,8 +620,8 @@ def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], s
             raise ValueError(f"prompt {b} would be truncated at {encoder.n_y - 2} tokens: its phrases cannot be "
                              f"placed; shorten it")
     full = encoder(prompts)
-    hidden = full.hidden.clone()
     n_sep = len(tok.encode(sep.strip()))
+    places: list[tuple[int, int, int, int, str]] = []  # (prompt b, phrase k, start token, n tokens, phrase)
     for b, prompt in enumerate(prompts):
         phrases: list[str] = []
         for part in prompt.split(sep):
@@ -630,17 +630,23 @@ def encode_phrases_apart(encoder: "TextEncoder", prompts: str | Sequence[str], s
                 phrases[-1] = phrases[-1] + sep + part  # not a new object: it stays with the phrase before it
             else:
                 phrases.append(part)
-        if len(phrases) == 1:
-            continue
         start = 1 + len(tok.encode(phrases[0]))  # SOT, then the first phrase
         for k, phrase in enumerate(phrases[1:], start=1):
             start += n_sep
             n = len(tok.encode(phrase))
-            alone = encoder([phrase])
-            if not torch.equal(alone.ids[0, 1:1 + n].cpu(), full.ids[b, start:start + n].cpu()):
-                raise ValueError(f"prompt {b}: phrase {k} {phrase!r} does not tokenize the same alone as in the prompt")
-            hidden[b, start:start + n] = alone.hidden[0, 1:1 + n]
+            places.append((b, k, start, n, phrase))
             start += n
+    if not places:
+        return full
+    unique = list(dict.fromkeys(p[4] for p in places))
+    alone = encoder(unique)  # every later phrase of the batch, once, in one call
+    row = {phrase: i for i, phrase in enumerate(unique)}
+    hidden = full.hidden.clone()
+    for b, k, start, n, phrase in places:
+        i = row[phrase]
+        if not torch.equal(alone.ids[i, 1:1 + n].cpu(), full.ids[b, start:start + n].cpu()):
+            raise ValueError(f"prompt {b}: phrase {k} {phrase!r} does not tokenize the same alone as in the prompt")
+        hidden[b, start:start + n] = alone.hidden[i, 1:1 + n]
     return dataclasses.replace(full, hidden=hidden)  # the pooled (EOT) state is the whole prompt's
 
 

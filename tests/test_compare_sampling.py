@@ -49,9 +49,10 @@ def test_paired_differences_and_shape_order(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))
     T.main(["--base", "plain", str(tmp_path / "base"), "--variant", "v", str(tmp_path / "var"),
-            "--out", str(tmp_path / "cmp")])
-    md = (tmp_path / "cmp.md").read_text()
-    assert "| v | 0.75 (3/4) +0.25 ± 0.48 |" in md and json.loads((tmp_path / "cmp.json").read_text())["base"] == "plain"
+            "--out", str(tmp_path / "cmp_g7.5")])  # a dot in the name is kept
+    md = (tmp_path / "cmp_g7.5.md").read_text()
+    assert "| v | 0.75 (3/4) +0.25 ± 0.48 |" in md
+    assert json.loads((tmp_path / "cmp_g7.5.json").read_text())["base"] == "plain"
     short = _result({"two_objects": [1, 0, 0]}, detected=[both, both, both])
     with pytest.raises(ValueError, match="does not hold the base's images"):
         T.compare(base, {"short": short})

@@ -68,6 +68,32 @@ def test_fast_equals_literal_values_and_gradients(seed, grid, B, n_words):
     assert 0 <= float(fast.detach()) <= sum(1 for s in subjects if s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_equals_literal_at_zero_tiny_and_tied_maps(dtype):
+    """The inputs a softmax at temperature 2 never draws: a cell whose word tokens hold no attention (0 / 0 := 0 in
+    both forms, no NaN in the gradient), cells where they hold ~1e-14 (SOT takes the rest; no clamping may change
+    Abar there), and a uniform map whose peaks all tie (both forms share the gradient evenly among them)."""
+    grid, n_y = (3, 3), 5
+    words = _words(1, n_y, 2)
+    zero = torch.softmax(torch.randn(1, 9, n_y, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    zero[0, 4, 1:3] = 0.0  # the centre cell: all attention on SOT / EOT
+    tiny = torch.full((1, 9, n_y), 1e-14, dtype=torch.float64)
+    tiny[..., 0] = 1 - 4e-14
+    tiny[0, :, 1] *= torch.linspace(1, 3, 9, dtype=torch.float64)
+    tied = torch.full((1, 9, n_y), 0.2, dtype=torch.float64)
+    for M in (zero, tiny, tied):
+        M = M.to(dtype).clone().requires_grad_(True)
+        fast, lit = excite_loss(M, grid, [[1, 2]], words), excite_loss_literal(M, grid, [[1, 2]], words)
+        torch.testing.assert_close(fast, lit, rtol=1e-6, atol=1e-7)
+        g_fast, = torch.autograd.grad(fast, M)
+        g_lit, = torch.autograd.grad(lit, M)
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_lit, rtol=1e-5, atol=1e-6)
+    # the tiny cells are read as they are: token 1's share ranges over 1 / 2 .. 3 / 4 of the word attention
+    lit_tiny = float(excite_loss_literal(tiny, grid, [[1]], words))
+    assert 0.25 < lit_tiny < 0.5
+
+
 def test_known_values():
     grid, n_y = (3, 3), 5  # SOT, 2 words, EOT, pad
     words = _words(1, n_y, 2)
@@ -260,7 +286,9 @@ def test_sample_and_tool_errors(setup, tmp_path, capsys):
     for argv, msg in ((["--excite-scale", "-1"], "--excite-scale must be"),
                       (["--excite-scale", "5", "--sampler", "euler", "--attention", "0"], "needs --sampler ddim"),
                       (["--excite-scale", "5", "--excite-steps", "0"], "--excite-steps must be"),
-                      (["--excite-scale", "5", "--unconditional"], "needs a checkpoint and prompts")):
+                      (["--excite-scale", "5", "--unconditional"], "needs a checkpoint and prompts"),
+                      (["--excite-scale", "5", "--excite-words", "shape", "shape"], "name each word kind once"),
+                      (["--excite-steps", "5"], "without --excite-scale")):
         # --reference matched stands in for a checkpoint (parse_args stops at the excite checks first)
         with pytest.raises(SystemExit):
             E.parse_args(["--reference", "matched", "--out", str(tmp_path)] + argv)

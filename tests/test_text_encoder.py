@@ -341,14 +341,15 @@ def test_encode_phrases_apart(enc, tok):
     assert torch.equal(apart.ids, full.ids) and torch.equal(apart.valid, full.valid)
     assert torch.equal(apart.pooled, full.pooled) and torch.equal(apart.pooled_index, full.pooled_index)
     assert torch.equal(apart.hidden[0, :s2], full.hidden[0, :s2])  # SOT, phrase 1 and "and"
-    assert torch.equal(apart.hidden[0, s2:s2 + n2], alone.hidden[0, 1:1 + n2])
-    assert not torch.equal(apart.hidden[0, s2:s2 + n2], full.hidden[0, s2:s2 + n2])  # they saw phrase 1 before
+    # the phrase's states as encoded alone (float32, possibly in another batch: kernels may round differently)
+    torch.testing.assert_close(apart.hidden[0, s2:s2 + n2], alone.hidden[0, 1:1 + n2], rtol=1e-5, atol=1e-6)
+    assert (apart.hidden[0, s2:s2 + n2] - full.hidden[0, s2:s2 + n2]).abs().max() > 1e-2  # they saw phrase 1 before
     assert torch.equal(apart.hidden[0, s2 + n2:], full.hidden[0, s2 + n2:])  # EOT and padding
     assert torch.equal(apart.hidden[1], full.hidden[1])
     three = encode_phrases_apart(enc, ["a red circle and a blue square and a green triangle"])
     n_sq = len(tok.encode("a blue square"))
     s3 = 1 + len(tok.encode("a red circle")) + 1 + n_sq + 1
-    assert torch.equal(three.hidden[0, s3:s3 + 3], enc(["a green triangle"]).hidden[0, 1:4])
+    torch.testing.assert_close(three.hidden[0, s3:s3 + 3], enc(["a green triangle"]).hidden[0, 1:4], rtol=1e-5, atol=1e-6)
     # a part that does not open an object phrase stays with the phrase before it: a count prompt is unchanged, and
     # in "a red circle and at the top and a blue square" only the last phrase is encoded apart
     count = "two red circles on the left and at the bottom"
@@ -356,7 +357,8 @@ def test_encode_phrases_apart(enc, tok):
     mixed = encode_phrases_apart(enc, ["a red circle and at the top and a blue square"])
     s_last = 1 + len(tok.encode("a red circle and at the top")) + 1
     assert torch.equal(mixed.hidden[0, :s_last], enc(["a red circle and at the top and a blue square"]).hidden[0, :s_last])
-    assert torch.equal(mixed.hidden[0, s_last:s_last + 3], enc(["a blue square"]).hidden[0, 1:4])
+    torch.testing.assert_close(mixed.hidden[0, s_last:s_last + 3], enc(["a blue square"]).hidden[0, 1:4], rtol=1e-5,
+                               atol=1e-6)
     with pytest.raises(ValueError, match="sep must contain a word"):
         encode_phrases_apart(enc, prompts, sep="  ")
     with pytest.raises(ValueError, match="truncated"):
@@ -380,7 +382,7 @@ def test_phrases_apart_encoder_in_training_and_sampling():
     assert torch.equal(got.hidden, want.hidden) and torch.equal(got.valid, want.valid)
     assert not torch.equal(got.hidden[0], plain(two).hidden[0]) and torch.equal(got.hidden[1:], plain(two).hidden[1:])
     # evaluate.py --phrases-apart on such a checkpoint changes nothing more (the split is idempotent)
-    assert torch.equal(encode_phrases_apart(enc, two).hidden, got.hidden)
+    torch.testing.assert_close(encode_phrases_apart(enc, two).hidden, got.hidden, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="as text"):
         enc(plain.tokenize(two))
     with pytest.raises(ValueError, match="CLIP TextEncoder"):

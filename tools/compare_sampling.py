@@ -54,6 +54,8 @@ def compare(base: dict, variants: dict[str, dict], base_label: str = "base") -> 
         row: dict = {}
         for c in cats:
             xs = [r for r in recs if r["category"] == c]
+            if not xs:
+                raise ValueError(f"{label}: category {c} has no image records")
             missing = [_key(r) for r in xs if _key(r) not in ref]
             if missing or len(xs) != sum(1 for r in base["records"] if r["category"] == c):
                 raise ValueError(f"{label}: category {c} does not hold the base's images (same prompts, seeds and "
@@ -68,8 +70,8 @@ def compare(base: dict, variants: dict[str, dict], base_label: str = "base") -> 
         saved = run.get("shape_order")
         row["shape_order"] = ({c: v for c, v in saved.items() if c in cats} if saved is not None
                               else shape_order_summary(recs))
-        rms = [r.get("background_rms") for r in recs]
-        row["clean_fraction"] = sum(1 for v in rms if v is not None and v < CLEAN_RMS) / len(rms)
+        rms = [r["background_rms"] for r in recs if r.get("background_rms") is not None]  # None: no background
+        row["clean_fraction"] = sum(1 for v in rms if v < CLEAN_RMS) / len(rms) if rms else None
         rows[label] = row
     return {"categories": cats, "base": base_label, "rows": rows}
 
@@ -89,7 +91,8 @@ def markdown(res: dict, title: str) -> str:
             if label != res["base"]:
                 cell += f" {x['paired_diff']:+.2f} ± {x['paired_se']:.2f}"
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['clean_fraction']:.0%} |")
+        clean = "n/a" if row["clean_fraction"] is None else f"{row['clean_fraction']:.0%}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {clean} |")
     order_cats = sorted({c for row in rows.values() for c in row["shape_order"]})
     if order_cats:
         lines += ["", "Named shapes drawn (both / first only / second only / neither; first-only share of the one-shape "
@@ -123,10 +126,10 @@ def main(argv=None) -> dict:
         p.error(str(e))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**res, "sources": {a.base[0]: a.base[1], **dict(a.variant)}},
-                                                   indent=1) + "\n")
+    Path(f"{out}.json").write_text(json.dumps({**res, "sources": {a.base[0]: a.base[1], **dict(a.variant)}},
+                                              indent=1) + "\n")
     md = markdown(res, a.title)
-    out.with_suffix(".md").write_text(md)
+    Path(f"{out}.md").write_text(md)  # not with_suffix: an --out such as runs/cmp_g7.5 keeps its name
     print(md)
     return res
 

@@ -127,6 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if len(set(args.excite_words)) != len(args.excite_words):
+        p.error(f"--excite-words: name each word kind once, got {args.excite_words}")
+    if not args.excite_scale and (args.excite_steps != 10 or args.excite_words != ["shape"]):
+        p.error("--excite-steps / --excite-words set without --excite-scale (0: Attend-and-Excite is off)")
     if args.excite_scale:
         if not (math.isfinite(args.excite_scale) and args.excite_scale > 0):
             p.error(f"--excite-scale must be a finite number > 0 (0: off), got {args.excite_scale}")
@@ -182,6 +186,9 @@ def check_user_errors(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             p.error(f"--steps must lie in [1, T = {cfg.diffusion.T}] for {ckpt}, got {args.steps}")
         if args.attention and args.attention_step is not None and not 0 <= args.attention_step < n_steps:
             p.error(f"--attention-step must lie in [0, {n_steps}) ({n_steps} sampler steps), got {args.attention_step}")
+        if (args.excite_scale or args.phrases_apart) and cfg.model.text_encoder in ("t5", "t5+clip"):
+            p.error(f"--excite-scale and --phrases-apart find the words of a prompt in CLIP's BPE tokens; {ckpt} reads "
+                    f"its prompts with {cfg.model.text_encoder!r}")
         if args.attention_block is not None and not 0 <= args.attention_block < cfg.n_transformer_blocks:
             p.error(f"--attention-block must lie in [0, {cfg.n_transformer_blocks}), got {args.attention_block}")
     from raphael_ref.training import writable_dir
