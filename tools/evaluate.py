@@ -238,7 +238,9 @@ class ModelGenerator:
 
     def __call__(self, spec: PromptSpec, seed: int, n: int, record_step: int | None = None):
         a = self.args
-        if a.phrases_apart and not a.unconditional:
+        # the sampling-time options (E84, E85); callers that build their own Namespace (tools/ablate.py) may omit them
+        excite_scale, phrases_apart = getattr(a, "excite_scale", 0.0), getattr(a, "phrases_apart", False)
+        if phrases_apart and not a.unconditional:
             enc = encode_phrases_apart(self.encoder, [spec.prompt] * n)
         else:
             enc = self.encoder([""] * n if a.unconditional else [spec.prompt] * n)
@@ -248,9 +250,9 @@ class ModelGenerator:
                   guidance=1.0 if a.unconditional else a.guidance, sampler=a.sampler, eta=a.eta,
                   generator=torch.Generator().manual_seed(image_seed(seed, spec)),
                   set_alpha_to_one=self.cfg.sample.set_alpha_to_one)
-        if a.excite_scale:  # Attend-and-Excite (E84) on the words of each object of the prompt's scene
+        if excite_scale:  # Attend-and-Excite (E84) on the words of each object of the prompt's scene
             kw["excite"] = Excite(excite_subjects(spec, enc.hidden.shape[1], a.excite_words) * n,
-                                  scale=a.excite_scale, steps=a.excite_steps)
+                                  scale=excite_scale, steps=a.excite_steps)
         if record_step is None and a.sampler not in ("ddim", "ddpm"):  # diffusers' schedulers
             from raphael_ref.schedulers import sample_with_scheduler
 
