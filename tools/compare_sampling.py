@@ -10,7 +10,8 @@ noise (``evaluate.image_seed``), so an option's effect can be read per image: fo
 score, each variant's accuracy and the mean of its per-image difference from the base (1 - 0, 0 - 1 or 0) with the
 standard error of that mean (sd / sqrt(n)), which is smaller than the unpaired binomial one when the option changes
 few images. Also, over the two-object categories, which named shapes are drawn (``prompts.named_shapes_drawn``:
-both / first only / second only / neither and the first-only share) and the share of clean backgrounds (RMS < 8).
+both / first only / second only / neither and the first-only share) and the share of clean backgrounds
+(``evaluate.background_summary``: RMS < 8 of 255).
 Writes OUT.md and OUT.json.
 """
 
@@ -25,8 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raphael_ref.evaluation.prompts import shape_order_summary  # noqa: E402
+from raphael_ref.testing import load_tool  # noqa: E402
 
-CLEAN_RMS = 8.0  # tools/evaluate.py's CLEAN_BACKGROUND_RMS
+# tools/evaluate.py's definitions (background_summary: clean = RMS < CLEAN_BACKGROUND_RMS over all images)
+E = load_tool("evaluate")
 
 
 def load(path: str) -> dict:
@@ -70,8 +73,8 @@ def compare(base: dict, variants: dict[str, dict], base_label: str = "base") -> 
         saved = run.get("shape_order")
         row["shape_order"] = ({c: v for c, v in saved.items() if c in cats} if saved is not None
                               else shape_order_summary(recs))
-        rms = [r["background_rms"] for r in recs if r.get("background_rms") is not None]  # None: no background
-        row["clean_fraction"] = sum(1 for v in rms if v < CLEAN_RMS) / len(rms) if rms else None
+        clean = E.background_summary(recs)["clean_fraction"]  # as tools/evaluate.py reports it
+        row["clean_fraction"] = None if math.isnan(clean) else clean
         rows[label] = row
     return {"categories": cats, "base": base_label, "rows": rows}
 
