@@ -113,6 +113,10 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Table 2
     weight_decay: float = 0.0  # Table 2
     warmup_steps: int = 20000  # Table 2
+    # after the warm-up: "none" (constant, Table 2) or, not in the paper (erratum E86), "linear" / "cosine" decay
+    # of the lr towards 0 at train.steps, starting at the fraction lr_decay_start of the run (after the warm-up)
+    lr_decay: str = "none"
+    lr_decay_start: float = 0.0
     batch_size: int = 2000  # Table 2 (global batch)
     # micro-steps per optimizer step (gradient accumulation): each rank runs batch_size / (world x grad_accum)
     # samples per forward/backward; batch_size stays the global batch of one optimizer step
@@ -439,6 +443,10 @@ class RaphaelConfig:
         finite_at_least("train.weight_decay", t.weight_decay, 0.0)
         finite_at_least("train.grad_clip", t.grad_clip, 0.0, " (0 switches clipping off)")
         unit("train.ema_decay", t.ema_decay, closed=False)
+        choice("train.lr_decay", t.lr_decay, ("none", "linear", "cosine"))
+        if not (math.isfinite(t.lr_decay_start) and 0.0 <= t.lr_decay_start < 1.0):
+            bad("train.lr_decay_start", f"is the fraction of train.steps where the decay starts, in [0, 1); got "
+                f"{t.lr_decay_start}")
         unit("train.focal_alpha", t.focal_alpha)
         finite_at_least("train.focal_gamma", t.focal_gamma, 0.0)
         unit("train.caption_dropout", t.caption_dropout)  # 1.0: no text at all (an unconditional control model)

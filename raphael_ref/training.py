@@ -48,7 +48,7 @@ from raphael_ref.checkpoint import CheckpointError, load_tensors, save_model, sa
 from raphael_ref.config import RaphaelConfig
 
 __all__ = [
-    "warmup_lr", "make_ema", "update_ema", "build_text_encoder", "build_codec", "build_edge_detector",
+    "warmup_lr", "scheduled_lr", "LR_DECAYS", "make_ema", "update_ema", "build_text_encoder", "build_codec", "build_edge_detector",
     "make_run_dir", "JsonlLog", "read_log", "truncate_log", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "publish_checkpoint", "resolve_checkpoint", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
     "generate_images", "to_uint8", "save_image_grid", "plot_loss_curve", "finite_record", "NonFiniteError",
@@ -78,6 +78,35 @@ def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
     if warmup_steps == 0:
         return lr
     return lr * min(1.0, (step + 1) / warmup_steps)
+
+
+LR_DECAYS = ("none", "linear", "cosine")
+
+
+def scheduled_lr(step: int, lr: float, warmup_steps: int, total_steps: int, decay: str = "none",
+                 decay_start: float = 0.0) -> float:
+    """The learning rate of optimizer step ``step``: ``warmup_lr`` (Table 2), then, as an option, a decay to 0.
+
+    ``decay="none"`` is the paper's schedule (Table 2 states no decay) and equals ``warmup_lr`` exactly. Not in
+    the paper (erratum E86): ``"linear"`` or ``"cosine"`` decays from lr at step s0 = max(warmup_steps,
+    round(decay_start * total_steps)) towards 0 at ``total_steps``: with p = (step - s0) / (total_steps - s0),
+    lr * (1 - p) or lr * (1 + cos(pi p)) / 2. The last step (total_steps - 1) still moves the weights; steps past
+    ``total_steps`` (a resume with a smaller ``train.steps``) get p = 1, i.e. 0.
+    """
+    if decay not in LR_DECAYS:
+        raise ValueError(f"scheduled_lr: decay must be one of {LR_DECAYS}, got {decay!r}")
+    if not 0.0 <= decay_start < 1.0:
+        raise ValueError(f"scheduled_lr: decay_start is a fraction of the run in [0, 1), got {decay_start}")
+    if total_steps < 1:
+        raise ValueError(f"scheduled_lr: total_steps must be >= 1, got {total_steps}")
+    base = warmup_lr(step, lr, warmup_steps)
+    s0 = max(warmup_steps, round(decay_start * total_steps))
+    if decay == "none" or step < s0 or s0 >= total_steps:
+        return base
+    p = min(1.0, (step - s0) / (total_steps - s0))
+    if decay == "linear":
+        return lr * (1.0 - p)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def make_ema(model: nn.Module) -> nn.Module:

@@ -8,6 +8,7 @@ few steps in subprocesses, as a user would run the script.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -171,6 +172,8 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(full_run, tmp_path, ca
     ("train.steps=many", "train.steps"),
     ("sample.sampler=euler", "sample.sampler"),
     ("model.codec=jpeg", "model.codec"),
+    ("train.lr_decay=step", "train.lr_decay"),
+    ("train.lr_decay_start=1.0", "train.lr_decay_start"),
 ])
 def test_bad_config_field_is_named(override, field, tmp_path, capsys):
     code = _train_module().main(["--out", str(tmp_path / "r"), "--set", override])
@@ -264,6 +267,43 @@ def test_warmup_lr_is_linear_then_constant(lr, warmup, step):
 def test_warmup_lr_rejects_bad_input():
     with pytest.raises(ValueError, match="step"):
         T.warmup_lr(-1, 1e-4, 10)
+
+
+@pytest.mark.spec_id("train.warmup_lr")
+@settings(max_examples=60)
+@given(lr=st.floats(1e-6, 1.0), warmup=st.integers(0, 300), total=st.integers(1, 2000),
+       start=st.floats(0.0, 0.99), decay=st.sampled_from(T.LR_DECAYS), frac=st.floats(0.0, 1.0))
+def test_scheduled_lr_is_the_warmup_then_a_decay_to_zero(lr, warmup, total, start, decay, frac):
+    """E86: before s0 = max(warmup, round(start * total)) the schedule is warmup_lr exactly; from s0 it falls
+    monotonically from lr, stays > 0 on the last step (total - 1) and is 0 at total; "none" is warmup_lr always."""
+    step = int(frac * (total + 10))
+    got = T.scheduled_lr(step, lr, warmup, total, decay, start)
+    s0 = max(warmup, round(start * total))
+    if decay == "none" or step < s0 or s0 >= total:
+        assert got == T.warmup_lr(step, lr, warmup)
+        return
+    p = min(1.0, (step - s0) / (total - s0))
+    assert got == pytest.approx(lr * (1 - p) if decay == "linear" else lr * (1 + math.cos(math.pi * p)) / 2,
+                                abs=1e-15)
+    assert T.scheduled_lr(s0, lr, warmup, total, decay, start) == lr  # continuous at s0
+    assert 0 <= T.scheduled_lr(step + 1, lr, warmup, total, decay, start) <= got  # non-increasing
+    assert T.scheduled_lr(total - 1, lr, warmup, total, decay, start) > 0  # the last step still moves the weights
+    assert T.scheduled_lr(total, lr, warmup, total, decay, start) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_scheduled_lr_known_values():
+    # warm-up 2, 10 steps, decay from the middle (s0 = 5): the warm-up, the plateau, then 1 - p or (1 + cos pi p) / 2
+    lin = [T.scheduled_lr(s, 1.0, 2, 10, "linear", 0.5) for s in range(10)]
+    assert lin == pytest.approx([0.5, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    cos = [T.scheduled_lr(s, 1.0, 2, 10, "cosine", 0.5) for s in range(5, 10)]
+    assert cos == pytest.approx([(1 + math.cos(math.pi * k / 5)) / 2 for k in range(5)])
+    assert T.scheduled_lr(7, 1.0, 2, 10, "cosine", 0.0) == pytest.approx((1 + math.cos(math.pi * 5 / 8)) / 2)
+    for bad, match in [(dict(decay="step"), "decay"), (dict(decay_start=1.0), "decay_start"),
+                       (dict(decay_start=-0.1), "decay_start")]:
+        with pytest.raises(ValueError, match=match):
+            T.scheduled_lr(3, 1.0, 2, 10, **{"decay": "linear", **bad})
+    with pytest.raises(ValueError, match="total_steps"):
+        T.scheduled_lr(0, 1.0, 2, 0)
 
 
 @settings(max_examples=20)
@@ -381,6 +421,14 @@ def test_frozen_parts_check_the_config():
         T.build_codec(get_preset("small"))
     with pytest.raises(ValueError, match="train.hed_weights"):
         T.build_edge_detector(get_preset("toy", {"train.hed_weights": "/nonexistent.safetensors"}))
+
+
+def test_run_with_lr_decay_logs_the_schedule(tmp_path):
+    """train.lr_decay (E86): the lr each step logs is scheduled_lr's: warm-up over 2 steps, then linear from the
+    end of the warm-up (s0 = 2) towards 0 at step 4."""
+    out = tmp_path / "run"
+    _ok(_run(_args("train.steps=4", "train.ckpt_every=4", "sample.every=0", "train.lr_decay=linear", out=out)))
+    assert [r["lr"] for r in T.read_log(out / "log.jsonl")] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
 
 
 def test_run_with_phrases_apart_text(tmp_path):

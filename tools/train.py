@@ -644,7 +644,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         while step < tc.steps:
             t_step = time.perf_counter()
             batch = next(data)
-            lr = T.warmup_lr(step, tc.lr, tc.warmup_steps)
+            lr = T.scheduled_lr(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_decay, tc.lr_decay_start)
             for g in opt.param_groups:
                 g["lr"] = lr
             captions = batch["caption"]

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
-            lr = T.warmup_lr(step, tc.lr, tc.warmup_steps)
+            lr = T.scheduled_lr(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_decay, tc.lr_decay_start)
             for g in opt.param_groups:
                 g["lr"] = lr
             hr, lr_img, caps = make_batch(cfg, step * B, B)
