@@ -33,7 +33,6 @@ after it); 4 the final sample grid failed (the checkpoint is written).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
