@@ -46,6 +46,9 @@ RELATED = {
     "model.codec": {"model.in_channels", "model.codec_factor"},
     "model.codec_factor": {"model.in_channels"},
     "model.attend_padding": {"model.count_padding"},
+    # the toy-binding preset's options (E87): its token loss needs the synthetic source, phrases apart a CLIP tower
+    "train.source": {"train.token_loss"},
+    "model.text_encoder": {"model.text_phrases_apart"},
 }
 CHOICES = ["tiny", "ViT-g-14", "hed", "canny", "ddim", "ddpm", "cosine", "linear", "scaled_linear", "last",
            "penultimate", "dense", "gather", "vae", "identity", "bf16", "no", "none", "switch", "straight_through",

@@ -687,6 +687,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                                               loss_weight=tc.loss_weight, loss_weight_max=tc.loss_weight_max,
                                               balance_loss=tc.balance_loss, token_loss=tc.token_loss,
                                               token_targets=None if targets is None else targets.select(mb).to(device))
+                    if token and accum > 1:
+                        # the token loss is a mean over (object, word) pairs, and micro-batches hold unequal numbers
+                        # of pairs: weigh each micro-batch's mean by its share of the batch's pairs, so that the K
+                        # micro-losses / K sum to the batch's mean, as the denoising loss does (host counts, no sync)
+                        w = targets.select(mb).sample.numel() * accum / max(targets.sample.numel(), 1)
+                        out["total"] = out["total"] + tc.token_loss * (w - 1) * out["token"]
+                        out["token"] = w * out["token"]
                     usage.update(out["aux"], text.valid[mb], count_step=k == accum - 1)  # no host sync
                     (out["total"] if accum == 1 else out["total"] / accum).backward()
                 micro = torch.stack([out["total"].detach(), out["denoise"].detach(), out["edge"].detach()]
