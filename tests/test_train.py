@@ -431,6 +431,18 @@ def test_run_with_lr_decay_logs_the_schedule(tmp_path):
     assert [r["lr"] for r in T.read_log(out / "log.jsonl")] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
 
 
+def test_toy_binding_preset_trains(tmp_path):
+    """--preset toy-binding (E87): phrases apart and the position-word token loss are on, the log records the
+    token term, and the run folder is named after the preset."""
+    out = tmp_path / "runs"
+    proc = _ok(_run(["--preset", "toy-binding"] + _args("train.steps=2", "train.ckpt_every=2", "sample.every=0")
+                    + ["--out", str(out)]))
+    assert "later object phrases encoded apart (E85)" in proc.stdout + proc.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["name"] == "toy-binding" and cfg["train"]["token_loss"] == 0.02
+    assert all(r["token"] >= 0 for r in T.read_log(out / "log.jsonl"))
+
+
 def test_run_with_phrases_apart_text(tmp_path):
     """model.text_phrases_apart (E85): a run trains and samples through the wrapped tower; its config records it,
     so sampling and evaluating the checkpoint encode prompts the same way."""
