@@ -447,6 +447,13 @@ class RaphaelConfig:
         if not (math.isfinite(t.lr_decay_start) and 0.0 <= t.lr_decay_start < 1.0):
             bad("train.lr_decay_start", f"is the fraction of train.steps where the decay starts, in [0, 1); got "
                 f"{t.lr_decay_start}")
+        if t.lr_decay == "none" and t.lr_decay_start != 0.0:
+            bad("train.lr_decay_start", f"places a decay, but train.lr_decay='none'; set train.lr_decay=linear or "
+                f"cosine, or leave train.lr_decay_start at 0 (got {t.lr_decay_start})")
+        elif t.lr_decay != "none" and t.steps >= 1 and max(t.warmup_steps, round(t.lr_decay_start * t.steps)) >= t.steps:
+            bad("train.lr_decay", f"{t.lr_decay!r} would start at step {max(t.warmup_steps, round(t.lr_decay_start * t.steps))}"
+                f" (after the warm-up of {t.warmup_steps} and at train.lr_decay_start={t.lr_decay_start} of "
+                f"train.steps={t.steps}), so it never happens; lower train.warmup_steps or train.lr_decay_start")
         unit("train.focal_alpha", t.focal_alpha)
         finite_at_least("train.focal_gamma", t.focal_gamma, 0.0)
         unit("train.caption_dropout", t.caption_dropout)  # 1.0: no text at all (an unconditional control model)

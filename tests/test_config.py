@@ -232,6 +232,21 @@ def test_toy_binding_preset_is_the_toy_plus_two_options():
     assert C.load_config("toy-binding", overrides=["train.source=/data/shards", "train.token_loss=0"]).train.token_loss == 0
 
 
+def test_lr_decay_fields():
+    """E86: a decay that could never start, or a start without a decay, is refused with what to change."""
+    cfg = C.load_config("toy", overrides=["train.lr_decay=cosine", "train.lr_decay_start=0.5"])
+    assert (cfg.train.lr_decay, cfg.train.lr_decay_start) == ("cosine", 0.5)
+    assert all(C.get_preset(p).train.lr_decay == "none" for p in C.PRESETS)
+    with pytest.raises(ValueError, match="train.lr_decay.*never happens.*train.warmup_steps"):
+        C.load_config("toy", overrides=["train.lr_decay=linear", "train.warmup_steps=800"])  # toy: 800 steps
+    with pytest.raises(ValueError, match="train.lr_decay_start.*train.lr_decay='none'"):
+        C.load_config("toy", overrides=["train.lr_decay_start=0.5"])
+    with pytest.raises(ValueError, match="train.lr_decay"):
+        C.load_config("toy", overrides=["train.lr_decay=step"])
+    with pytest.raises(ValueError, match="train.lr_decay_start"):
+        C.load_config("toy", overrides=["train.lr_decay=linear", "train.lr_decay_start=nan"])
+
+
 def test_text_phrases_apart_field():
     cfg = C.load_config("toy", overrides=["model.text_phrases_apart=true"])
     assert cfg.model.text_phrases_apart is True

@@ -681,17 +681,18 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             for k, mb in enumerate(micro_slices(B, accum)):
                 with grad_sync(net_for_loss, k == accum - 1):
                     with amp, (nullcontext() if draws is None else per_sample_noise(draws.seeds[mb])):
+                        mb_targets = None if targets is None else targets.select(mb)
                         out = training_losses(net_for_loss, schedule, x0[mb], t[mb], noise[mb], text.hidden[mb],
                                               text.valid[mb], text.pooled_index[mb], None if edges is None else edges[mb],
                                               focal_alpha=tc.focal_alpha, focal_gamma=tc.focal_gamma,
                                               loss_weight=tc.loss_weight, loss_weight_max=tc.loss_weight_max,
                                               balance_loss=tc.balance_loss, token_loss=tc.token_loss,
-                                              token_targets=None if targets is None else targets.select(mb).to(device))
+                                              token_targets=None if mb_targets is None else mb_targets.to(device))
                     if token and accum > 1:
                         # the token loss is a mean over (object, word) pairs, and micro-batches hold unequal numbers
                         # of pairs: weigh each micro-batch's mean by its share of the batch's pairs, so that the K
                         # micro-losses / K sum to the batch's mean, as the denoising loss does (host counts, no sync)
-                        w = targets.select(mb).sample.numel() * accum / max(targets.sample.numel(), 1)
+                        w = mb_targets.sample.numel() * accum / max(targets.sample.numel(), 1)
                         out["total"] = out["total"] + tc.token_loss * (w - 1) * out["token"]
                         out["token"] = w * out["token"]
                     usage.update(out["aux"], text.valid[mb], count_step=k == accum - 1)  # no host sync

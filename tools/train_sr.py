@@ -10,7 +10,7 @@ The SR stage is ``RaphaelUNet`` with ``model.cond_channels = 3`` (raphael_ref/sr
 the noisy high-res x_t concatenated with the low-res image upsampled to the high-res grid and noise-augmented
 at a level s ~ U{0..sr.aug_max} (spec ``sr.noise_augmentation``); s is embedded and added to the time
 embedding. The loss is the base model's (``objective.training_losses``: L_denoise + L_edge, the preset's
-loss weighting), AdamW with linear warm-up, gradient clipping and an EMA, as tools/train.py.
+loss weighting), AdamW with linear warm-up (and the optional decay of E86), gradient clipping and an EMA, as tools/train.py.
 
 Data: pairs rendered by the synthetic renderer (raphael_ref/data/synthetic.py) at both sizes; item i of the
 stream is a pure function of (train.seed, i): its scene, whether its low-res image is the renderer's own
@@ -68,6 +68,7 @@ SR_DEFAULTS = {
     "sample.guidance": 3.0,
 }
 # fields a resumed run may change (everything else must equal the checkpoint's config)
+# ("train.lr" also covers train.lr_decay and train.lr_decay_start, E86: a longer resumed run decays to its new end)
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.lr",
                      "train.warmup_steps", "train.grad_clip", "sample.", "sr.aug_sample", "model.checkpoint")
 HELDOUT_SEED = 987_654  # the final grid's scenes (and tools/sr_toy.py's): a stream training never draws
