@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raphael_ref.config import RaphaelConfig
-from raphael_ref.models import RaphaelUNet
+from raphael_ref.models import RaphaelUNet, schedule_for
 from raphael_ref.statedict import state_dict_mismatches
 
 WEIGHTS = "model.safetensors"
@@ -184,8 +184,9 @@ def load_model(directory: str | Path, *, weights_name: str = WEIGHTS, map_locati
             raise CheckpointError(_damaged(directory / CONFIG, f"not valid JSON ({e})", weights_name)) from None
     if not weights.exists():
         raise FileNotFoundError(f"no weights file {weights}; expected {weights_name} written by save_model")
+    schedule = schedule_for(cfg)  # built off the meta device: its float64 tables are real (E88; None for eps)
     with torch.device("meta"):
-        model = RaphaelUNet(cfg.model)
+        model = RaphaelUNet(cfg.model, schedule=schedule)
     try:
         state = load_tensors(weights, device=map_location)
     except CheckpointError as e:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+PREDICTIONS = ("eps", "v")  # model.prediction: what the U-Net's last layer outputs (erratum E88)
 
 @dataclass
 class DiffusionConfig:
@@ -105,6 +106,11 @@ class ModelConfig:
     # channels of the low-resolution conditioning image concatenated to x_t at the input (0: none, the base model);
     # > 0 also adds an embedding of the noise-augmentation level s to the time embedding (the sr section says how)
     cond_channels: int = 0
+    # --- what the network outputs (not in RAPHAEL, erratum E88) ---
+    # "eps": D_theta predicts the noise (Sec. 2, the paper); "v": the network outputs Salimans & Ho's velocity
+    # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 and the U-Net returns the eps it implies
+    # (raphael_ref.diffusion.eps_from_v), so losses and samplers read eps either way
+    prediction: str = "eps"
 
 
 @dataclass
@@ -392,6 +398,7 @@ class RaphaelConfig:
             bad("model.transformer_norm_eps", f"must be a finite number > 0, got {m.transformer_norm_eps}")
         choice("model.time_router", m.time_router, ("learned", "intervals"))
         choice("model.pos_embed", m.pos_embed, ("none", "sincos"))
+        choice("model.prediction", m.prediction, PREDICTIONS)
         choice("train.loss_weight", t.loss_weight, ("none", "v"))
         if t.loss_weight_max is not None:
             finite_at_least("train.loss_weight_max", t.loss_weight_max, 1.0, " (or null: uncapped)")
@@ -728,6 +735,10 @@ def toy() -> RaphaelConfig:
     # 2D sin-cos embedding: an option, not in the paper) and attention over the caption's own tokens only
     # (the 72 padding slots of a short caption are copies of one sentence summary that soak up the attention)
     m.pos_embed, m.attend_padding, m.count_padding = "sincos", False, False
+    # not the paper's output: the network predicts v and returns the eps it implies (E88). Its x_0 at high noise is
+    # the network's own output, not an eps error times 1/sqrt(abar_t) (up to 14.6): the residual noise that the
+    # eps toy left on its backgrounds (RMS 28-41 of 255) is gone (measured: docs/results/toy_v_prediction.md)
+    m.prediction = "v"
     t = cfg.train
     t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.steps, t.multiscale = 1e-3, 50, 16, 0.99, 800, False
     # not the paper's loss: the v-prediction weighting of the eps loss (E70), capped at 5 so that the low noise

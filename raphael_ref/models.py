@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raphael_ref.attention import cross_attention, sdpa
-from raphael_ref.config import ModelConfig
+from raphael_ref.config import PREDICTIONS, DiffusionConfig, ModelConfig, RaphaelConfig
+from raphael_ref.diffusion import NoiseSchedule, eps_from_v
 from raphael_ref.edge import EdgePredictor, pooled_attention_map
 from raphael_ref.experts import ExpertBank
 from raphael_ref.gates import (DEFAULT_NOISE_STD, GateFFN, interval_route, noise_checkpoint_contexts,
@@ -242,11 +243,28 @@ class RaphaelUNet(nn.Module):
     ``forward(x_t, t, y, y_valid, pooled_index)`` -> ``(eps_hat, aux)`` where aux is a list of
     :class:`BlockAux`, one per transformer block in forward order (router probabilities in it only
     with ``return_probs=True``).
+
+    ``schedule``: the run's :class:`~raphael_ref.diffusion.NoiseSchedule`, used only with ``cfg.prediction = "v"``
+    (erratum E88): the last layer then outputs v and the forward returns ``eps_from_v(x_t, t, v)``. It is a plain
+    attribute, not state; ``build_unet(cfg)`` and ``load_model`` pass the config's own. None: the default
+    ``DiffusionConfig`` schedule (scaled_linear, T = 1000) until ``training_losses``, ``sampling.sample`` or the
+    diffusers adapter first meet the U-Net with theirs, which it then keeps; a given or kept schedule that differs
+    from the one such a call is given is an error (``check_model_schedule``).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, schedule: NoiseSchedule | None = None):
         super().__init__()
         self.cfg = cfg
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction must be one of {list(PREDICTIONS)}, got {cfg.prediction!r}")
+        if schedule is not None and not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule or None, got {type(schedule).__name__}")
+        self.schedule_given = schedule is not None  # False: the default below, replaced by the first caller's
+        if cfg.prediction == "v" and schedule is None:
+            d = DiffusionConfig()
+            with torch.device("cpu"):  # real float64 tables, also when the U-Net is built on the meta device
+                schedule = NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
+        self.schedule = schedule if cfg.prediction == "v" else None
         mc, groups = cfg.model_channels, cfg.norm_groups
         d_t = 4 * mc  # width of the time embedding E'(t) (d_t of App. 7.3)
         self.d_t = d_t
@@ -372,6 +390,7 @@ class RaphaelUNet(nn.Module):
         ``return_maps``: each block's cross-attention map M, with gradient, in ``BlockAux.attn_map`` (the
         token-attention loss, raphael_ref/token_attention.py, E82)."""
         self._check_inputs(x, t, y, y_valid, pooled_index)
+        x_t = x  # before the SR stage's concatenation: eps_from_v needs x_t itself (E88)
         block_paint = None
         if paint is not None:
             if not isinstance(paint, PaintWithWords):
@@ -420,6 +439,9 @@ class RaphaelUNet(nn.Module):
             if "upsample" in layer:
                 h = layer["upsample"](h)
         out = self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)
+        if self.schedule is not None:  # model.prediction = "v" (E88): out is v; return the eps it implies
+            acc = torch.promote_types(out.dtype, torch.float32)  # x_t's precision kept under bf16 autocast
+            out = eps_from_v(x_t.to(acc), t, out.to(acc), self.schedule)  # (B, in_channels, H, W)
         return out, aux
 
 
@@ -452,10 +474,48 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return groups
 
 
+def schedule_for(cfg: RaphaelConfig) -> NoiseSchedule | None:
+    """The schedule a U-Net of ``cfg`` needs: the run's NoiseSchedule with ``model.prediction = "v"``, else None."""
+    if cfg.model.prediction != "v":
+        return None
+    d = cfg.diffusion
+    return NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
+
+
+def build_unet(cfg: RaphaelConfig) -> RaphaelUNet:
+    """``RaphaelUNet(cfg.model)`` with the schedule its prediction needs (``schedule_for``)."""
+    return RaphaelUNet(cfg.model, schedule=schedule_for(cfg))
+
+
+def check_model_schedule(model: nn.Module, schedule: NoiseSchedule, where: str) -> None:
+    """A ``model.prediction = "v"`` U-Net (E88) turns v into eps with ``schedule``, the one the caller trains or
+    samples with: a U-Net built without one (the default) takes it here and keeps it; one whose given or kept
+    schedule differs is refused (its eps would be silently wrong). Wrappers (DDP ``.module``, torch.compile's
+    ``_orig_mod``) are looked through; a model without a ``schedule`` attribute (eps) passes."""
+    m = getattr(model, "module", model)
+    m = getattr(m, "_orig_mod", m)
+    own = getattr(m, "schedule", None)
+    if own is None or own is schedule or not isinstance(schedule, NoiseSchedule):
+        return
+    if not getattr(m, "schedule_given", True):
+        m.schedule, m.schedule_given = schedule, True
+        return
+    a, b = own.alphas_cumprod, schedule.alphas_cumprod
+    if a.shape != b.shape or not torch.equal(a, b.to(device=a.device, dtype=a.dtype)):
+        raise ValueError(f"{where}: this U-Net predicts v (model.prediction='v') and turns it into eps with a "
+                         f"different noise schedule (T = {a.numel()}) than the one given here (T = {b.numel()}); "
+                         "build it with raphael_ref.models.build_unet(cfg) or load it with checkpoint.load_model, "
+                         "which use the config's diffusion schedule")
+
+
 def build_on_meta(cfg: ModelConfig) -> RaphaelUNet:
     """Build the U-Net on the meta device: shapes and counts without memory."""
+    sched = None
+    if cfg.prediction == "v":  # built off the meta device (real float64 tables); the parameters do not depend on it
+        d = DiffusionConfig()
+        sched = NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
     with torch.device("meta"):
-        return RaphaelUNet(cfg)
+        return RaphaelUNet(cfg, schedule=sched)
 
 
 def format_count(n: int) -> str:

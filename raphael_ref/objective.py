@@ -20,7 +20,7 @@ from raphael_ref.diffusion.schedule import gather_float64
 from raphael_ref.edge import edge_target_to_grid
 from raphael_ref.focal import focal_loss_per_sample
 from raphael_ref.losses import total_loss
-from raphael_ref.models import BlockAux, RaphaelUNet
+from raphael_ref.models import BlockAux, RaphaelUNet, check_model_schedule
 from raphael_ref.token_attention import TokenTargets, model_token_attention_loss
 
 
@@ -105,6 +105,7 @@ def training_losses(model: RaphaelUNet | torch.nn.Module, schedule: NoiseSchedul
         raise ValueError("token_loss > 0 needs token_targets (raphael_ref.token_attention.token_targets of the "
                          "batch's synthetic scenes), got " + type(token_targets).__name__)
     cfg = getattr(model, "module", model).cfg  # the model's config, also through a DDP wrapper (.module)
+    check_model_schedule(model, schedule, "training_losses")  # a "v" U-Net's v -> eps schedule (E88)
     x_t = q_sample(x0, t, noise, schedule)  # (B, C, H, W)
     extra = {}
     if balance_loss > 0:

@@ -19,7 +19,7 @@ import torch
 
 from raphael_ref.diffusion import NoiseSchedule, cfg_combine, ddim_step, ddim_timesteps, posterior_step
 from raphael_ref.diffusion.ddim import ddim_prev_timesteps
-from raphael_ref.models import RaphaelUNet
+from raphael_ref.models import RaphaelUNet, check_model_schedule
 
 
 @dataclasses.dataclass
@@ -108,6 +108,7 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         raise ValueError("clip_x0 is supported with sampler='ddim' only")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {shape}")
+    check_model_schedule(model, schedule, "sample")  # a "v" U-Net turns v into eps with this schedule (E88)
     B = shape[0]
     device = next(model.parameters()).device
     hidden, valid, pooled = (c.to(device) for c in cond)

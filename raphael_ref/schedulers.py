@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from raphael_ref.diffusion import NoiseSchedule, cfg_combine
+from raphael_ref.models import check_model_schedule
 from raphael_ref.sampling import DiffusionPaths, _routes, prepare_paint
 
 __all__ = ["SCHEDULERS", "DEFAULT_SPACINGS", "LITERAL_SAMPLERS", "require_diffusers", "make_scheduler",
@@ -149,6 +150,7 @@ def sample_with_scheduler(model, schedule: NoiseSchedule, cond: tuple[torch.Tens
     """
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {shape}")
+    check_model_schedule(model, schedule, "sample_with_scheduler")  # a "v" U-Net's v -> eps schedule (E88)
     if isinstance(scheduler, str):
         name = scheduler
         scheduler = make_scheduler(name, schedule, spacing=spacing, set_alpha_to_one=set_alpha_to_one)

@@ -231,18 +231,30 @@ def test_new_model_fields_are_validated(key, value, match):
 
 
 def test_the_release_scheduler_is_checked(converted, tmp_path):
-    """A v-prediction release (SD 2.x 768) is refused unless asked; other betas than SD's are refused."""
-    folder = _sd_folder(converted, tmp_path)
+    """A v-prediction release (SD 2.x 768) converts to a "v" U-Net (E88) whose eps is the one SD's v implies; an x_0
+    release and other betas than SD's are refused."""
+    from raphael_ref.diffusion import NoiseSchedule, eps_from_v
+
+    folder = _sd_folder(converted, tmp_path, variant="sd2")
     (tmp_path / "scheduler").mkdir()
     sched = tmp_path / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps({"prediction_type": "v_prediction", "beta_schedule": "scaled_linear",
                                  "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}))
-    with pytest.raises(convert_sd.ConversionError, match="v_prediction.*--allow-v-prediction"):
-        convert_sd.convert(folder, tmp_path / "out")
-    out, cfg = convert_sd.convert(folder, tmp_path / "out", allow_v_prediction=True,
-                                  overrides={"model.text_encoder": "tiny"})
-    assert cfg.diffusion.schedule == "scaled_linear" and cfg.diffusion.T == 1000
+    out, cfg = convert_sd.convert(folder, tmp_path / "out", overrides={"model.text_encoder": "tiny"})
+    assert cfg.diffusion.schedule == "scaled_linear" and cfg.diffusion.T == 1000 and cfg.model.prediction == "v"
     assert json.loads((out / "convert_sd.json").read_text())["sd_scheduler"]["prediction_type"] == "v_prediction"
+    model, cfg2 = load_model(out)
+    assert cfg2.model.prediction == "v"
+    x, t, y, valid, pooled = _inputs()
+    with torch.no_grad():
+        got = _eps(model.eval(), x, t, y, valid, pooled)
+    v_sd = converted["sd2"][2]  # the same weights' .sample, read as v
+    _assert_eps_close(got, eps_from_v(x, t, v_sd, NoiseSchedule.make("scaled_linear", 1000)))
+    with pytest.raises(convert_sd.ConversionError, match="derived|set from the SD config"):
+        convert_sd.convert(folder, tmp_path / "out_eps", overrides={"model.prediction": "eps"})
+    sched.write_text(json.dumps({"prediction_type": "sample"}))
+    with pytest.raises(convert_sd.ConversionError, match="prediction_type 'sample'"):
+        convert_sd.convert(folder, tmp_path / "out_x0")
     sched.write_text(json.dumps({"prediction_type": "epsilon", "beta_schedule": "linear"}))
     with pytest.raises(convert_sd.ConversionError, match="betas linear"):
         convert_sd.convert(folder, tmp_path / "out2")

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raphael_ref.diffusion.ddpm import (
+    eps_from_v,
+    eps_from_v_literal,
     loss_eps,
     p_mean_from_eps,
     p_mean_from_eps_via_x0,
@@ -19,6 +21,7 @@ from raphael_ref.diffusion.ddpm import (
     predict_x0_from_eps,
     q_posterior_mean_variance,
     q_sample,
+    v_target,
 )
 from raphael_ref.diffusion.schedule import KNOWN_KINDS, NoiseSchedule
 
@@ -257,3 +260,61 @@ def test_zero_terminal_snr_last_step_is_a_clear_error():
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         ddim_step(x, 49, 30, torch.randn(2, 3), sched)
     assert torch.isfinite(ddim_step(x, 48, 30, torch.randn(2, 3), sched)).all()
+
+
+# --- v parameterisation (not in RAPHAEL; erratum E88) ----------------------------------------------------------
+
+@pytest.mark.spec_id("ddpm.v_target")
+@pytest.mark.spec_id("ddpm.eps_from_v")
+@settings(max_examples=25)
+@given(kind=kinds, B=st.integers(1, 5), dims=shapes, seed=seeds)
+def test_v_target_and_eps_from_v_invert_each_other(kind, B, dims, seed):
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 per sample with Python floats; eps_from_v(x_t, v) gives eps back and
+    sqrt(abar) x_t - sqrt(1 - abar) v gives x_0 back (Salimans & Ho 2022, Sec. 4), at every t."""
+    s, gen = SCHEDULES[kind], torch.Generator().manual_seed(seed)
+    x0, eps = _draw(gen, B, *dims), _draw(gen, B, *dims)
+    t = _per_sample_t(gen, B)
+    xt, v = q_sample(x0, t, eps, s), v_target(x0, t, eps, s)
+    for b in range(B):
+        abar = s.alphas_cumprod[int(t[b])].item()
+        torch.testing.assert_close(v[b], math.sqrt(abar) * eps[b] - math.sqrt(1 - abar) * x0[b], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(math.sqrt(abar) * xt[b] - math.sqrt(1 - abar) * v[b], x0[b], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eps_from_v(xt, t, v, s), eps, rtol=1e-12, atol=1e-12)
+    # and through the eps route the samplers take: the x_0 that eps implies is the v route's x_0
+    torch.testing.assert_close(predict_x0_from_eps(xt, t, eps_from_v(xt, t, v, s), s), x0, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.spec_id("ddpm.eps_from_v")
+@settings(max_examples=15)
+@given(kind=kinds, t=st.integers(0, T - 1), dims=shapes, seed=seeds)
+def test_eps_from_v_equals_its_literal_form(kind, t, dims, seed):
+    s, gen = SCHEDULES[kind], torch.Generator().manual_seed(seed)
+    xt, v = _draw(gen, 2, *dims), _draw(gen, 2, *dims)
+    torch.testing.assert_close(eps_from_v(xt, t, v, s), eps_from_v_literal(xt, t, v, s), rtol=1e-14, atol=1e-14)
+    x32, v32 = xt.float(), v.float()  # float32: coefficients rounded once, one product-sum of O(1) values
+    torch.testing.assert_close(eps_from_v(x32, t, v32, s), eps_from_v_literal(xt, t, v, s).float(),
+                               rtol=2e-6, atol=2e-6)
+
+
+def test_eps_from_v_holds_at_zero_terminal_snr():
+    """Where abar_(T-1) = 0 eps prediction cannot give x_0 (it divides by sqrt(abar)); v gives eps = x_t there, and
+    v = -x_0 is the exact target: nothing is divided."""
+    sched = NoiseSchedule.make("scaled_linear", T=50, zero_terminal_snr=True)
+    gen = torch.Generator().manual_seed(3)
+    x0, eps = _draw(gen, 2, 5), _draw(gen, 2, 5)
+    xt = q_sample(x0, 49, eps, sched)
+    torch.testing.assert_close(xt, eps, rtol=0, atol=1e-15)
+    torch.testing.assert_close(v_target(x0, 49, eps, sched), -x0, rtol=0, atol=1e-15)
+    torch.testing.assert_close(eps_from_v(xt, 49, -x0, sched), eps, rtol=0, atol=1e-15)
+
+
+def test_v_parameterisation_validation():
+    s, x = SCHEDULES["scaled_linear"], torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        eps_from_v(x, 0, torch.zeros(2, 4), s)
+    with pytest.raises(ValueError, match="share dtype"):
+        v_target(x, 0, x.double(), s)
+    with pytest.raises(ValueError, match="NoiseSchedule"):
+        eps_from_v(x, 0, x, "scaled_linear")
+    with pytest.raises(ValueError):
+        eps_from_v(x, T, x, s)  # t out of range

@@ -340,3 +340,95 @@ def test_block_equals_composition_of_literal_forms(padding):
     want = torch.autograd.grad((ref ** 2).sum() + blk.edge(ref_pooled).sum(), (x, y))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# --- model.prediction = "v" (not in RAPHAEL; erratum E88) ---------------------------------------------------------
+
+def _scrambled(model, seed=0):
+    """Non-zero weights everywhere (the output conv and residual branches start at zero), so outputs depend on them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.spec_id("ddpm.eps_from_v")
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_v_prediction_unet_returns_the_eps_of_its_v(zero_snr):
+    """With the same weights, the "v" U-Net's output is eps_from_v(x_t, t, the "eps" U-Net's output): the network is
+    the same, only the reading of its last layer differs. At an untrained (zero) last layer it returns
+    sqrt(1 - abar_t) x_t; on a zero-terminal-SNR schedule it returns x_t at t = T - 1, where eps is x_t."""
+    from raphael_ref.diffusion import eps_from_v
+
+    cfg_e, cfg_v = micro_cfg(**{"model.prediction": "eps"}), micro_cfg(**{"model.prediction": "v"})
+    sched = NoiseSchedule.make("scaled_linear", 1000, zero_terminal_snr=zero_snr)
+    torch.manual_seed(0)
+    fresh = RaphaelUNet(cfg_v, schedule=sched).eval()
+    m_e = _scrambled(RaphaelUNet(cfg_e)).eval()
+    m_v = RaphaelUNet(cfg_v, schedule=sched).eval()
+    m_v.load_state_dict(m_e.state_dict())  # same keys: the option adds no parameters
+    enc = _text(cfg_e.d_y)
+    x, _, _ = _batch(cfg_e)
+    t = torch.tensor([0, 999])
+    with torch.no_grad():
+        out_e, _ = m_e(x, t, enc.hidden, enc.valid, enc.pooled_index)
+        out_v, _ = m_v(x, t, enc.hidden, enc.valid, enc.pooled_index)
+        out_0, _ = fresh(x, t, enc.hidden, enc.valid, enc.pooled_index)
+    torch.testing.assert_close(out_v, eps_from_v(x, t, out_e, sched), rtol=0, atol=0)
+    assert not torch.allclose(out_v, out_e)
+    torch.testing.assert_close(out_0, sched.sqrt_one_minus_alphas_cumprod[t].float().view(-1, 1, 1, 1) * x)
+    if zero_snr:
+        torch.testing.assert_close(out_0[1], x[1], rtol=0, atol=0)
+
+
+def test_v_prediction_needs_its_schedule_and_round_trips_a_checkpoint(tmp_path):
+    from raphael_ref.checkpoint import load_model, save_model
+    from raphael_ref.models import build_unet, schedule_for
+
+    cfg = get_preset("toy", {"model.prediction": "v", "diffusion.zero_terminal_snr": True})
+    # built from the model config alone it holds the default schedule until a loss or sampler gives it theirs,
+    # which it keeps; after that (or when given one) another schedule is refused: its eps would be silently wrong
+    bare = RaphaelUNet(cfg.model)
+    assert bare.schedule.alphas_cumprod[-1] > 0 and not bare.schedule_given  # the default, not this config's
+    x0 = torch.rand(2, 3, 24, 24) * 2 - 1
+    enc = _text(cfg.model.d_y)
+    args = (x0, torch.tensor([3, 900]), torch.randn_like(x0), enc.hidden, enc.valid, enc.pooled_index)
+    edge = torch.zeros(2, 1, 24, 24)
+    training_losses(bare, schedule_for(cfg), *args, edge_map=edge)
+    assert bare.schedule_given and bare.schedule.alphas_cumprod[-1] == 0  # took the config's zero-terminal-SNR one
+    with pytest.raises(ValueError, match="different noise schedule"):
+        training_losses(bare, NoiseSchedule.make("scaled_linear", 1000), *args, edge_map=edge)
+    from raphael_ref.sampling import sample
+
+    with pytest.raises(ValueError, match="different noise schedule"):
+        sample(build_unet(cfg), NoiseSchedule.make("scaled_linear", 1000), (enc.hidden, enc.valid, enc.pooled_index),
+               None, shape=(2, 3, 24, 24), steps=2)
+    with pytest.raises(ValueError, match="model.prediction"):
+        get_preset("toy", {"model.prediction": "x0"})
+    assert schedule_for(get_preset("toy", {"model.prediction": "eps"})) is None  # the paper's eps: no schedule held
+    torch.manual_seed(0)
+    model = _scrambled(build_unet(cfg)).eval()
+    assert torch.equal(model.schedule.alphas_cumprod, schedule_for(cfg).alphas_cumprod)
+    save_model(tmp_path, model, cfg)
+    loaded, cfg2 = load_model(tmp_path)
+    assert cfg2.model.prediction == "v" and cfg2.diffusion.zero_terminal_snr
+    enc = _text(cfg.model.d_y)
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([5, 999])
+    with torch.no_grad():
+        a, _ = model(x, t, enc.hidden, enc.valid, enc.pooled_index)
+        b, _ = loaded.eval()(x, t, enc.hidden, enc.valid, enc.pooled_index)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_v_prediction_bf16_autocast_returns_float32_eps():
+    """Under bf16 autocast the last layer's v is bf16; x_t's float32 precision is kept in eps = sqrt(abar) v +
+    sqrt(1 - abar) x_t (the loss reads eps in float32 anyway)."""
+    cfg = micro_cfg(**{"model.prediction": "v"})
+    model = RaphaelUNet(cfg, schedule=NoiseSchedule.make("scaled_linear", 1000))
+    enc = _text(cfg.d_y)
+    x0, noise, edge = _batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = model(x0, torch.tensor([3, 900]), enc.hidden, enc.valid, enc.pooled_index)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -284,7 +284,7 @@ def run_train_step(args: argparse.Namespace) -> dict:
     from raphael_ref.config import get_preset
     from raphael_ref.diffusion import NoiseSchedule
     from raphael_ref.data.synthetic import SyntheticShapes
-    from raphael_ref.models import RaphaelUNet
+    from raphael_ref.models import build_unet
     from raphael_ref.objective import training_losses
     from raphael_ref.token_attention import TokenTargets, token_targets
 
@@ -301,7 +301,7 @@ def run_train_step(args: argparse.Namespace) -> dict:
         B, S, C = cfg.train.batch_size, m.sample_size, m.in_channels
         gen = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)
-        model = RaphaelUNet(m).train()
+        model = build_unet(cfg).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         sched = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
         x0 = torch.randn(B, C, S, S, generator=gen)
@@ -455,10 +455,13 @@ def _model_cfg(args, preset: str, overrides: dict | None = None):
 
 
 def _build_unet(m, device: torch.device):
+    from raphael_ref.diffusion import NoiseSchedule
     from raphael_ref.models import RaphaelUNet
 
+    # a "v" U-Net (E88) needs a schedule to return eps; its cost does not depend on which one
+    sched = NoiseSchedule.make("scaled_linear", 1000) if m.prediction == "v" else None
     with torch.device(device):  # built in place: no 12 GB float32 copy of the paper preset on the host
-        return RaphaelUNet(m)
+        return RaphaelUNet(m, schedule=sched)
 
 
 def _cond(m, B: int, device: torch.device, gen: torch.Generator):

@@ -5,10 +5,10 @@
 SD_UNET_FOLDER is a local diffusers ``UNet2DConditionModel`` folder (``config.json`` +
 ``diffusion_pytorch_model.safetensors``; e.g. the ``unet/`` folder of a Stable Diffusion 1.x or 2.x
 release). Nothing is downloaded. When the release's ``scheduler/scheduler_config.json`` sits beside it,
-it is checked: eps prediction and Stable Diffusion's scaled_linear betas (RAPHAEL's ``diffusion.schedule``
-default); a v-prediction release (SD 2.x 768 px, ``stable-diffusion-2-1``) is refused unless
-``--allow-v-prediction``: its U-Net outputs v, which RAPHAEL's loss and samplers read as eps; start from
-``stable-diffusion-2-1-base`` (eps, 512 px) instead. OUT_FOLDER receives a RAPHAEL model checkpoint as
+it is checked: Stable Diffusion's scaled_linear betas (RAPHAEL's ``diffusion.schedule`` default) and the
+prediction type. A v-prediction release (SD 2.x 768 px, ``stable-diffusion-2-1``) is converted with
+``model.prediction = "v"`` (erratum E88): the U-Net's last layer then outputs SD's v and the converted model returns
+the eps it implies, which RAPHAEL's loss and samplers read. OUT_FOLDER receives a RAPHAEL model checkpoint as
 ``raphael_ref.checkpoint.save_model`` writes it (``config.json``, ``model.safetensors``, and the same
 weights as ``ema.safetensors``, which tools/sample.py reads), plus ``convert_sd.json`` (the source, its
 SHA-256 and the mapping decisions). ``checkpoint.load_model(OUT_FOLDER)`` builds the converted U-Net.
@@ -86,7 +86,7 @@ from raphael_ref.checkpoint import save_model  # noqa: E402
 from raphael_ref.config import RaphaelConfig, get_preset, load_config, parse_assignments  # noqa: E402
 from raphael_ref.edge import EdgePredictor  # noqa: E402
 from raphael_ref.gates import GateFFN  # noqa: E402
-from raphael_ref.models import RaphaelUNet, TransformerBlock  # noqa: E402
+from raphael_ref.models import TransformerBlock, build_on_meta  # noqa: E402
 from raphael_ref.unet_parts import LayerNorm32  # noqa: E402
 
 SD_CONFIG = "config.json"
@@ -110,7 +110,9 @@ REQUIRED = {
 # RAPHAEL fields the converter sets from the SD config: --set may not change them (eps would no longer be SD's)
 DERIVED = ("in_channels", "sample_size", "model_channels", "channel_mult", "num_res_blocks", "transformer_down",
            "transformer_mid", "transformer_up", "head_dim", "num_heads", "norm_groups", "transformer_norm_eps",
-           "d_y", "expert_mult", "expert_act", "attend_padding", "pos_embed")
+           "d_y", "expert_mult", "expert_act", "attend_padding", "pos_embed", "prediction")
+# diffusers' prediction_type -> model.prediction (E88); "sample" (x_0) has no RAPHAEL counterpart
+SD_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 # text towers of the Stable Diffusion releases, by d_y (the U-Net's cross_attention_dim)
 TEXT_TOWERS = {768: ("ViT-L-14-quickgelu", "last"), 1024: ("ViT-H-14", "penultimate")}
 
@@ -258,8 +260,7 @@ def convert_state_dict(cfg: RaphaelConfig, sd_state: Mapping[str, torch.Tensor],
     the fresh ones; shapes are checked. Raises :class:`ConversionError` otherwise.
     """
     m = cfg.model
-    with torch.device("meta"):
-        model = RaphaelUNet(m)
+    model = build_on_meta(m)  # keys and shapes only
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     fresh: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[]):
@@ -372,10 +373,10 @@ def read_sd_unet(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
 
 def check_scheduler(sd_folder: str | Path, allow_v_prediction: bool = False) -> dict[str, Any] | None:
     """The release's ``../scheduler/scheduler_config.json`` beside the U-Net folder, when there is one, checked
-    against what RAPHAEL trains and samples: eps prediction and the scaled_linear betas 0.00085..0.012 over T
-    steps (``diffusion.schedule``). A v-prediction release (SD 2.x at 768 px) is refused unless
-    ``allow_v_prediction``: its U-Net outputs v, which RAPHAEL would read as eps until retrained; use the
-    eps release (``stable-diffusion-2-1-base``)."""
+    against what RAPHAEL trains and samples: the scaled_linear betas 0.00085..0.012 over T steps
+    (``diffusion.schedule``) and a prediction type RAPHAEL's U-Net can hold: "epsilon", or "v_prediction"
+    (SD 2.x at 768 px), converted with ``model.prediction = "v"`` (E88). ``allow_v_prediction`` is obsolete
+    (v releases convert exactly now) and ignored."""
     path = Path(sd_folder).parent / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return None
@@ -384,11 +385,9 @@ def check_scheduler(sd_folder: str | Path, allow_v_prediction: bool = False) -> 
     except (ValueError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path} is not valid JSON ({e})") from None
     pred = sched.get("prediction_type", "epsilon")
-    if pred != "epsilon" and not allow_v_prediction:
-        raise ConversionError(f"{path}: prediction_type {pred!r}; RAPHAEL's U-Net predicts eps, so the converted model "
-                              "would not compute SD's prediction as eps. Convert an epsilon release (e.g. "
-                              "stable-diffusion-2-1-base), or pass --allow-v-prediction to start from it anyway "
-                              "(the output is retrained to eps)")
+    if pred not in SD_PREDICTIONS:
+        raise ConversionError(f"{path}: prediction_type {pred!r}; RAPHAEL's U-Net outputs eps or v "
+                              f"(model.prediction), so only {sorted(SD_PREDICTIONS)} releases convert")
     kind, b0, b1 = sched.get("beta_schedule", "scaled_linear"), sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012)
     if kind != "scaled_linear" or not (math.isclose(b0, 0.00085) and math.isclose(b1, 0.012)):
         raise ConversionError(f"{path}: betas {kind} {b0}..{b1}; RAPHAEL's diffusion.schedule 'scaled_linear' is "
@@ -410,6 +409,8 @@ def convert(sd_folder: str | Path, out: str | Path, *, preset: str = "paper", ov
     cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr = "scaled_linear", False
     if sched is not None:
         cfg.diffusion.T = int(sched.get("num_train_timesteps", cfg.diffusion.T))
+    # what SD's last layer outputs; without a scheduler file, eps (the U-Net's own config does not say)
+    cfg.model.prediction = SD_PREDICTIONS[(sched or {}).get("prediction_type", "epsilon")]
     cfg = load_config(base=cfg, overrides=overrides)
     weights = convert_state_dict(cfg, state, seed=seed)
     out = Path(out)
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                         "model.text_encoder_weights=FILE); repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh gates, norm4 and edge heads")
     p.add_argument("--allow-v-prediction", action="store_true",
-                   help="convert a v-prediction release (its ../scheduler says so) although RAPHAEL predicts eps")
+                   help="obsolete, ignored: a v-prediction release is converted with model.prediction=v (E88)")
     args = p.parse_args(argv)
     try:
         out, cfg = convert(args.sd_unet, args.out, preset=args.preset, overrides=parse_assignments(args.set),

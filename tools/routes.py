@@ -248,10 +248,10 @@ def main(argv=None) -> dict:
     result = analyse(model, cfg, encoder, schedule, groups, args)
     init = None
     if args.compare_init:
-        from raphael_ref.models import RaphaelUNet
+        from raphael_ref.models import build_unet
 
         torch.manual_seed(cfg.train.seed)  # tools/train.py draws the initial weights right after this seed
-        init = RaphaelUNet(cfg.model).to(device).eval()
+        init = build_unet(cfg).to(device).eval()
         print("random initialisation (same seed as training):", flush=True)
         init_res = analyse(init, cfg, encoder, schedule, groups, args, log=lambda s: print("  init", s))
         for kind, r in init_res["kinds"].items():

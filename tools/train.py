@@ -47,7 +47,7 @@ from raphael_ref.data.buckets import BUCKETS, scaled_buckets  # noqa: E402
 from raphael_ref.data.loader import make_train_loader  # noqa: E402
 from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
 from raphael_ref.gates import per_sample_noise, sample_stream_seed  # noqa: E402
-from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count  # noqa: E402
+from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count, schedule_for  # noqa: E402
 from raphael_ref.monitoring import (  # noqa: E402
     ExpertUsage, TensorBoardLog, check_tensorboard, collapse_warning, plot_expert_usage)
 from raphael_ref.objective import training_losses  # noqa: E402
@@ -380,7 +380,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
     # ---- seeds: one model init for all ranks, then per-rank streams seed * world + rank (DiT)
     torch.manual_seed(tc.seed)
-    model = RaphaelUNet(mc)
+    model = RaphaelUNet(mc, schedule=schedule_for(cfg))  # the schedule only for model.prediction = "v" (E88)
     if init_state is not None:  # --init: the checkpoint's weights, checked key by key, in the model and the EMA
         try:
             check_state_dict(model.state_dict(), init_state, str(init_from / "model.safetensors"))

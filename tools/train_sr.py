@@ -49,7 +49,7 @@ from raphael_ref import training as T  # noqa: E402
 from raphael_ref.checkpoint import check_state_dict  # noqa: E402
 from raphael_ref.config import load_config  # noqa: E402
 from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
-from raphael_ref.models import RaphaelUNet, count_parameters, format_count  # noqa: E402
+from raphael_ref.models import RaphaelUNet, count_parameters, format_count, schedule_for  # noqa: E402
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_AFTER_TRAINING = 2, 3, 4
 SR_DEFAULTS = {
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     run_dir = T.make_run_dir(args.out, cfg.name)
     torch.manual_seed(tc.seed)
-    model = RaphaelUNet(m)
+    model = RaphaelUNet(m, schedule=schedule_for(cfg))  # the schedule only for model.prediction = "v" (E88)
     ema = T.make_ema(model)
     gen = torch.Generator().manual_seed(tc.seed)  # t, noise, s and the augmentation noise, on the CPU
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)

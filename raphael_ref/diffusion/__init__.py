@@ -6,6 +6,7 @@ from raphael_ref.diffusion.ddpm import (
     LOSS_REDUCTIONS,
     VARIANCE_KINDS,
     draw_noise,
+    eps_from_v,
     loss_eps,
     p_mean_from_eps,
     p_mean_from_eps_via_x0,
@@ -14,6 +15,7 @@ from raphael_ref.diffusion.ddpm import (
     predict_x0_from_eps,
     q_posterior_mean_variance,
     q_sample,
+    v_target,
 )
 from raphael_ref.diffusion.guidance import cfg_combine
 from raphael_ref.diffusion.schedule import (
@@ -31,7 +33,8 @@ from raphael_ref.diffusion.schedule import (
 __all__ = [
     "DEFAULT_KIND", "DEFAULT_SPACING", "KNOWN_KINDS", "LOSS_REDUCTIONS", "SPACINGS", "VARIANCE_KINDS",
     "NoiseSchedule", "alphas_cumprod", "cfg_combine", "check_timesteps", "ddim_sigma", "ddim_step",
-    "ddim_timesteps", "draw_noise", "gather_float64", "lookup", "loss_eps", "make_betas",
+    "ddim_timesteps", "draw_noise", "eps_from_v", "gather_float64", "lookup", "loss_eps", "make_betas",
     "p_mean_from_eps", "p_mean_from_eps_via_x0", "posterior_std", "posterior_step",
     "predict_x0_from_eps", "q_posterior_mean_variance", "q_sample", "rescale_zero_terminal_snr",
+    "v_target",
 ]

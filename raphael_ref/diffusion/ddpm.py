@@ -19,6 +19,8 @@ from raphael_ref.diffusion.schedule import NoiseSchedule, gather_float64
 __all__ = [
     "q_sample",
     "predict_x0_from_eps",
+    "v_target",
+    "eps_from_v",
     "loss_eps",
     "q_posterior_mean_variance",
     "p_mean_from_eps",
@@ -106,6 +108,36 @@ def predict_x0_from_eps(x_t: Tensor, t, eps: Tensor, schedule: NoiseSchedule) ->
     c_x = _cast(abar.rsqrt(), x_t)  # 1 / sqrt(abar_t)
     c_eps = _cast(((1.0 - abar) / abar).sqrt(), x_t)  # sqrt(1 - abar_t) / sqrt(abar_t)
     return c_x * x_t - c_eps * eps  # (B, ...)
+
+
+def v_target(x0: Tensor, t, eps: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The velocity of Salimans & Ho (2022, Progressive Distillation, Sec. 4), not in RAPHAEL (erratum E88):
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, what a U-Net with ``model.prediction = "v"`` outputs."""
+    _check_schedule(schedule)
+    _check_pair(("x0", "eps"), x0, eps)
+    c_eps = _cast(gather_float64(schedule.sqrt_alphas_cumprod, t, x0), x0)  # sqrt(abar_t)
+    c_x0 = _cast(gather_float64(schedule.sqrt_one_minus_alphas_cumprod, t, x0), x0)  # sqrt(1 - abar_t)
+    return c_eps * eps - c_x0 * x0  # (B, ...)
+
+
+def eps_from_v(x_t: Tensor, t, v: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The noise a v prediction implies (erratum E88): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+
+    With x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (``q_sample``) and v = ``v_target(x_0, t, eps)`` it returns
+    eps exactly (abar_t + (1 - abar_t) = 1). Unlike ``predict_x0_from_eps`` it divides by nothing, so it holds at
+    abar_t = 0 (a zero-terminal-SNR schedule's last step: eps = x_t).
+    """
+    _check_schedule(schedule)
+    _check_pair(("x_t", "v"), x_t, v)
+    c_v = _cast(gather_float64(schedule.sqrt_alphas_cumprod, t, x_t), x_t)  # sqrt(abar_t)
+    c_x = _cast(gather_float64(schedule.sqrt_one_minus_alphas_cumprod, t, x_t), x_t)  # sqrt(1 - abar_t)
+    return c_v * v + c_x * x_t  # (B, ...)
+
+
+def eps_from_v_literal(x_t: Tensor, t: int, v: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """Reference form of :func:`eps_from_v` for one integer t, written as printed (float64 scalars from abar_t)."""
+    abar = float(schedule.alphas_cumprod[t])
+    return abar ** 0.5 * v + (1.0 - abar) ** 0.5 * x_t
 
 
 def loss_eps(eps_pred: Tensor, eps: Tensor, reduction: str = "mean") -> Tensor:

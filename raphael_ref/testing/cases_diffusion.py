@@ -14,11 +14,13 @@ import torch
 
 from raphael_ref.diffusion.ddim import ddim_step, ddim_timesteps
 from raphael_ref.diffusion.ddpm import (
+    eps_from_v,
     loss_eps,
     posterior_step,
     predict_x0_from_eps,
     q_posterior_mean_variance,
     q_sample,
+    v_target,
 )
 from raphael_ref.diffusion.guidance import cfg_combine
 from raphael_ref.diffusion.schedule import KNOWN_KINDS, NoiseSchedule, alphas_cumprod, make_betas
@@ -83,6 +85,14 @@ def _q_sample(inp):
 
 def _predict_x0(inp):
     return {"x0_hat": predict_x0_from_eps(inp["x_t"], inp["t"], inp["eps"], SCHED)}
+
+
+def _v_target(inp):
+    return {"v": v_target(inp["x0"], inp["t"], inp["eps"], SCHED)}
+
+
+def _eps_from_v(inp):  # x_t and v of the same draw: the output is the draw's eps (E88)
+    return {"eps": eps_from_v(inp["x_t"], inp["t"], v_target(inp["x0"], inp["t"], inp["eps"], SCHED), SCHED)}
 
 
 # x0_hat = (x_t - sqrt(1-abar) eps) / sqrt(abar): four roundings of size <= u/2 relative (x_t,
@@ -191,6 +201,10 @@ CASES = [
     # two rounded coefficients and a product-sum on O(1) inputs: DEFAULT_TOL
     GoldenCase("ddpm.q_sample", _noising_inputs, _q_sample, _DEFAULT3, seed=2),
     GoldenCase("ddpm.predict_x0", _noising_inputs, _predict_x0, PREDICT_X0_TOL, seed=2),
+    # v (E88): two coefficients <= 1 and a product-sum on O(1) inputs, as q_sample: DEFAULT_TOL; eps_from_v of the
+    # rounded v_target: two such chains
+    GoldenCase("ddpm.v_target", _noising_inputs, _v_target, _DEFAULT3, seed=2),
+    GoldenCase("ddpm.eps_from_v", _noising_inputs, _eps_from_v, _DEFAULT3, seed=2),
     # coefficients <= 1, one product-sum; variance/log-variance: one rounding of a table entry
     GoldenCase("ddpm.q_posterior", _posterior_inputs, _q_posterior, _DEFAULT3, seed=3),
     # float32 accumulation for every dtype (loss_eps upcasts): only the inputs' rounding matters

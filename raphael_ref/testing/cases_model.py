@@ -19,9 +19,10 @@ def _model(dtype: torch.dtype):
     from raphael_ref.models import RaphaelUNet
 
     # pinned to the toy preset's layout as it was when the golden was made: the preset's later options
-    # (E71 / E72: position embedding, caption-only attention) are not part of what this golden pins
+    # (E71 / E72: position embedding, caption-only attention; E88: the v output) are not part of what this golden
+    # pins (a "v" U-Net's output is eps_from_v of this one's: tests/test_models.py)
     cfg = get_preset("toy", {"model.checkpoint": False, "model.pos_embed": "none", "model.attend_padding": True,
-                             "model.count_padding": True}).model
+                             "model.count_padding": True, "model.prediction": "eps"}).model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         model = RaphaelUNet(cfg)

@@ -38,10 +38,10 @@ def micro_inputs(model, B: int = 2, seed: int = 7):
 def random_model(cfg, seed: int = 0):
     """A RaphaelUNet of ``cfg.model`` whose zero-initialised layers (the output conv, the residual
     branches) get N(0, 0.05^2) weights too, so that eps != 0 and samples depend on the weights."""
-    from raphael_ref.models import RaphaelUNet
+    from raphael_ref.models import build_unet
 
     torch.manual_seed(seed)
-    model = RaphaelUNet(cfg.model).eval()
+    model = build_unet(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
