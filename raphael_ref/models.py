@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from raphael_ref.attention import cross_attention, sdpa
 from raphael_ref.config import PREDICTIONS, DiffusionConfig, ModelConfig, RaphaelConfig
-from raphael_ref.diffusion import NoiseSchedule, eps_from_v
+from raphael_ref.diffusion import NoiseSchedule
 from raphael_ref.edge import EdgePredictor, pooled_attention_map
 from raphael_ref.experts import ExpertBank
 from raphael_ref.gates import (DEFAULT_NOISE_STD, GateFFN, interval_route, noise_checkpoint_contexts,
@@ -265,6 +265,7 @@ class RaphaelUNet(nn.Module):
             with torch.device("cpu"):  # real float64 tables, also when the U-Net is built on the meta device
                 schedule = NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
         self.schedule = schedule if cfg.prediction == "v" else None
+        self._v_tables: dict = {}  # device -> the schedule's float64 tables there (not state; see _eps_from_v)
         mc, groups = cfg.model_channels, cfg.norm_groups
         d_t = 4 * mc  # width of the time embedding E'(t) (d_t of App. 7.3)
         self.d_t = d_t
@@ -374,6 +375,9 @@ class RaphaelUNet(nn.Module):
             raise ValueError("x_t contains NaN or inf")
         if pooled_index.numel() and (pooled_index.min() < 0 or pooled_index.max() >= y.shape[1]):
             raise ValueError(f"pooled_index must lie in [0, n_y - 1 = {y.shape[1] - 1}]; got {pooled_index.tolist()}")
+        if self.schedule is not None and t.numel() and (t.min() < 0 or t.max() >= self.schedule.T):
+            raise ValueError(f"t must lie in [0, T - 1 = {self.schedule.T - 1}] (this U-Net predicts v with a "
+                             f"T = {self.schedule.T} schedule); got {t.tolist()}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,
@@ -440,9 +444,26 @@ class RaphaelUNet(nn.Module):
                 h = layer["upsample"](h)
         out = self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)
         if self.schedule is not None:  # model.prediction = "v" (E88): out is v; return the eps it implies
-            acc = torch.promote_types(out.dtype, torch.float32)  # x_t's precision kept under bf16 autocast
-            out = eps_from_v(x_t.to(acc), t, out.to(acc), self.schedule)  # (B, in_channels, H, W)
+            out = self._eps_from_v(x_t, t, out)  # (B, in_channels, H, W)
         return out, aux
+
+    def _eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``diffusion.eps_from_v`` (spec ``ddpm.eps_from_v``) on the model's device without a host sync, so a
+        compiled forward has no graph break: the float64 tables are gathered at t on x_t's device, cast once to the
+        compute dtype (float32 or wider: x_t's precision is kept under bf16 autocast). Equal to eps_from_v bit for
+        bit (tests/test_models.py). t was checked against the schedule by ``_check_inputs`` (eager)."""
+        acc = torch.promote_types(v.dtype, torch.float32)
+        key = x_t.device
+        tables = self._v_tables.get(key) if not torch.compiler.is_compiling() else None
+        if tables is None:
+            tables = (self.schedule.sqrt_alphas_cumprod.to(device=key, dtype=torch.float64),
+                      self.schedule.sqrt_one_minus_alphas_cumprod.to(device=key, dtype=torch.float64))
+            if not torch.compiler.is_compiling():
+                self._v_tables[key] = tables
+        shape = (-1,) + (1,) * (x_t.dim() - 1)
+        c_v = tables[0][t].reshape(shape).to(acc)  # sqrt(abar_t)
+        c_x = tables[1][t].reshape(shape).to(acc)  # sqrt(1 - abar_t)
+        return c_v * v.to(acc) + c_x * x_t.to(acc)
 
 
 # ---------------------------------------------------------------------- parameter counts
@@ -498,7 +519,7 @@ def check_model_schedule(model: nn.Module, schedule: NoiseSchedule, where: str) 
     if own is None or own is schedule or not isinstance(schedule, NoiseSchedule):
         return
     if not getattr(m, "schedule_given", True):
-        m.schedule, m.schedule_given = schedule, True
+        m.schedule, m.schedule_given, m._v_tables = schedule, True, {}
         return
     a, b = own.alphas_cumprod, schedule.alphas_cumprod
     if a.shape != b.shape or not torch.equal(a, b.to(device=a.device, dtype=a.dtype)):
