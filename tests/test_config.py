@@ -226,7 +226,9 @@ def test_toy_binding_preset_is_the_toy_plus_two_options():
     assert tb.train.token_loss == 0.02 and tuple(tb.train.token_words) == ("position",)
     assert toy.model.text_phrases_apart is False and toy.train.token_loss == 0.0
     a, b = C._flatten(toy.to_dict()), C._flatten(tb.to_dict())
-    assert {k for k in a if a[k] != b[k]} == {"name", "model.text_phrases_apart", "train.token_loss", "train.token_words"}
+    assert {k for k in a if a[k] != b[k]} == {"name", "model.text_phrases_apart", "train.token_loss", "train.token_words",
+                                             "model.prediction"}  # toy-binding keeps eps (E88)
+    assert toy.model.prediction == "v" and tb.model.prediction == "eps"
     with pytest.raises(ValueError, match="train.token_loss.*train.source='synthetic'.*set it to 0"):
         C.load_config("toy-binding", overrides=["train.source=/data/shards"])
     assert C.load_config("toy-binding", overrides=["train.source=/data/shards", "train.token_loss=0"]).train.token_loss == 0
