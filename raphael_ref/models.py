@@ -375,9 +375,10 @@ class RaphaelUNet(nn.Module):
             raise ValueError("x_t contains NaN or inf")
         if pooled_index.numel() and (pooled_index.min() < 0 or pooled_index.max() >= y.shape[1]):
             raise ValueError(f"pooled_index must lie in [0, n_y - 1 = {y.shape[1] - 1}]; got {pooled_index.tolist()}")
-        if self.schedule is not None and t.numel() and (t.min() < 0 or t.max() >= self.schedule.T):
-            raise ValueError(f"t must lie in [0, T - 1 = {self.schedule.T - 1}] (this U-Net predicts v with a "
-                             f"T = {self.schedule.T} schedule); got {t.tolist()}")
+        sched = getattr(self, "schedule", None)  # None also for the ControlNet, which borrows this check
+        if sched is not None and t.numel() and (t.min() < 0 or t.max() >= sched.T):
+            raise ValueError(f"t must lie in [0, T - 1 = {sched.T - 1}] (this U-Net predicts v with a "
+                             f"T = {sched.T} schedule); got {t.tolist()}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor,
@@ -512,9 +513,14 @@ def check_model_schedule(model: nn.Module, schedule: NoiseSchedule, where: str) 
     """A ``model.prediction = "v"`` U-Net (E88) turns v into eps with ``schedule``, the one the caller trains or
     samples with: a U-Net built without one (the default) takes it here and keeps it; one whose given or kept
     schedule differs is refused (its eps would be silently wrong). Wrappers (DDP ``.module``, torch.compile's
-    ``_orig_mod``) are looked through; a model without a ``schedule`` attribute (eps) passes."""
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
+    ``_orig_mod``, the SR stage's and ControlNet's ``.unet``) are looked through; a model without a ``schedule``
+    attribute (eps) passes."""
+    m = model
+    for _ in range(8):  # nested wrappers, e.g. DDP(compile(SRDenoiser(unet)))
+        inner = next((getattr(m, a) for a in ("module", "_orig_mod", "unet") if isinstance(getattr(m, a, None), nn.Module)), None)
+        if inner is None or isinstance(m, RaphaelUNet):
+            break
+        m = inner
     own = getattr(m, "schedule", None)
     if own is None or own is schedule or not isinstance(schedule, NoiseSchedule):
         return

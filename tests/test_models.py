@@ -432,3 +432,24 @@ def test_v_prediction_bf16_autocast_returns_float32_eps():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = model(x0, torch.tensor([3, 900]), enc.hidden, enc.valid, enc.pooled_index)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_schedule_check_looks_through_wrappers():
+    """check_model_schedule finds a "v" U-Net inside DDP-style ``.module`` and the SR stage's / ControlNet's ``.unet``
+    wrappers: a bare U-Net takes the wrapper caller's schedule, and a different one is then refused."""
+    from raphael_ref.models import check_model_schedule
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner, name):
+            super().__init__()
+            setattr(self, name, inner)
+
+    cfg = micro_cfg(**{"model.prediction": "v"})
+    bare = RaphaelUNet(cfg)
+    wrapped = Wrap(Wrap(bare, "unet"), "module")
+    short = NoiseSchedule.make("scaled_linear", 50)
+    check_model_schedule(wrapped, short, "test")
+    assert bare.schedule is short and bare.schedule_given
+    with pytest.raises(ValueError, match="different noise schedule"):
+        check_model_schedule(wrapped, NoiseSchedule.make("scaled_linear", 1000), "test")
+    check_model_schedule(Wrap(RaphaelUNet(micro_cfg(**{"model.prediction": "eps"})), "unet"), short, "test")  # eps: no-op
