@@ -753,8 +753,9 @@ def toy() -> RaphaelConfig:
 
 def toy_binding() -> RaphaelConfig:
     """The toy preset, with the paper's eps output, plus two options, neither in the paper, that make the
-    10-minute run bind each shape to its named place (erratum E87, measured over three training seeds): later object phrases of a caption encoded on
-    their own (E85; the causal tower's second phrase otherwise carries the first object) and TokenCompose's loss
+    10-minute run bind each shape to its named place (erratum E87, measured over three training seeds): later
+    object phrases of a caption encoded on their own (E85; the causal tower's second phrase otherwise carries the
+    first object) and TokenCompose's loss
     on the position words' cross-attention maps (E82; synthetic data only). ``python tools/train.py --preset
     toy-binding``; the same run as ``--set model.text_phrases_apart=true --set train.token_loss=0.02 --set
     'train.token_words=["position"]' --set model.prediction=eps``. It keeps the paper's eps output: with the toy's
