@@ -537,12 +537,8 @@ def check_model_schedule(model: nn.Module, schedule: NoiseSchedule, where: str) 
 
 def build_on_meta(cfg: ModelConfig) -> RaphaelUNet:
     """Build the U-Net on the meta device: shapes and counts without memory."""
-    sched = None
-    if cfg.prediction == "v":  # built off the meta device (real float64 tables); the parameters do not depend on it
-        d = DiffusionConfig()
-        sched = NoiseSchedule.make(d.schedule, d.T, d.zero_terminal_snr)
     with torch.device("meta"):
-        return RaphaelUNet(cfg, schedule=sched)
+        return RaphaelUNet(cfg)  # a "v" U-Net builds its default schedule on the CPU (real float64 tables)
 
 
 def format_count(n: int) -> str:

@@ -455,13 +455,10 @@ def _model_cfg(args, preset: str, overrides: dict | None = None):
 
 
 def _build_unet(m, device: torch.device):
-    from raphael_ref.diffusion import NoiseSchedule
     from raphael_ref.models import RaphaelUNet
 
-    # a "v" U-Net (E88) needs a schedule to return eps; its cost does not depend on which one
-    sched = NoiseSchedule.make("scaled_linear", 1000) if m.prediction == "v" else None
     with torch.device(device):  # built in place: no 12 GB float32 copy of the paper preset on the host
-        return RaphaelUNet(m, schedule=sched)
+        return RaphaelUNet(m)  # a "v" U-Net (E88) holds the default schedule: its cost does not depend on it
 
 
 def _cond(m, B: int, device: torch.device, gen: torch.Generator):
