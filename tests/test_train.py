@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,8 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
     assert [r["step"] for r in T.read_log(half / "log.jsonl")] == [1, 2, 3]
     proc = _ok(_run(["--out", str(half), "--resume", "--set", "train.steps=4"]))
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    # the last line counts this command's steps (2 -> 4) and its wall time
+    assert re.search(r"done: 4 steps; .*this command: 2 steps in \d+ min \d+ s of wall time", proc.stdout)
     assert _losses(half) == _losses(full_run)
     a, b = _tensors(full_run / "checkpoints" / "step_0000004"), _tensors(half / "checkpoints" / "step_0000004")
     for group in a:

@@ -305,6 +305,7 @@ def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
 
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    t_start = time.perf_counter()  # the command's wall time, reported on the last line
     # ---- config: preset (or the checkpoint's config when resuming) + files + --set
     resume_from, ck, init_from, init_state = None, None, None, None
     try:
@@ -638,6 +639,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
     busy, busy_steps = 0.0, 0  # time in training steps since the last log line (not sampling, not saving)
+    first_step = step  # this invocation's first step (a resumed run starts later)
     one = torch.ones(1, dtype=torch.float64, device=device)
     accum = tc.grad_accum  # micro-steps per optimizer step; train() checked that they split the batch
     try:
@@ -821,7 +823,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if late_errors:
         return fail(rank, "; ".join(late_errors) + f"; the final checkpoint {T.latest_checkpoint(run_dir)} is written "
                     f"and intact", EXIT_AFTER_TRAINING)
-    say(rank, f"done: {step} steps; run folder {run_dir}")
+    wall = time.perf_counter() - t_start
+    say(rank, f"done: {step} steps; run folder {run_dir}; this command: {step - first_step} steps in "
+              f"{int(wall // 60)} min {wall % 60:.0f} s of wall time, setup and sample grids included")
     return 0
 
 
