@@ -516,9 +516,9 @@ def check_model_schedule(model: nn.Module, schedule: NoiseSchedule, where: str) 
     ``_orig_mod``, the SR stage's and ControlNet's ``.unet``) are looked through; a model without a ``schedule``
     attribute (eps) passes."""
     m = model
-    for _ in range(8):  # nested wrappers, e.g. DDP(compile(SRDenoiser(unet)))
+    while not isinstance(m, RaphaelUNet):  # nested wrappers, e.g. DDP(compile(SRDenoiser(unet)))
         inner = next((getattr(m, a) for a in ("module", "_orig_mod", "unet") if isinstance(getattr(m, a, None), nn.Module)), None)
-        if inner is None or isinstance(m, RaphaelUNet):
+        if inner is None:
             break
         m = inner
     own = getattr(m, "schedule", None)
