@@ -46,6 +46,7 @@ __all__ = [
     "binding_probe",
     "build_toy_clip",
     "evaluate_retrieval",
+    "image_embedding",
     "model_cfg",
     "pretrain_toy_clip",
     "register_toy_clip_extractor",
@@ -151,6 +152,17 @@ def render_set(data_seed: int, n: int, image_size: int, max_objects: int) -> tup
 
 def _to_model(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1.0  # == ((x / 255) - 0.5) / 0.5, PREPROCESS_CFG
+
+
+def image_embedding(model, images_uint8: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """The toy CLIP's image embedding before normalization, float32 (N, d), of uint8 (N, 3, S, S) images at the
+    tower's size: the features of the registered torch-fidelity extractor (FD in toy-CLIP features)."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1] != 3:
+        raise ValueError(f"image_embedding: expected uint8 images (N, 3, S, S); got {images_uint8.dtype} "
+                         f"{tuple(images_uint8.shape)}")
+    with torch.no_grad():
+        return torch.cat([model.encode_image(_to_model(images_uint8[i:i + batch])).float()
+                          for i in range(0, images_uint8.shape[0], batch)])
 
 
 def _tokenize(captions: list[str]) -> torch.Tensor:
@@ -469,7 +481,7 @@ def _extractor_class():
                 # the toy renders are S x S: area-resample other sizes to the tower's
                 x = F.interpolate(x.float(), size=(self.image_size,) * 2, mode="area").round().clamp(0, 255)
             with torch.no_grad():
-                return (self.clip.encode_image(_to_model(x)).float(),)
+                return (image_embedding(self.clip, x.to(torch.uint8)),)
 
     return ToyClipFeatureExtractor
 

@@ -35,6 +35,75 @@ def _images(seed: int, n: int, size: int, scale: int = 256) -> torch.Tensor:
     return torch.randint(0, scale, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
 
+# ------------------------------------------------------------------------------ paired bootstrap of a Frechet distance
+
+
+def test_paired_bootstrap_fd_difference_direction_symmetry_and_checks():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(96, 8, generator=g, dtype=torch.float64)
+    close = ref + 0.1 * torch.randn(96, 8, generator=g, dtype=torch.float64)  # near the references
+    far = 1.5 * torch.randn(96, 8, generator=g, dtype=torch.float64) + 1.0  # shifted and wider
+
+    def fd(x):
+        return float(frechet_distance(*gaussian_statistics(x), *gaussian_statistics(ref)))
+
+    b = A.paired_bootstrap_fd(close, far, ref, n_boot=40)
+    assert b["n"] == 96 and b["n_boot"] == 40
+    assert b["diff"] == pytest.approx(fd(close) - fd(far), rel=1e-12)  # the full sets' difference
+    assert b["diff"] < -3 * b["se"] < 0  # far is clearly worse, beyond its sampling noise
+    swapped = A.paired_bootstrap_fd(far, close, ref, n_boot=40)  # same seed: the same resamples, negated
+    assert swapped["diff"] == pytest.approx(-b["diff"], rel=1e-12)
+    assert swapped["se"] == pytest.approx(b["se"], rel=1e-9)
+    assert A.paired_bootstrap_fd(close, far, ref, n_boot=40) == b  # seeded: reproducible
+    assert A.paired_bootstrap_fd(close, far, ref, n_boot=40, seed=1)["se"] != b["se"]
+    same = A.paired_bootstrap_fd(close, close, ref, n_boot=10)
+    assert same["diff"] == 0.0 and same["se"] == 0.0  # identical sets: no difference in any resample
+    with pytest.raises(ValueError, match="same N"):
+        A.paired_bootstrap_fd(close[:50], far, ref)
+    with pytest.raises(ValueError, match="N >= 3"):
+        A.paired_bootstrap_fd(close[:2], far[:2], ref[:2])
+    with pytest.raises(ValueError, match="n_boot"):
+        A.paired_bootstrap_fd(close, far, ref, n_boot=1)
+
+
+def test_ablate_fd_bootstrap_reads_the_saved_images_in_record_order(ablate, tmp_path):
+    """The report's bootstrap table: full (the ground-truth renders) against a variant drawn with heavy noise."""
+    import argparse
+
+    from raphael_ref.data.synthetic import render
+    from raphael_ref.evaluation.metrics import save_images
+    from raphael_ref.evaluation.prompts import evaluation_prompts
+
+    args = argparse.Namespace(out=str(tmp_path), categories=["colors", "single_object"], prompts_per_category=3,
+                              seeds=[0], per_prompt=2, guidance=[3.0, 6.0])
+    plan = A.ablation_plan(0.2, 500, modules=["full", "no_edge", "no_space_moe"])
+    specs = evaluation_prompts(args.categories, 3, image_size=24)
+    g = torch.Generator().manual_seed(0)
+    for run in ("full", "no_edge", "no_space_moe"):
+        for cat, cat_specs in specs.items():
+            for spec in cat_specs:
+                clean = render(spec.scene).unsqueeze(0).expand(2, -1, -1, -1)  # (2, 3, 24, 24)
+                noise = torch.randint(-120, 121, clean.shape, generator=g)
+                images = clean if run == "full" else (clean.int() + noise).clamp(0, 255).to(torch.uint8)
+                for w in (3.0, 6.0):
+                    if run == "no_space_moe" and w == 6.0:
+                        continue  # an evaluation whose images are gone: its cells stay empty
+                    save_images(images, tmp_path / run / "eval" / f"g{w:g}" / "images" / cat, prefix=f"{spec.uid}_s0_")
+    order = ablate.eval_record_order(args)  # image i of a run is paired with the render of its own prompt
+    assert torch.equal(ablate._eval_images(args, "full", 3.0, [n for _, n in order]),
+                       torch.stack([render(spec.scene) for spec, _ in order]))
+    assert ablate._eval_images(args, "no_space_moe", 6.0, [n for _, n in order]) is None
+    boot = ablate.fd_bootstrap(args, plan, n_boot=20)
+    cells = {(r["variant"], r["guidance"]): r for r in boot}
+    assert set(cells) == {("no_edge", 3.0), ("no_edge", 6.0), ("no_space_moe", 3.0)}
+    for r in boot:
+        assert r["n"] == 12 and r["n_boot"] == 20
+        assert r["diff"] < 0 and r["se"] > 0  # full (the renders themselves) is nearer the renders
+    table = ablate.fd_bootstrap_table(boot, plan, [3.0, 6.0])
+    assert "| no_edge | " in table and "| full |" not in table
+    assert table.splitlines()[-1].startswith("| no_space_moe | ") and table.splitlines()[-1].endswith(" |  |")
+
+
 # ------------------------------------------------------------------------------ pixel-FD
 
 

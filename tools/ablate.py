@@ -27,8 +27,10 @@ Fidelity = FID with --inception-weights, else pixel-FD (a Frechet distance of co
 Writes to --out:
     <run>/...                        the training run folders (tools/train.py layout), train.log
     <run>/eval/g<w>/result.json      one evaluation (summary, fidelity, settings); images/ beside it
-    ablation.json                    settings, plan, every (variant, guidance) row, timings
-    ablation.md                      variant x guidance tables (alignment / fidelity), the paper's orderings
+    ablation.json                    settings, plan, every (variant, guidance) row, timings, the bootstrap (fd_bootstrap)
+    ablation.md                      variant x guidance tables (alignment / fidelity), the paper's orderings; at
+                                     the toy CLIP's 24 px: its axes, and FD(full) - FD(variant) in its features
+                                     with a paired bootstrap se over the images (``fd_bootstrap``)
     tradeoff.png                     Fig. 6b: alignment vs fidelity, one curve per module variant
     sweeps.png                       Fig. 6a: alignment and fidelity vs alpha and T_c (when swept)
 With --combine STUDY...: seeds.md / seeds.json, the studies of several --train-seed values in one table
@@ -423,15 +425,20 @@ def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[di
     all_g = sorted(set(args.guidance) | set(args.sweep_guidance))
     report = A.markdown_report(rows, plan, all_g, header, fidelity_name)
     clip_rows = A.toy_clip_rows(rows)
+    boot = []
     if clip_rows:
         report += "\n" + A.toy_clip_table(clip_rows, plan, all_g)
+        boot = fd_bootstrap(args, plan)
+        if boot:
+            report += "\n" + fd_bootstrap_table(boot, plan, sorted(args.guidance))
     (out / "ablation.md").write_text(report)
     plan_json = [{"name": v.name, "group": v.group, "value": v.value, "run": v.run,
                   "overrides": {k: x for k, x in v.overrides}} for v in plan]
     settings = {k: v for k, v in vars(args).items()}
     (out / "ablation.json").write_text(json.dumps({"settings": settings, "base_config": cfg.to_dict(),
                                                    "plan": plan_json, "rows": rows, "timings": timings,
-                                                   "orderings": A.paper_orderings(rows)}, indent=1) + "\n")
+                                                   "orderings": A.paper_orderings(rows),
+                                                   "fd_bootstrap": boot}, indent=1) + "\n")
     files = [out / "ablation.md", out / "ablation.json"]
     module_rows = [r for r in rows if r["group"] == "module"]
     if module_rows:
@@ -447,6 +454,78 @@ def write_reports(args, cfg: RaphaelConfig, plan: list[A.Variant], rows: list[di
     if sweep_rows:
         files.append(plots.sweep_plot(sweep_rows, out / "sweeps.png", fidelity_name=fidelity_name))
     return files
+
+
+def _eval_images(args, run: str, g: float, names: list[str]) -> torch.Tensor | None:
+    """The saved evaluation images of ``run`` at guidance ``g`` in ``names``' order, uint8 (N, 3, S, S); None when
+    one is missing (an evaluation from before the images were kept, or a folder cleaned since)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(args.out) / run / "eval" / f"g{g:g}"
+    if not all((folder / n).is_file() for n in names):
+        return None
+    return torch.stack([torch.from_numpy(np.array(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1)
+                        for n in names])
+
+
+def eval_record_order(args) -> list[tuple]:
+    """(prompt spec, image path in its evaluation folder) of every evaluation image, in the order of the records of
+    tools/evaluate.py's ``evaluate_specs`` (category, prompt, seed, image), its paths as ``_record`` names them."""
+    from raphael_ref.evaluation.prompts import evaluation_prompts
+
+    specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=TOY_CLIP_SIZE)
+    return [(s, f"images/{cat}/{s.uid}_s{seed}_{j:06d}.png") for cat in args.categories for s in specs[cat]
+            for seed in args.seeds for j in range(args.per_prompt)]
+
+
+def fd_bootstrap(args, plan: list[A.Variant], n_boot: int = 300) -> list[dict]:
+    """Per module variant and guidance weight: FD(full) - FD(variant) in toy-CLIP features with its paired bootstrap
+    standard error over the evaluation images (``ablation.paired_bootstrap_fd``; the same prompts and noise for
+    every variant, the ground-truth render of each prompt as its reference). A standard error for every Frechet
+    distance cell of a one-seed study; it is sampling noise over images, not the spread over training seeds."""
+    from raphael_ref import toy_clip as TC
+    from raphael_ref.data.synthetic import render
+
+    module = [v for v in plan if v.group == "module"]
+    full = next((v for v in module if v.name == "full"), None)
+    if full is None or len(module) < 2:
+        return []
+    order = eval_record_order(args)
+    names = [n for _, n in order]
+    clip = TC.load_toy_clip()
+    reference = TC.image_embedding(clip, torch.stack([render(s.scene) for s, _ in order]))  # (N, d)
+    out = []
+    for g in sorted(args.guidance):
+        full_images = _eval_images(args, full.run, g, names)
+        if full_images is None:
+            continue
+        f_full = TC.image_embedding(clip, full_images)
+        for v in module:
+            images = _eval_images(args, v.run, g, names) if v is not full else None
+            if images is None:
+                continue
+            b = A.paired_bootstrap_fd(f_full, TC.image_embedding(clip, images), reference, n_boot=n_boot)
+            out.append({"variant": v.name, "guidance": float(g), **b})
+    return out
+
+
+def fd_bootstrap_table(boot: list[dict], plan: list[A.Variant], guidance: list[float]) -> str:
+    """Markdown: variant x guidance cells "FD(full) - FD(variant) +- bootstrap se" of :func:`fd_bootstrap`."""
+    cell = {(r["variant"], r["guidance"]): r for r in boot}
+    n, n_boot = boot[0]["n"], boot[0]["n_boot"]
+    lines = ["## Fréchet distance in toy-CLIP features: full - variant, paired bootstrap over images", "",
+             f"FD(full) - FD(variant) +- the standard deviation of {n_boot} paired resamples of the {n} evaluation "
+             "indices (the same prompts, noise and reference renders for both): negative = full has the lower "
+             "distance (the paper's direction). The se is sampling noise over images within this study, not the "
+             "spread over training seeds (`--combine` gives that).", "",
+             "| variant | " + " | ".join(f"g = {g:g}" for g in guidance) + " |", "|---|" + "---:|" * len(guidance)]
+    for v in plan:
+        cells = [f"{cell[v.name, float(g)]['diff']:+.2f} +- {cell[v.name, float(g)]['se']:.2f}"
+                 if (v.name, float(g)) in cell else "" for g in guidance]
+        if any(cells):
+            lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def combine_main(args) -> dict:

@@ -57,6 +57,7 @@ __all__ = [
     "seeds_markdown",
     "t_critical_95",
     "markdown_report",
+    "paired_bootstrap_fd",
     "paper_orderings",
     "pixel_fd",
     "pixel_features",
@@ -211,6 +212,38 @@ def pixel_fd(generated: torch.Tensor, reference: torch.Tensor) -> float:
     mu_g, s_g = gaussian_statistics(pixel_features(generated))  # (d,), (d, d)
     mu_r, s_r = gaussian_statistics(pixel_features(reference))  # (d,), (d, d)
     return float(frechet_distance(mu_g, s_g, mu_r, s_r))
+
+
+def paired_bootstrap_fd(features_a: torch.Tensor, features_b: torch.Tensor, reference: torch.Tensor, *,
+                        n_boot: int = 300, seed: int = 0) -> dict[str, float]:
+    """FD(a, reference) - FD(b, reference) and its paired bootstrap standard error over the evaluation images.
+
+    Row i of ``features_a``, ``features_b`` and ``reference`` (each (N, d), N >= 3) belongs to the same
+    evaluation index i: one prompt and noise seed, which an ablation study gives every variant (and the
+    ground-truth render of that prompt). Each of ``n_boot`` resamples draws N indices with replacement and
+    applies them to all three sets; ``se`` is the standard deviation of the resampled differences. It measures
+    the sampling noise over images of one study (one training seed), not the spread over training seeds.
+    Returns ``{"diff", "se", "n", "n_boot"}``; ``diff`` is the difference on the full sets.
+    """
+    shapes = {tuple(x.shape) for x in (features_a, features_b, reference)}
+    if len(shapes) != 1 or features_a.ndim != 2 or features_a.shape[0] < 3:
+        raise ValueError("paired_bootstrap_fd: features_a, features_b and reference must be (N >= 3, d) with the "
+                         f"same N (row i: one evaluation index in all three); got "
+                         f"{[tuple(x.shape) for x in (features_a, features_b, reference)]}")
+    if n_boot < 2:
+        raise ValueError(f"paired_bootstrap_fd: n_boot must be >= 2 for a standard error; got {n_boot}")
+
+    def fd(x: torch.Tensor, r: torch.Tensor) -> float:
+        return float(frechet_distance(*gaussian_statistics(x), *gaussian_statistics(r)))
+
+    n = features_a.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(n_boot):
+        i = torch.randint(0, n, (n,), generator=gen)  # (N,) one resample of the shared indices
+        diffs.append(fd(features_a[i], reference[i]) - fd(features_b[i], reference[i]))
+    return {"diff": fd(features_a, reference) - fd(features_b, reference),
+            "se": float(torch.tensor(diffs, dtype=torch.float64).std()), "n": int(n), "n_boot": int(n_boot)}
 
 
 # ---------------------------------------------------------------------------------------------
