@@ -480,8 +480,7 @@ def _extractor_class():
             if x.shape[-2:] != (self.image_size, self.image_size):
                 # the toy renders are S x S: area-resample other sizes to the tower's
                 x = F.interpolate(x.float(), size=(self.image_size,) * 2, mode="area").round().clamp(0, 255)
-            with torch.no_grad():
-                return (image_embedding(self.clip, x.to(torch.uint8)),)
+            return (image_embedding(self.clip, x.to(torch.uint8)),)  # (no_grad inside)
 
     return ToyClipFeatureExtractor
 

@@ -38,6 +38,7 @@ def _images(seed: int, n: int, size: int, scale: int = 256) -> torch.Tensor:
 # ------------------------------------------------------------------------------ paired bootstrap of a Frechet distance
 
 
+@pytest.mark.spec_id("eval.fd_bootstrap")
 def test_paired_bootstrap_fd_difference_direction_symmetry_and_checks():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(96, 8, generator=g, dtype=torch.float64)
@@ -66,6 +67,7 @@ def test_paired_bootstrap_fd_difference_direction_symmetry_and_checks():
         A.paired_bootstrap_fd(close, far, ref, n_boot=1)
 
 
+@pytest.mark.spec_id("eval.fd_bootstrap")
 def test_ablate_fd_bootstrap_reads_the_saved_images_in_record_order(ablate, tmp_path):
     """The report's bootstrap table: full (the ground-truth renders) against a variant drawn with heavy noise."""
     import argparse

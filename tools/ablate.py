@@ -471,11 +471,12 @@ def _eval_images(args, run: str, g: float, names: list[str]) -> torch.Tensor | N
 
 def eval_record_order(args) -> list[tuple]:
     """(prompt spec, image path in its evaluation folder) of every evaluation image, in the order of the records of
-    tools/evaluate.py's ``evaluate_specs`` (category, prompt, seed, image), its paths as ``_record`` names them."""
+    tools/evaluate.py's ``evaluate_specs`` (category, prompt, seed, image), its paths from ``record_image_path``."""
     from raphael_ref.evaluation.prompts import evaluation_prompts
 
     specs = evaluation_prompts(args.categories, args.prompts_per_category, image_size=TOY_CLIP_SIZE)
-    return [(s, f"images/{cat}/{s.uid}_s{seed}_{j:06d}.png") for cat in args.categories for s in specs[cat]
+    E = load_evaluate_module()
+    return [(s, E.record_image_path(s, seed, j)) for cat in args.categories for s in specs[cat]
             for seed in args.seeds for j in range(args.per_prompt)]
 
 
@@ -502,7 +503,7 @@ def fd_bootstrap(args, plan: list[A.Variant], n_boot: int = 300) -> list[dict]:
             continue
         f_full = TC.image_embedding(clip, full_images)
         for v in module:
-            images = _eval_images(args, v.run, g, names) if v is not full else None
+            images = None if v is full else _eval_images(args, v.run, g, names)
             if images is None:
                 continue
             b = A.paired_bootstrap_fd(f_full, TC.image_embedding(clip, images), reference, n_boot=n_boot)

@@ -318,9 +318,14 @@ def evaluate_specs(specs: dict[str, list[PromptSpec]], generate: GenerateFn, see
     return records, by_cat
 
 
+def record_image_path(spec: PromptSpec, seed: int, j: int) -> str:
+    """Where ``evaluate_specs`` saves image j of ``spec`` at ``seed``, relative to the evaluation folder."""
+    return f"images/{spec.category}/{spec.uid}_s{seed}_{j:06d}.png"
+
+
 def _record(spec: PromptSpec, seed: int, j: int, objs: Sequence[DetectedObject], bg_rms: float) -> dict:
     rec = {"uid": spec.uid, "category": spec.category, "prompt": spec.prompt, "seed": seed, "sample": j,
-           "image": f"images/{spec.category}/{spec.uid}_s{seed}_{j:06d}.png", "correct": score(spec, objs),
+           "image": record_image_path(spec, seed, j), "correct": score(spec, objs),
            "detected": [[o.shape, o.color, o.position] for o in objs], "background_rms": bg_rms}
     if spec.category in BINDING_CATEGORIES:
         rec["binding"] = binding_outcome(spec, objs)

@@ -233,16 +233,15 @@ def paired_bootstrap_fd(features_a: torch.Tensor, features_b: torch.Tensor, refe
     if n_boot < 2:
         raise ValueError(f"paired_bootstrap_fd: n_boot must be >= 2 for a standard error; got {n_boot}")
 
-    def fd(x: torch.Tensor, r: torch.Tensor) -> float:
-        return float(frechet_distance(*gaussian_statistics(x), *gaussian_statistics(r)))
+    def diff(i: torch.Tensor | slice) -> float:  # FD(a, ref) - FD(b, ref) on the rows i of all three sets
+        ref = gaussian_statistics(reference[i])
+        return float(frechet_distance(*gaussian_statistics(features_a[i]), *ref)
+                     - frechet_distance(*gaussian_statistics(features_b[i]), *ref))
 
     n = features_a.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    diffs = []
-    for _ in range(n_boot):
-        i = torch.randint(0, n, (n,), generator=gen)  # (N,) one resample of the shared indices
-        diffs.append(fd(features_a[i], reference[i]) - fd(features_b[i], reference[i]))
-    return {"diff": fd(features_a, reference) - fd(features_b, reference),
+    diffs = [diff(torch.randint(0, n, (n,), generator=gen)) for _ in range(n_boot)]  # one resample of the indices each
+    return {"diff": diff(slice(None)),
             "se": float(torch.tensor(diffs, dtype=torch.float64).std()), "n": int(n), "n_boot": int(n_boot)}
 
 

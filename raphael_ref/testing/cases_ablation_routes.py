@@ -1,10 +1,11 @@
-"""Golden cases of the ablation and path-analysis statistics: pixel-FD, time-expert usage, space-expert frequency (helper J)."""
+"""Golden cases of the ablation and path-analysis statistics: pixel-FD, the paired bootstrap of an FD difference,
+time-expert usage, space-expert frequency (helper J)."""
 
 from __future__ import annotations
 
 import torch
 
-from raphael_ref.evaluation.ablation import pixel_fd, pixel_features
+from raphael_ref.evaluation.ablation import paired_bootstrap_fd, pixel_fd, pixel_features
 from raphael_ref.evaluation.routes import space_expert_frequency, time_expert_usage
 from raphael_ref.testing.golden import GoldenCase, Tensors
 
@@ -31,6 +32,17 @@ def _pixel_fd_compute(x: Tensors) -> Tensors:
             "pixel_fd": torch.tensor(pixel_fd(x["generated"], x["reference"]), dtype=torch.float64)}
 
 
+def _bootstrap_inputs(gen: torch.Generator) -> Tensors:
+    ref = torch.randint(0, 10, (16, 3), generator=gen)  # integer features: the harness does not cast them
+    return {"a": ref + torch.randint(-1, 2, (16, 3), generator=gen), "b": torch.randint(0, 20, (16, 3), generator=gen),
+            "reference": ref}
+
+
+def _bootstrap_compute(x: Tensors) -> Tensors:
+    b = paired_bootstrap_fd(x["a"], x["b"], x["reference"], n_boot=20, seed=0)
+    return {"diff": torch.tensor(b["diff"], dtype=torch.float64), "se": torch.tensor(b["se"], dtype=torch.float64)}
+
+
 def _usage_inputs(gen: torch.Generator) -> Tensors:
     return {"time_routes": torch.randint(0, 4, (5, 3, 6), generator=gen)}  # (S, K, B), 4 experts
 
@@ -50,6 +62,7 @@ def _freq_compute(x: Tensors) -> Tensors:
 
 CASES = [
     GoldenCase("eval.pixel_fd", _pixel_fd_inputs, _pixel_fd_compute, _FD_TOL),
+    GoldenCase("eval.fd_bootstrap", _bootstrap_inputs, _bootstrap_compute, _FD_TOL),  # 3 x 3 eigh: as pixel-FD or better
     GoldenCase("eval.time_expert_usage", _usage_inputs, _usage_compute, _COUNT_TOL),
     GoldenCase("eval.space_expert_frequency", _freq_inputs, _freq_compute, _COUNT_TOL),
 ]
