@@ -317,6 +317,24 @@ def test_ablate_dry_run_prints_commands_and_writes_nothing(ablate, tmp_path, cap
     assert not out.exists()
 
 
+def test_ablate_sweep_only_study_trains_no_module_variant(ablate, tmp_path, capsys):
+    """--variants with no name: a Fig. 6a study of sweep points only; no full run unless a point is the base."""
+    res = ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--alphas", "0.4", "--t-cs", "250")))
+    assert res["runs"] == ["alpha_0.4", "t_c_250"]
+    res = ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--alphas", "0.2", "0.4", "--t-cs", "250")))
+    assert res["runs"] == ["full", "alpha_0.4", "t_c_250"]  # alpha 0.2 is the base config: the full run
+    with pytest.raises(SystemExit):
+        ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--no-sweeps",)))
+    assert "nothing to run" in capsys.readouterr().err
+    out = tmp_path / "study"
+    res = ablate.main(_argv(out, variants=(), sweeps=("--alphas", "0.4", "--t-cs", "250"), guidance=("3",)))
+    assert res["runs"] == ["alpha_0.4", "t_c_250"] and not (out / "full").exists()
+    data = json.loads((out / "ablation.json").read_text())
+    assert sorted((r["variant"], r["guidance"]) for r in data["rows"]) == [("alpha_0.4", 3.0), ("t_c_250", 3.0)]
+    assert (out / "sweeps.png").is_file() and not (out / "tradeoff.png").exists()
+    assert "alpha_0.4" in (out / "ablation.md").read_text()
+
+
 @pytest.mark.spec_id("eval.ablation_orderings")
 def test_ablate_end_to_end_micro(ablate, tmp_path, capsys):
     """Two micro trainings (2 steps), two guidance weights; then a rerun that trains and evaluates nothing."""

@@ -9,6 +9,7 @@ each over the guidance weights, write the table and the trade-off plots.
         --budget full --inception-weights weights-inception-2015-12-05-6726825d.pth   # on a GPU
     for s in 0 1 2; do python tools/ablate.py --out runs/abl_s$s --budget toy --train-seed $s --no-sweeps; done
     python tools/ablate.py --out runs/abl_seeds --combine runs/abl_s0 runs/abl_s1 runs/abl_s2   # mean ± se
+    python tools/ablate.py --out runs/sweep_s0 --budget toy --variants --alphas 0.1 0.3 --t-cs 250 750  # sweeps only
 
 Variants (``raphael_ref.evaluation.ablation``): full, no_space_moe, no_time_moe, no_edge (Fig. 6b),
 and the sweeps alpha in --alphas and T_c in --t-cs (Fig. 6a); a sweep point equal to the base
@@ -99,8 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", choices=sorted(BUDGETS), default="toy", help="defaults for the options below")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run")
     p.add_argument("--train-seed", type=int, default=0, help="train.seed of every run")
-    p.add_argument("--variants", nargs="+", default=[v.name for v in A.MODULE_VARIANTS],
-                   choices=[v.name for v in A.MODULE_VARIANTS], help="module variants (Fig. 6b)")
+    p.add_argument("--variants", nargs="*", default=[v.name for v in A.MODULE_VARIANTS],
+                   choices=[v.name for v in A.MODULE_VARIANTS],
+                   help="module variants (Fig. 6b); the flag alone (none) for a sweep-only study, e.g. --variants --alphas "
+                        "0.1 0.3 --t-cs 250 750 (a sweep point equal to the base config still needs the full run)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(A.DEFAULT_ALPHAS), help="alpha sweep (Fig. 6a)")
     p.add_argument("--t-cs", type=int, nargs="+", default=list(A.DEFAULT_T_CS), help="T_c sweep (Fig. 6a)")
     p.add_argument("--no-sweeps", action="store_true", help="skip the alpha and T_c sweeps")
@@ -146,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= 1")
     if any(g < 0 for g in args.guidance) or len(set(args.guidance)) != len(args.guidance):
         p.error(f"--guidance: weights must be distinct and >= 0; got {args.guidance}")
+    if not args.combine and not args.variants and (args.no_sweeps or not (args.alphas or args.t_cs)):
+        p.error("nothing to run: --variants lists no module variant and there is no sweep point")
     if args.sweep_guidance is None:
         args.sweep_guidance = list(args.guidance)
     if any(g < 0 for g in args.sweep_guidance) or len(set(args.sweep_guidance)) != len(args.sweep_guidance):
