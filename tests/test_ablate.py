@@ -323,8 +323,13 @@ def test_ablate_sweep_only_study_trains_no_module_variant(ablate, tmp_path, caps
     assert res["runs"] == ["alpha_0.4", "t_c_250"]
     res = ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--alphas", "0.2", "0.4", "--t-cs", "250")))
     assert res["runs"] == ["full", "alpha_0.4", "t_c_250"]  # alpha 0.2 is the base config: the full run
+    res = ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--alphas", "0.4", "--t-cs")))
+    assert res["runs"] == ["alpha_0.4"]  # no T_c point (the default sweep would hold the base T_c: the full run)
     with pytest.raises(SystemExit):
         ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--no-sweeps",)))
+    assert "nothing to run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablate.main(_argv(tmp_path / "dry", "--dry-run", variants=(), sweeps=("--alphas", "--t-cs")))
     assert "nothing to run" in capsys.readouterr().err
     out = tmp_path / "study"
     res = ablate.main(_argv(out, variants=(), sweeps=("--alphas", "0.4", "--t-cs", "250"), guidance=("3",)))

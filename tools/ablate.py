@@ -104,8 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=[v.name for v in A.MODULE_VARIANTS],
                    help="module variants (Fig. 6b); the flag alone (none) for a sweep-only study, e.g. --variants --alphas "
                         "0.1 0.3 --t-cs 250 750 (a sweep point equal to the base config still needs the full run)")
-    p.add_argument("--alphas", type=float, nargs="+", default=list(A.DEFAULT_ALPHAS), help="alpha sweep (Fig. 6a)")
-    p.add_argument("--t-cs", type=int, nargs="+", default=list(A.DEFAULT_T_CS), help="T_c sweep (Fig. 6a)")
+    p.add_argument("--alphas", type=float, nargs="*", default=list(A.DEFAULT_ALPHAS),
+                   help="alpha sweep (Fig. 6a); the flag alone: no alpha point")
+    p.add_argument("--t-cs", type=int, nargs="*", default=list(A.DEFAULT_T_CS),
+                   help="T_c sweep (Fig. 6a); the flag alone: no T_c point")
     p.add_argument("--no-sweeps", action="store_true", help="skip the alpha and T_c sweeps")
     p.add_argument("--guidance", type=float, nargs="+", default=list(A.GUIDANCE_WEIGHTS),
                    help="classifier-free guidance weights (Sec. 4.2)")
