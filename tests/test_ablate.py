@@ -625,6 +625,64 @@ def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp
         plots.seeds_sweep_plot({**c, "rows": [r for r in c["rows"] if r["group"] == "module"]}, tmp_path / "x.png")
 
 
+def test_sweep_only_studies_take_their_base_point_from_the_module_studys_table(ablate, tmp_path, capsys):
+    """--combine --base-table: sweep-only studies (no full run) are paired with the full model of the same seed
+    from the module study's seeds.json, exactly as if full had been in their plans."""
+    full_acc, a01_acc = [0.50, 0.52, 0.55], [0.30, 0.36, 0.31]
+    with_full = [_sweep_study(s, {0.1: a01_acc[s], 0.2: full_acc[s]}) for s in range(3)]
+    for st in with_full:
+        st["base_config"] = {"model": {"mask_alpha": 0.2, "edge_t_cutoff": 500}}
+    # the module study: full (and a variant) at two guidance weights, on seeds 0..2
+    modules = A.combine_seeds([_study(s, {("full", 7.5): (full_acc[s], 40.0, 2.0, 30.0), ("full", 3.0): (0.1, 1, 1, 1),
+                                          ("no_edge", 7.5): (0.4, 40.0, 2.0, 31.0)}) for s in range(3)])
+    assert modules["settings"]["sampler_steps"] == 20 and "train_seed" not in modules["settings"]
+    sweep_only = []
+    for st in with_full:
+        rows = [r for r in st["rows"] if r["variant"] not in ("full", "alpha_0.2")]
+        plan = [p for p in st["plan"] if p["run"] != "full"]
+        sweep_only.append({**st, "rows": rows, "plan": plan})
+    completed = [A.with_base_model(s, modules) for s in sweep_only]
+    names = {(r["variant"], r["guidance"]) for r in completed[1]["rows"]}
+    assert names == {("alpha_0.1", 7.5), ("full", 7.5), ("alpha_0.2", 7.5)}  # only the sweeps' guidance weights
+    twin = next(r for r in completed[1]["rows"] if r["variant"] == "alpha_0.2")
+    assert twin["alignment"] == 0.52 and twin["value"] == 0.2 and twin["toy_clip"]["clip_score"] == 40.0
+    # the result equals the combined table of the studies that trained full themselves
+    want, got = A.combine_seeds(with_full), A.combine_seeds(completed)
+    key = lambda c: (c["variant"], c["guidance"], c["metric"])  # noqa: E731
+    assert sorted(map(key, got["comparisons"])) == sorted(map(key, want["comparisons"]))
+    for a, b in zip(sorted(got["comparisons"], key=key), sorted(want["comparisons"], key=key)):
+        assert a["full_minus_variant"] == pytest.approx(b["full_minus_variant"]) and a["reading"] == b["reading"]
+    a01 = next(c for c in got["comparisons"] if c["variant"] == "alpha_0.1" and c["metric"] == "alignment")
+    assert a01["full_minus_variant"] == pytest.approx([0.20, 0.16, 0.24])
+    # refusals: a study with its own full model; a seed the base table lacks; other settings
+    with pytest.raises(ValueError, match="has its own full model"):
+        A.with_base_model(with_full[0], modules)
+    with pytest.raises(ValueError, match="no full model of this seed at guidance 7.5"):
+        A.with_base_model({**sweep_only[0], "settings": {**sweep_only[0]["settings"], "train_seed": 7}}, modules)
+    with pytest.raises(ValueError, match=r"other settings: \['sampler_steps'\]"):
+        A.with_base_model({**sweep_only[0], "settings": {**sweep_only[0]["settings"], "sampler_steps": 50}}, modules)
+    # the command line: seeds.md names the base table; the Fig. 6a plot has the base point; no module plot
+    dirs = []
+    for s, study in enumerate(sweep_only):
+        d = tmp_path / f"s{s}"
+        d.mkdir()
+        (d / "ablation.json").write_text(json.dumps(study))
+        dirs.append(str(d))
+    table = tmp_path / "modules.json"
+    table.write_text(json.dumps({k: v for k, v in modules.items() if k != "settings"}))  # an older table
+    out = tmp_path / "sweeps"
+    ablate.main(["--out", str(out), "--combine", *dirs, "--base-table", str(table)])
+    assert "records no settings" in capsys.readouterr().out
+    saved = json.loads((out / "seeds.json").read_text())
+    assert saved["base_table"] == str(table) and {c["variant"] for c in saved["comparisons"]} == {"alpha_0.1"}
+    assert str(table) in (out / "seeds.md").read_text()
+    assert Image.open(out / "seeds_sweeps_g7.5.png").size[0] > 300 and not (out / "seeds_g7.5.png").exists()
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--out", str(out), "--base-table", str(table)])  # without --combine
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--out", str(out), "--combine", *dirs, "--base-table", str(tmp_path / "missing.json")])
+
+
 def test_a_run_folder_is_trained_by_one_study_at_a_time(ablate, tmp_path):
     """Two studies on the same --out at once: the second stops at the run's lock before touching its files
     (it would otherwise restart the run over the first one's log)."""

@@ -10,6 +10,7 @@ each over the guidance weights, write the table and the trade-off plots.
     for s in 0 1 2; do python tools/ablate.py --out runs/abl_s$s --budget toy --train-seed $s --no-sweeps; done
     python tools/ablate.py --out runs/abl_seeds --combine runs/abl_s0 runs/abl_s1 runs/abl_s2   # mean ± se
     python tools/ablate.py --out runs/sweep_s0 --budget toy --variants --alphas 0.1 0.3 --t-cs 250 750  # sweeps only
+    python tools/ablate.py --out runs/sweeps --combine runs/sweep_s0 runs/sweep_s1 --base-table runs/abl_seeds/seeds.json
 
 Variants (``raphael_ref.evaluation.ablation``): full, no_space_moe, no_time_moe, no_edge (Fig. 6b),
 and the sweeps alpha in --alphas and T_c in --t-cs (Fig. 6a); a sweep point equal to the base
@@ -39,6 +40,8 @@ With --combine STUDY...: seeds.md / seeds.json, the studies of several --train-s
 seeds_g<w>.png (each seed's value per module variant and metric, with the mean ± se) and, when the
 studies swept alpha / T_c, seeds_sweeps_g<w>.png (Fig. 6a: each seed's curve and the mean ± se); with two or
 more guidance weights, seeds_tradeoff.png (Fig. 6b: each variant's mean curve over guidance, ± se both ways).
+Sweep-only studies (--variants with no name) have no full model of their own: --base-table SEEDS_JSON takes its
+per-seed values from the module study's combined table, and every sweep point is paired with it (``with_base_model``).
 """
 
 from __future__ import annotations
@@ -131,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="combine finished studies of the same settings and different --train-seed into --out/seeds.md "
                         "(mean ± standard error over seeds, paired full - variant differences); the studies may "
                         "differ in which variants, sweep points and guidance weights they ran; trains nothing")
+    p.add_argument("--base-table", default=None, metavar="SEEDS_JSON",
+                   help="with --combine of sweep-only studies (--variants with no name): the full model's per-seed "
+                        "values come from this combined table of another study (its seeds.json; same preset, budget "
+                        "and evaluation), so every sweep point is paired with the full model of its seed")
     p.add_argument("--only-run", default=None, help=argparse.SUPPRESS)  # internal: one run of a --jobs study
     p.add_argument("--dry-run", action="store_true", help="print the training commands and the plan; run nothing")
     p.add_argument("--train-only", action="store_true", help="train (or resume) every run, evaluate nothing")
@@ -151,6 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= 1")
     if any(g < 0 for g in args.guidance) or len(set(args.guidance)) != len(args.guidance):
         p.error(f"--guidance: weights must be distinct and >= 0; got {args.guidance}")
+    if args.base_table is not None and not args.combine:
+        p.error("--base-table goes with --combine (it completes sweep-only studies when combining them)")
+    if args.base_table is not None and not Path(args.base_table).is_file():
+        p.error(f"--base-table: {args.base_table} is not a file (a seeds.json written by --combine)")
     if not args.combine and not args.variants and (args.no_sweeps or not (args.alphas or args.t_cs)):
         p.error("nothing to run: --variants lists no module variant and there is no sweep point")
     if args.sweep_guidance is None:
@@ -545,6 +556,12 @@ def combine_main(args) -> dict:
             raise SystemExit(f"error: --combine {d}: no ablation.json there (run the study first)")
         studies.append(json.loads(f.read_text()))
     try:
+        if args.base_table:
+            base = json.loads(Path(args.base_table).read_text())
+            if base.get("settings") is None:
+                print(f"note: {args.base_table} records no settings (written before they were saved); check "
+                      "yourself that its full model was trained and measured as these studies' sweep points")
+            studies = [A.with_base_model(s, base) for s in studies]
         combined = A.combine_seeds(studies)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -557,14 +574,20 @@ def combine_main(args) -> dict:
               f"{s['prompts_per_category']} prompts x {len(s['categories'])} categories x seeds {s['seeds']} x "
               f"{s['per_prompt']} images, DDIM {s['sampler_steps']} steps; the same prompts and noise for every "
               "variant and seed."]
+    if args.base_table:
+        header.append(f"The full model (each sweep's base point, alpha {studies[0]['base_config']['model']['mask_alpha']:g}"
+                      f" / T_c {studies[0]['base_config']['model']['edge_t_cutoff']}): the per-seed values of "
+                      f"{args.base_table} (the same checkpoints and evaluation; these studies did not train it).")
     (out / "seeds.md").write_text(A.seeds_markdown(combined, header))
-    (out / "seeds.json").write_text(json.dumps({"studies": [str(d) for d in args.combine], **combined}, indent=1) + "\n")
+    (out / "seeds.json").write_text(json.dumps({"studies": [str(d) for d in args.combine], "base_table": args.base_table,
+                                                **combined}, indent=1) + "\n")
     files = [out / "seeds.md", out / "seeds.json"]
     try:
         from raphael_ref.evaluation import plots
 
         modules = {**combined, "rows": [r for r in combined["rows"] if r["group"] == "module"]}
-        for g in sorted({r["guidance"] for r in modules["rows"]}):
+        # (with --base-table the studies trained no module variant: their full rows are the base table's)
+        for g in sorted({r["guidance"] for r in modules["rows"] if not (args.base_table and r["variant"] == "full")}):
             files.append(plots.seeds_plot(modules, out / f"seeds_g{g:g}.png", guidance=g))
         for g in sorted({r["guidance"] for r in combined["rows"] if r["group"] in ("alpha", "t_c")}):
             files.append(plots.seeds_sweep_plot(combined, out / f"seeds_sweeps_g{g:g}.png", guidance=g))

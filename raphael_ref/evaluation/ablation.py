@@ -502,6 +502,11 @@ def mean_sd(xs: Sequence[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def _shared_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide how a cell is trained and measured (equal across a combined table)."""
+    return {k: v for k, v in settings.items() if k not in _PER_SEED_SETTINGS | _CELL_SET_SETTINGS}
+
+
 def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Combine one ablation study repeated with different training seeds (``ablation.json`` dicts).
 
@@ -528,10 +533,9 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     seeds = [s["settings"]["train_seed"] for s in studies]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the studies repeat a training seed: {seeds}; combine one study per seed")
-    free = _PER_SEED_SETTINGS | _CELL_SET_SETTINGS
-    ref = {k: v for k, v in studies[0]["settings"].items() if k not in free}
+    ref = _shared_settings(studies[0]["settings"])
     for s in studies[1:]:
-        other = {k: v for k, v in s["settings"].items() if k not in free}
+        other = _shared_settings(s["settings"])
         diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
         if diff:
             raise ValueError(f"the studies differ in more than the training seed: {diff} "
@@ -584,7 +588,59 @@ def combine_seeds(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         d = [sum(c["full_minus_variant"][i] for c in cs) / len(cs) for i in range(len(common))]
         over_guidance.append({"variant": variant, "guidance": sorted(c["guidance"] for c in cs),
                               **_paired(d, common, key, cs[0]["label"], cs[0]["higher_is_better"], variant)})
-    return {"seeds": seeds, "rows": rows, "comparisons": comparisons, "over_guidance": over_guidance}
+    return {"seeds": seeds, "settings": ref, "rows": rows, "comparisons": comparisons, "over_guidance": over_guidance}
+
+
+def with_base_model(study: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep-only study (Fig. 6a points trained without the full model) completed with its base point.
+
+    study: one training seed's ``ablation.json`` without a ``full`` row (``tools/ablate.py --variants`` with
+    no name). base: a combined table (:func:`combine_seeds`, another study's ``seeds.json``) whose ``full``
+    rows were measured with the same preset, budget, config and evaluation; its per-seed values of this
+    study's ``train_seed`` become this study's full rows, at each guidance weight the study's sweep rows
+    have. Each sweep also gets its base point (``alpha_<mask_alpha>`` / ``t_c_<edge_t_cutoff>`` of the
+    study's base config, plan run ``"full"``), so the result holds what a study with ``full`` in its plan
+    would hold and :func:`combine_seeds` pairs every sweep point with the full model of the same seed.
+    When ``base`` records its studies' settings (``settings``: what :func:`combine_seeds` requires to be
+    equal), they must equal this study's; an older table without them cannot be checked (the caller says so).
+    Raises ValueError when the settings differ, the study already has full rows, has no sweep rows, or
+    ``base`` lacks this seed's full model at one of the guidance weights.
+    """
+    seed = study["settings"]["train_seed"]
+    if base.get("settings") is not None:
+        mine = _shared_settings(study["settings"])
+        diff = sorted(k for k in set(mine) | set(base["settings"]) if mine.get(k) != base["settings"].get(k))
+        if diff:
+            raise ValueError(f"seed {seed}: the base table was measured with other settings: {diff}")
+    rows = list(study["rows"])
+    if any(r["variant"] == "full" for r in rows):
+        raise ValueError(f"seed {seed}: the study has its own full model; combine it without a base table")
+    sweep = [r for r in rows if r.get("group") in ("alpha", "t_c")]
+    if not sweep:
+        raise ValueError(f"seed {seed}: the study has no sweep rows (alpha, t_c) to pair with a base model")
+    full = {float(r["guidance"]): r for r in base["rows"] if r["variant"] == "full"}
+    model = study["base_config"]["model"]
+    base_value = {"alpha": float(model["mask_alpha"]), "t_c": float(model["edge_t_cutoff"])}
+    plan = list(study.get("plan", ()))
+    for g in sorted({float(r["guidance"]) for r in sweep}):
+        b = full.get(g)
+        if b is None or seed not in b["seeds"]:
+            raise ValueError(f"seed {seed}: the base table has no full model of this seed at guidance {g:g} "
+                             f"(its full rows: {[(x, full[x]['seeds']) for x in sorted(full)]})")
+        i = b["seeds"].index(seed)
+        value = {k: b[k]["per_seed"][i] for k, _, _ in SEED_METRICS if k in b}
+        metrics = {"alignment": value.get("alignment"), "fidelity": value.get("fidelity"),
+                   "toy_clip": {k: value[k] for k in ("clip_score", "fd_toy_clip") if k in value}}
+        rows.append({"variant": "full", "group": "module", "value": None, "run": "full", "guidance": g, **metrics})
+        for group in sorted({r["group"] for r in sweep if float(r["guidance"]) == g}):
+            name = f"{group}_{_fmt_value(base_value[group])}"
+            if any(r["variant"] == name and float(r["guidance"]) == g for r in rows):
+                continue
+            rows.append({"variant": name, "group": group, "value": base_value[group], "run": "full", "guidance": g,
+                         **metrics})
+            if not any(p["name"] == name for p in plan):
+                plan.append({"name": name, "group": group, "value": base_value[group], "run": "full", "overrides": {}})
+    return {**study, "rows": rows, "plan": plan}
 
 
 def paired_t(d: Sequence[float]) -> dict[str, Any]:
