@@ -630,17 +630,17 @@ def test_sweep_only_studies_take_their_base_point_from_the_module_studys_table(a
     from the module study's seeds.json, exactly as if full had been in their plans."""
     full_acc, a01_acc = [0.50, 0.52, 0.55], [0.30, 0.36, 0.31]
     with_full = [_sweep_study(s, {0.1: a01_acc[s], 0.2: full_acc[s]}) for s in range(3)]
-    for st in with_full:
-        st["base_config"] = {"model": {"mask_alpha": 0.2, "edge_t_cutoff": 500}}
+    for study in with_full:
+        study["base_config"] = {"model": {"mask_alpha": 0.2, "edge_t_cutoff": 500}}
     # the module study: full (and a variant) at two guidance weights, on seeds 0..2
     modules = A.combine_seeds([_study(s, {("full", 7.5): (full_acc[s], 40.0, 2.0, 30.0), ("full", 3.0): (0.1, 1, 1, 1),
                                           ("no_edge", 7.5): (0.4, 40.0, 2.0, 31.0)}) for s in range(3)])
     assert modules["settings"]["sampler_steps"] == 20 and "train_seed" not in modules["settings"]
     sweep_only = []
-    for st in with_full:
-        rows = [r for r in st["rows"] if r["variant"] not in ("full", "alpha_0.2")]
-        plan = [p for p in st["plan"] if p["run"] != "full"]
-        sweep_only.append({**st, "rows": rows, "plan": plan})
+    for study in with_full:
+        rows = [r for r in study["rows"] if r["variant"] not in ("full", "alpha_0.2")]
+        plan = [p for p in study["plan"] if p["run"] != "full"]
+        sweep_only.append({**study, "rows": rows, "plan": plan})
     completed = [A.with_base_model(s, modules) for s in sweep_only]
     names = {(r["variant"], r["guidance"]) for r in completed[1]["rows"]}
     assert names == {("alpha_0.1", 7.5), ("full", 7.5), ("alpha_0.2", 7.5)}  # only the sweeps' guidance weights
