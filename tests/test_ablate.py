@@ -568,6 +568,17 @@ def test_ablate_combine_cli(ablate, tmp_path, capsys):
         ablate.main(["--out", str(out), "--combine", dirs[0], str(tmp_path / "missing")])
 
 
+def _write_studies(tmp_path, studies: list[dict]) -> list[str]:
+    """Each study's ablation.json in its own folder tmp_path/s<i>, as --combine reads them; the folder paths."""
+    dirs = []
+    for s, study in enumerate(studies):
+        d = tmp_path / f"s{s}"
+        d.mkdir()
+        (d / "ablation.json").write_text(json.dumps(study))
+        dirs.append(str(d))
+    return dirs
+
+
 def _sweep_study(seed: int, alpha: dict[float, float], **settings) -> dict:
     """A study with the full model and an alpha sweep whose base point (0.2) reuses the full run."""
     study = _study(seed, {("full", 7.5): (alpha[0.2], 40.0, 2.0, 30.0)}, **settings)
@@ -597,12 +608,7 @@ def test_combine_seeds_with_sweeps_compares_each_point_with_the_base(ablate, tmp
     md = A.seeds_markdown(c)
     lines = [ln for ln in md.splitlines() if ln.startswith("| alpha_")]
     assert [ln.split(" | ")[0] for ln in lines[:3]] == ["| alpha_0.1", "| alpha_0.2", "| alpha_0.5"]
-    dirs = []
-    for s, study in enumerate(studies):
-        d = tmp_path / f"s{s}"
-        d.mkdir()
-        (d / "ablation.json").write_text(json.dumps(study))
-        dirs.append(str(d))
+    dirs = _write_studies(tmp_path, studies)
     ablate.main(["--out", str(tmp_path / "seeds"), "--combine", *dirs])
     for png in ("seeds_g7.5.png", "seeds_sweeps_g7.5.png"):
         assert Image.open(tmp_path / "seeds" / png).size[0] > 300
@@ -662,12 +668,7 @@ def test_sweep_only_studies_take_their_base_point_from_the_module_studys_table(a
     with pytest.raises(ValueError, match=r"other settings: \['sampler_steps'\]"):
         A.with_base_model({**sweep_only[0], "settings": {**sweep_only[0]["settings"], "sampler_steps": 50}}, modules)
     # the command line: seeds.md names the base table; the Fig. 6a plot has the base point; no module plot
-    dirs = []
-    for s, study in enumerate(sweep_only):
-        d = tmp_path / f"s{s}"
-        d.mkdir()
-        (d / "ablation.json").write_text(json.dumps(study))
-        dirs.append(str(d))
+    dirs = _write_studies(tmp_path, sweep_only)
     table = tmp_path / "modules.json"
     table.write_text(json.dumps({k: v for k, v in modules.items() if k != "settings"}))  # an older table
     out = tmp_path / "sweeps"
