@@ -247,14 +247,16 @@ def test_resume_with_another_preset_is_an_error(run, capsys):
     """Before: --resume --preset small silently trained the checkpoint's toy config."""
     code = _train().main(["--out", str(run), "--resume", "--preset", "small"])
     err = capsys.readouterr().err
-    # the differing fields are listed (sorted, the first 8): model fields such as model.attend_padding lead
-    assert code == 2 and "--preset small" in err and "'toy'" in err and "model.attend_padding (checkpoint False, now True)" in err, err
+    # the differing fields are listed (sorted, the first 8): model fields such as model.attend_padding lead; the
+    # healthy run was made with no --preset, so its preset is train.py's default
+    assert code == 2 and "--preset small" in err and f"'{_train().DEFAULT_PRESET}'" in err, err
+    assert "model.attend_padding (checkpoint False, now True)" in err, err
     assert "more" in err  # the toy and small presets differ in more than 8 fields
     assert len(err.splitlines()) == 1
 
 
 def test_resume_may_change_the_run_settings(run, capsys):
-    code = _train().main(["--out", str(run), "--resume", "--preset", "toy"]
+    code = _train().main(["--out", str(run), "--resume", "--preset", _train().DEFAULT_PRESET]
                          + _sets("train.steps=3", "train.log_every=3", "train.lr=5e-4", "sample.guidance=2",
                                  "model.moe_impl=gather"))
     assert code == 0, capsys.readouterr().err

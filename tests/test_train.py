@@ -87,11 +87,15 @@ def full_run(tmp_path_factory) -> Path:
 def test_run_folder_has_every_artifact(full_run):
     run = full_run
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["name"] == "toy" and cfg["model"]["sample_size"] == 16
+    # no --preset: the default run, the toy with the binding options (E87): its loss adds the weighted token term
+    assert cfg["name"] == _train_module().DEFAULT_PRESET == "toy-binding" and cfg["model"]["sample_size"] == 16
+    w = get_preset("toy-binding").train.token_loss
+    assert cfg["train"]["token_loss"] == w > 0 and cfg["model"]["text_phrases_apart"] is True
     records = T.read_log(run / "log.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
-        assert all(k in r for k in LOSS_KEYS) and r["loss"] == pytest.approx(r["denoise"] + r["edge"], rel=1e-6)
+        assert all(k in r for k in LOSS_KEYS) and r["token"] > 0
+        assert r["loss"] == pytest.approx(r["denoise"] + r["edge"] + w * r["token"], rel=1e-6)
     # warm-up over 2 steps: lr/2, then lr (toy lr 1e-3)
     assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
     with Image.open(run / "loss.png") as im:
@@ -99,7 +103,7 @@ def test_run_folder_has_every_artifact(full_run):
     for s in (2, 4):
         with Image.open(run / "samples" / f"step_{s:07d}.png") as im:
             assert im.format == "PNG"
-    assert len((run / "samples" / "prompts.txt").read_text().splitlines()) == len(get_preset("toy").sample.prompts)
+    assert len((run / "samples" / "prompts.txt").read_text().splitlines()) == len(get_preset("toy-binding").sample.prompts)
     ckpt = T.latest_checkpoint(run)
     assert ckpt.name == "step_0000004"
     for name in ("model.safetensors", "ema.safetensors", "config.json", "optimizer.safetensors",
@@ -443,7 +447,7 @@ def test_toy_binding_preset_trains(tmp_path):
                     + ["--out", str(out)]))
     assert "later object phrases encoded apart (E85)" in proc.stdout + proc.stderr
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["name"] == "toy-binding" and cfg["train"]["token_loss"] == 0.02
+    assert cfg["name"] == "toy-binding" and cfg["train"]["token_loss"] == 0.05
     assert all(r["token"] > 0 for r in T.read_log(out / "log.jsonl"))
 
 

@@ -96,7 +96,9 @@ BUDGETS: dict[str, dict] = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="study folder (one run folder per variant, reports)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy",
+                   help="default: toy, the paper's losses only (the Fig. 6 studies of docs/results/ were run on it; "
+                        "tools/train.py's own default is toy-binding, which adds two binding options, E87)")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="passed to tools/train.py")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", nargs="+",
                    help="base config fields for every variant (passed to tools/train.py before the variant's own)")

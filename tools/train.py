@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train RAPHAEL (Xue et al., 2023): L = L_denoise + 1[t < T_c] L_edge (Sec. 2, 3.2) with AdamW (Table 2).
 
-    python tools/train.py                                  # toy preset, synthetic data, CPU, about 10 minutes
+    python tools/train.py                                  # toy-binding preset, synthetic data, CPU, 10-20 minutes
     python tools/train.py --set train.steps=2000 --out runs/toy2
     python tools/train.py --out runs/toy2 --resume --set train.steps=4000   # go on from the latest checkpoint
     python tools/train.py --preset small --config my_run.toml --set train.source=/data/shards
@@ -58,6 +58,10 @@ EXIT_DIVERGED = 3  # a non-finite loss or gradient norm (train.nonfinite)
 EXIT_AFTER_TRAINING = 4  # a sample grid or a final plot (loss, expert usage) failed; its checkpoint is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a run stopped by Ctrl-C
 
+# The preset of `python tools/train.py` with no --preset: the toy (every RAPHAEL component, 24 px, CPU) plus two
+# binding options that are not the paper's (E87; measured: docs/results/toy_v_prediction.md, sections 7 and 8).
+DEFAULT_PRESET = "toy-binding"
+
 # Config fields a resumed run may change (everything else must match the checkpoint's config): the
 # run's length, cadences, optimiser settings, data and sample grids (train.*, sample.*), and model
 # fields that change neither the weights nor what the network computes (memory, kernels, where
@@ -69,7 +73,8 @@ RESUME_MAY_CHANGE = ("train.", "sample.", "model.checkpoint", "model.moe_impl", 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="config preset (default: toy; a resumed run keeps its checkpoint's)")
+                   help=f"config preset (default: {DEFAULT_PRESET}, the toy with the binding options; "
+                        f"toy: the paper's losses only; a resumed run keeps its checkpoint's)")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="JSON/TOML file of fields, nested or dotted, applied over the preset (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -338,7 +343,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                                  f"{', '.join(f + '*' if f.endswith('.') else f for f in RESUME_MAY_CHANGE)}; "
                                  f"start a new run in another --out for a different model")
         else:
-            cfg = load_config(args.preset or "toy", args.config, args.set)
+            cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.set)
         if args.init is not None:  # the weights of another checkpoint, at step 0 (e.g. a converted SD U-Net)
             from raphael_ref.checkpoint import load_tensors
             from raphael_ref.config import RaphaelConfig
