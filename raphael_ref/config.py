@@ -753,7 +753,7 @@ def toy() -> RaphaelConfig:
 
 
 def toy_binding() -> RaphaelConfig:
-    """The default run (``python tools/train.py``): the toy preset plus two options, neither in the paper, that make
+    """The default run (``python tools/train.py``, erratum E89): the toy preset plus two options, neither in the paper, that make
     the 10-minute run bind each shape to its named place (erratum E87): later object phrases of a caption encoded
     on their own (E85; the causal tower's second phrase otherwise carries the first object) and TokenCompose's
     loss on the position words' cross-attention maps (E82; synthetic data only), weighted 0.05. The network

@@ -59,7 +59,7 @@ EXIT_AFTER_TRAINING = 4  # a sample grid or a final plot (loss, expert usage) fa
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a run stopped by Ctrl-C
 
 # The preset of `python tools/train.py` with no --preset: the toy (every RAPHAEL component, 24 px, CPU) plus two
-# binding options that are not the paper's (E87; measured: docs/results/toy_v_prediction.md, sections 7 and 8).
+# binding options that are not the paper's (E87, E89; measured: docs/results/toy_v_prediction.md, sections 7 and 8).
 DEFAULT_PRESET = "toy-binding"
 
 # Config fields a resumed run may change (everything else must match the checkpoint's config): the
