@@ -449,6 +449,12 @@ def test_toy_binding_preset_trains(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["name"] == "toy-binding" and cfg["train"]["token_loss"] == 0.05
     assert all(r["token"] > 0 for r in T.read_log(out / "log.jsonl"))
+    # the printed step lines show the weighted token term, so that the printed terms add up to the loss (each
+    # printed to 4 decimals: the sum of three roundings is off by at most 1.5e-4, plus the loss's own 0.5e-4)
+    lines = re.findall(r"step \d+/2  loss (\S+)  denoise (\S+)  edge (\S+)  token (\S+)  lr", proc.stdout)
+    assert len(lines) == 2, proc.stdout
+    for loss, denoise, edge, token in (map(float, m) for m in lines):
+        assert token > 0 and abs(loss - (denoise + edge + token)) <= 2.01e-4
 
 
 def test_run_with_phrases_apart_text(tmp_path):

@@ -774,8 +774,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
                     else:
-                        print(f"step {step}/{tc.steps}  loss {mean[0]:.4f}  denoise {mean[1]:.4f}  edge {mean[2]:.4f}  "
-                              f"lr {lr:.2e}  {dt:.2f} s/step" + (f"  skipped {skipped_window}" if skipped_window else ""),
+                        # the weighted extra terms, so that the printed terms add up to the loss
+                        extra = "".join(f"  {k} {tc_w * record[k]:.4f}" for k, tc_w in
+                                        (("balance", tc.balance_loss), ("token", tc.token_loss)) if k in record)
+                        print(f"step {step}/{tc.steps}  loss {mean[0]:.4f}  denoise {mean[1]:.4f}  edge {mean[2]:.4f}"
+                              f"{extra}  lr {lr:.2e}  {dt:.2f} s/step" + (f"  skipped {skipped_window}" if skipped_window else ""),
                               flush=True)
                 window.zero_()
                 balance_window.zero_()
