@@ -759,8 +759,8 @@ def toy_binding() -> RaphaelConfig:
     loss on the position words' cross-attention maps (E82; synthetic data only), weighted 0.05. The network
     predicts v as the toy's does (E88). The same run as ``--preset toy --set model.text_phrases_apart=true --set
     train.token_loss=0.05 --set 'train.token_words=["position"]'``. Measured over three training seeds
-    (docs/results/toy_v_prediction.md, sections 7 and 8): position 0.59, colours 0.87, single objects 0.91,
-    overall 0.592, black backgrounds. The eps variant of E87 (position 0.61, noisy backgrounds) is
+    over five training seeds (docs/evaluation.md, section 4): position 0.61, colours 0.89, single objects 0.94,
+    overall 0.608, black or near-black backgrounds. The eps variant of E87 (position 0.61, noisy backgrounds) is
     ``--set model.prediction=eps --set train.token_loss=0.02``. Fig. 6's ablations run on ``toy``, the paper's
     losses only (``tools/ablate.py --preset toy``).
     """
