@@ -753,14 +753,14 @@ def toy() -> RaphaelConfig:
 
 
 def toy_binding() -> RaphaelConfig:
-    """The default run (``python tools/train.py``, erratum E89): the toy preset plus two options, neither in the paper, that make
-    the 10-minute run bind each shape to its named place (erratum E87): later object phrases of a caption encoded
-    on their own (E85; the causal tower's second phrase otherwise carries the first object) and TokenCompose's
-    loss on the position words' cross-attention maps (E82; synthetic data only), weighted 0.05. The network
-    predicts v as the toy's does (E88). The same run as ``--preset toy --set model.text_phrases_apart=true --set
-    train.token_loss=0.05 --set 'train.token_words=["position"]'``. Measured over three training seeds
-    over five training seeds (docs/evaluation.md, section 4): position 0.61, colours 0.89, single objects 0.94,
-    overall 0.608, black or near-black backgrounds. The eps variant of E87 (position 0.61, noisy backgrounds) is
+    """The default run (``python tools/train.py``, erratum E89): the toy preset plus two options, neither in the
+    paper, that make the 10-minute run bind each shape to its named place (erratum E87): later object phrases of a
+    caption encoded on their own (E85; the causal tower's second phrase otherwise carries the first object) and
+    TokenCompose's loss on the position words' cross-attention maps (E82; synthetic data only), weighted 0.05. The
+    network predicts v as the toy's does (E88). The same run as ``--preset toy --set model.text_phrases_apart=true
+    --set train.token_loss=0.05 --set 'train.token_words=["position"]'``. Measured over five training seeds
+    (docs/evaluation.md, section 4): position 0.61, colours 0.89, single objects 0.94, overall 0.608, black or
+    near-black backgrounds. The eps variant of E87 (position 0.61, noisy backgrounds) is
     ``--set model.prediction=eps --set train.token_loss=0.02``. Fig. 6's ablations run on ``toy``, the paper's
     losses only (``tools/ablate.py --preset toy``).
     """
