@@ -206,15 +206,28 @@ def cross_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """RAPHAEL Sec. 2, U-Net with Text Prompts: fast attention(Q, K, V); equals ``cross_attention_literal``.
 
-    The output comes from ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels,
-    float32 accumulation). The map ``M`` (see ``cross_attention_map``) is computed only when
-    ``need_map`` is true, since the fused kernels do not return it. ``logit_bias`` (B, heads, n_x, n_y) goes
+    Without ``need_map`` the output comes from ``torch.nn.functional.scaled_dot_product_attention`` (fused
+    kernels, float32 accumulation). With ``need_map`` the per-head softmax maps are computed (as in
+    ``cross_attention_map``, in the softmax dtype), the output is those maps times V (one batched product over
+    the heads, in the softmax dtype, then cast back) and ``M`` is their head mean: the fused kernels do not return
+    the map, so a second pass through them would only repeat the logits. ``logit_bias`` (B, heads, n_x, n_y) goes
     to SDPA as a float (additive) ``attn_mask`` (-inf at invalid keys) and into the map as well.
 
     Returns ``(out (B, n_x, d), M (B, n_x, n_y) or None)``.
     """
     _check_qk(q, k, heads, key_valid)
     _check_v(k, v)
+    if need_map:
+        # The map is needed anyway: its per-head softmax times V is the output (the literal form's sums, batched
+        # over heads), cheaper than a second pass through SDPA.
+        _check_bias(q, k, heads, logit_bias)
+        P = _head_maps(q, k, heads, key_valid, logit_bias)  # (B, heads, n_x, n_y) in the softmax dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = P @ _split_heads(v.to(P.dtype), heads)  # (B, heads, n_x, d_head)
+        B, _, n_x, _ = out.shape
+        out = out.transpose(1, 2).reshape(B, n_x, q.shape[-1]).to(q.dtype)  # (B, n_x, d)
+        M = P.mean(dim=1)  # (B, n_x, n_y)
+        return out, M.to(q.dtype if map_dtype is None else map_dtype)
     mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, n_y), True = attend
     if logit_bias is not None:
         _check_bias(q, k, heads, logit_bias)

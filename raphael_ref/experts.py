@@ -162,6 +162,34 @@ class ExpertBank(nn.Module):
         a = _activate(self.b1, self.act)  # (k, h)
         return torch.einsum("kh,khd->kd", a, self.w2) + self.b2  # (k, d)
 
+    def mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[..., k] e_k(x) for x (..., d), weights (..., k): (..., d); equals
+        ``torch.einsum("...k,k...d->...d", weights, self(x))`` (tests/test_experts.py).
+
+        Every expert on every position, as two wide matrix products instead of 2 k small ones: the k first
+        layers side by side, x [w1_1 ... w1_k] + [b1_1 ... b1_k] (one (d, k h) product), the activation per
+        expert, each expert's hidden units scaled by its weight, and the k second layers stacked,
+        [w_1 a_1 ... w_k a_k] [w2_1; ...; w2_k] (one (k h, d) product), plus sum_k w_k b2_k. Same sums
+        as e_k(x) = GELU(x w1_k + b1_k) w2_k + b2_k weighted and added, in another order (float round-off).
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != self.d:
+            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating tensor of shape (..., {self.d}); got {got}.")
+        k, d, h = self.n_experts, self.d, self.hidden
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() \
+                or tuple(weights.shape) != tuple(x.shape[:-1]) + (k,):
+            got = f"shape {tuple(weights.shape)}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise ValueError(f"weights must be a floating tensor of shape (..., k) = {tuple(x.shape[:-1]) + (k,)} "
+                             f"(one weight per position and expert); got {got}.")
+        cols = self.w1.shape[-1]  # h ("gelu") or 2 h ("geglu") columns per expert
+        w1 = self.w1.permute(1, 0, 2).reshape(d, k * cols)  # (d, k cols)  [w1_1 ... w1_k]
+        z = torch.addmm(self.b1.reshape(k * cols), x.reshape(-1, d), w1)  # (N, k cols)
+        a = _activate(z.reshape(-1, k, cols), self.act)  # (N, k, h)  a_k = GELU(x w1_k + b1_k)
+        a = a * weights.reshape(-1, k, 1).to(a.dtype)  # (N, k, h)  w_k a_k
+        out = a.reshape(-1, k * h) @ self.w2.reshape(k * h, d)  # (N, d)  sum_k w_k a_k w2_k
+        out = out + weights.reshape(-1, k).to(out.dtype) @ self.b2.to(out.dtype)  # (N, d)  + sum_k w_k b2_k
+        return out.reshape(*x.shape[:-1], d)  # (..., d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every position: x (..., d) -> (k, ..., d), row k = e_k(x)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != self.d:

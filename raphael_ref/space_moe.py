@@ -152,9 +152,7 @@ def space_moe(h: torch.Tensor, masks: torch.Tensor, routes: torch.Tensor, weight
         e0 = bank.expert_at_zero()  # (k, d)
         at_zero = torch.einsum("bkj,kd->bjd", Cbar, e0.to(acc))  # (B, n_x, d)  sum_k Cbar_k e_k(0)
     if impl == "dense":
-        every = bank(h)  # (k, B, n_x, d)  e_k(h_j) for all k, j
-        with no_autocast:
-            at_h = torch.einsum("bkj,kbjd->bjd", C, every.to(acc))  # (B, n_x, d)  sum_k C_k o e_k(h)
+        at_h = bank.mixture(h, C.transpose(1, 2)).to(acc)  # (B, n_x, d)  sum_k C_k o e_k(h), all k on all j
     else:
         hits = torch.einsum("bji,bik->bkj", masks.float(),
                             (torch.nn.functional.one_hot(routes, k) * counted[..., None]).float())  # (B, k, n_x)

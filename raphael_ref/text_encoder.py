@@ -387,6 +387,20 @@ class TextEncoding:
     pooled: torch.Tensor
     ids: torch.Tensor
 
+    def trimmed(self) -> "TextEncoding":
+        """The same encoding cut to its first L = max_b(pooled_index_b) + 1 positions: every valid token of every
+        row (SOT, the prompt, EOT), and the padding slots that follow some row's EOT inside that span.
+
+        For a U-Net that neither attends to nor counts padding (``model.attend_padding = model.count_padding =
+        False``) the cut slots change nothing but the cost: their keys get zero attention, their space-MoE terms are
+        not summed, and no pooled index points at them (tests/test_train.py). A short caption's step then works on
+        ~10-25 text tokens instead of 77. Reads ``pooled_index`` on the host (one sync on an accelerator).
+        """
+        L = int(self.pooled_index.max()) + 1 if self.pooled_index.numel() else self.hidden.shape[1]
+        if L >= self.hidden.shape[1]:
+            return self
+        return dataclasses.replace(self, hidden=self.hidden[:, :L], valid=self.valid[:, :L], ids=self.ids[:, :L])
+
 
 class TextEncoder(nn.Module):
     """Frozen OpenCLIP text tower E_theta (RAPHAEL Sec. 2; Table 2: OpenCLIP-g/14, n_y 77, d_y 1024).

@@ -453,3 +453,39 @@ def test_schedule_check_looks_through_wrappers():
     with pytest.raises(ValueError, match="different noise schedule"):
         check_model_schedule(wrapped, NoiseSchedule.make("scaled_linear", 1000), "test")
     check_model_schedule(Wrap(RaphaelUNet(micro_cfg(**{"model.prediction": "eps"})), "unet"), short, "test")  # eps: no-op
+
+
+@pytest.mark.parametrize("attend_padding, count_padding", [(False, False), (True, False), (True, True)])
+def test_trimmed_text_changes_nothing_only_when_padding_is_ignored(attend_padding, count_padding):
+    """TextEncoding.trimmed (tools/train.py cuts the padding slots when neither attended nor counted): the same
+    losses and gradients, float64, train mode with the gate noise off. A U-Net that attends to or counts the padding
+    does depend on it, so the cut would change its losses: train.py cuts only for (False, False)."""
+    cfg = micro_cfg(**{"model.gate_noise_std": 0.0, "model.attend_padding": attend_padding,
+                       "model.count_padding": count_padding})
+    torch.manual_seed(0)
+    model = RaphaelUNet(cfg).double().train()
+    _randomize(model)
+    enc = _text(cfg.d_y)
+    cut = enc.trimmed()
+    n = int(enc.pooled_index.max()) + 1
+    assert cut.hidden.shape[1] == n < cfg.n_y and torch.equal(cut.hidden, enc.hidden[:, :n])
+    assert torch.equal(cut.valid, enc.valid[:, :n]) and cut.valid.sum() == enc.valid.sum()
+    x0, noise, edge = (a.double() for a in _batch(cfg))
+    sched, t = NoiseSchedule.make(T=1000), torch.tensor([10, 700])
+
+    def run(text):
+        model.zero_grad(set_to_none=True)
+        out = training_losses(model, sched, x0, t, noise, text.hidden.double(), text.valid, text.pooled_index, edge,
+                              balance_loss=0.01)
+        out["total"].backward()
+        return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    (full, g_full), (short, g_short) = run(enc), run(cut)
+    same = all(torch.allclose(full[k], short[k], rtol=1e-10, atol=1e-12) for k in ("total", "denoise", "edge", "balance"))
+    if (attend_padding, count_padding) == (False, False):
+        assert same
+        assert g_full.keys() == g_short.keys()
+        for k in g_full:
+            torch.testing.assert_close(g_short[k], g_full[k], rtol=1e-9, atol=1e-12)
+    else:
+        assert not same
