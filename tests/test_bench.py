@@ -66,13 +66,14 @@ def test_params_counts_the_paper_preset(bench, tmp_path, capsys):
 def test_train_step_variants_run_and_report_ratios(bench, tmp_path, capsys):
     out = tmp_path / "step.json"
     names = ["24px pixels, gather, b16", "24px s2d f3 (8x8x27), width 32, gather, b32",
-             "toy + token loss (position words)"]
+             "toy + token loss (position words)", "toy, text cut to its 10 valid slots"]
     rc = bench.main(["train-step", "--variants", *names, "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert rc == 0
     rec = json.loads(out.read_text())
     assert list(rec["times"]) == names and rec["clock"] == "process"
     assert all(v["s_per_step"] > 0 and v["images_per_s"] > 0 for v in rec["times"].values())
     assert rec["times"][names[1]]["batch"] == 32
+    assert rec["variants"][names[3]] == {"bench.text_slots": 10}  # a bench setting, not a config override
     assert "images/s vs" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown variants"):
         bench.main(["train-step", "--variants", "nope"])
