@@ -120,16 +120,6 @@ def sample(model: RaphaelUNet, schedule: NoiseSchedule, cond: tuple[torch.Tensor
         if u_hidden.shape[0] == 1:
             u_hidden, u_valid, u_pooled = u_hidden.expand(B, -1, -1), u_valid.expand(B, -1), u_pooled.expand(B)
         hidden2, valid2, pooled2 = (torch.cat(p) for p in ((hidden, u_hidden), (valid, u_valid), (pooled, u_pooled)))
-    mc = getattr(model, "cfg", None)
-    if (mc is not None and not getattr(mc, "attend_padding", True) and not getattr(mc, "count_padding", True)
-            and paint is None and excite is None and not collect_paths):
-        # a U-Net that neither attends to nor counts padding gives the same eps on the captions' own slots alone
-        # (TextEncoding.trimmed): keep the first max(pooled_index) + 1 of the n_y slots (one host read). Not with
-        # paint / excite (token indices) or collected paths (their routes and masks keep all n_y slots).
-        L = int((pooled2 if use_cfg else pooled).max()) + 1
-        hidden, valid = hidden[:, :L], valid[:, :L]
-        if use_cfg:
-            hidden2, valid2 = hidden2[:, :L], valid2[:, :L]
     T = schedule.T
     if sampler == "ddim":
         ts = ddim_timesteps(50 if steps is None else steps, T, spacing)
