@@ -237,7 +237,4 @@ def cross_attention(
         _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=mask
     )  # (B, heads, n_x, d_head)
     B, _, n_x, _ = out.shape
-    out = out.transpose(1, 2).reshape(B, n_x, q.shape[-1])  # (B, n_x, d)
-    M = cross_attention_map(q, k, heads, key_valid=key_valid, map_dtype=map_dtype,
-                            logit_bias=logit_bias) if need_map else None
-    return out, M
+    return out.transpose(1, 2).reshape(B, n_x, q.shape[-1]), None  # (B, n_x, d); no map asked

@@ -162,6 +162,11 @@ class ExpertBank(nn.Module):
         a = _activate(self.b1, self.act)  # (k, h)
         return torch.einsum("kh,khd->kd", a, self.w2) + self.b2  # (k, d)
 
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != self.d:
+            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating tensor of shape (..., {self.d}); got {got}.")
+
     def mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[..., k] e_k(x) for x (..., d), weights (..., k): (..., d); equals
         ``torch.einsum("...k,k...d->...d", weights, self(x))`` (tests/test_experts.py).
@@ -172,9 +177,7 @@ class ExpertBank(nn.Module):
         [w_1 a_1 ... w_k a_k] [w2_1; ...; w2_k] (one (k h, d) product), plus sum_k w_k b2_k. Same sums
         as e_k(x) = GELU(x w1_k + b1_k) w2_k + b2_k weighted and added, in another order (float round-off).
         """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != self.d:
-            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a floating tensor of shape (..., {self.d}); got {got}.")
+        self._check_x(x)
         k, d, h = self.n_experts, self.d, self.hidden
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() \
                 or tuple(weights.shape) != tuple(x.shape[:-1]) + (k,):
@@ -192,7 +195,5 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every position: x (..., d) -> (k, ..., d), row k = e_k(x)."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[-1] != self.d:
-            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a floating tensor of shape (..., {self.d}); got {got}.")
+        self._check_x(x)
         return torch.stack([self.expert(k, x) for k in range(self.n_experts)])  # (k, ..., d)

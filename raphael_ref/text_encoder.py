@@ -393,7 +393,7 @@ class TextEncoding:
 
         For a U-Net that neither attends to nor counts padding (``model.attend_padding = model.count_padding =
         False``) the cut slots change nothing but the cost: their keys get zero attention, their space-MoE terms are
-        not summed, and no pooled index points at them (tests/test_train.py). A short caption's step then works on
+        not summed, and no pooled index points at them (tests/test_models.py). A short caption's step then works on
         ~10-25 text tokens instead of 77. Reads ``pooled_index`` on the host (one sync on an accelerator).
         """
         L = int(self.pooled_index.max()) + 1 if self.pooled_index.numel() else self.hidden.shape[1]

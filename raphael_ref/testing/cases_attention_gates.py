@@ -43,8 +43,9 @@ def _attn_map(x: Tensors) -> Tensors:
 
 def _attn_output(x: Tensors) -> Tensors:
     out, _ = cross_attention(x["q"], x["k"], x["v"], HEADS, key_valid=x["key_valid"])
+    out_map, _ = cross_attention(x["q"], x["k"], x["v"], HEADS, key_valid=x["key_valid"], need_map=True)  # maps x V
     out_lit, _ = cross_attention_literal(x["q"], x["k"], x["v"], HEADS, key_valid=x["key_valid"])
-    return {"out": out, "out_literal": out_lit}
+    return {"out": out, "out_with_map": out_map, "out_literal": out_lit}
 
 
 # M in [0, 1]. Half inputs: rounding q and k (u relative each) moves the logits by ~u |logit|, and
