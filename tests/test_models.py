@@ -10,6 +10,7 @@ from raphael_ref.diffusion import NoiseSchedule
 from raphael_ref.models import RaphaelUNet, TransformerBlock, build_on_meta, count_parameters
 from raphael_ref.objective import training_losses
 from raphael_ref.text_encoder import TextEncoder
+from raphael_ref.token_attention import TokenTargets
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle"]
 
@@ -458,8 +459,9 @@ def test_schedule_check_looks_through_wrappers():
 @pytest.mark.parametrize("attend_padding, count_padding", [(False, False), (True, False), (True, True)])
 def test_trimmed_text_changes_nothing_only_when_padding_is_ignored(attend_padding, count_padding):
     """TextEncoding.trimmed (tools/train.py cuts the padding slots when neither attended nor counted): the same
-    losses and gradients, float64, train mode with the gate noise off. A U-Net that attends to or counts the padding
-    does depend on it, so the cut would change its losses: train.py cuts only for (False, False)."""
+    losses and gradients, float64, train mode with the gate noise off, with the token-attention loss on (the default
+    run trains with it; its pairs point at caption tokens, all inside the cut). A U-Net that attends to or counts
+    the padding does depend on it, so the cut would change its losses: train.py cuts only for (False, False)."""
     cfg = micro_cfg(**{"model.gate_noise_std": 0.0, "model.attend_padding": attend_padding,
                        "model.count_padding": count_padding})
     torch.manual_seed(0)
@@ -473,15 +475,22 @@ def test_trimmed_text_changes_nothing_only_when_padding_is_ignored(attend_paddin
     x0, noise, edge = (a.double() for a in _batch(cfg))
     sched, t = NoiseSchedule.make(T=1000), torch.tensor([10, 700])
 
+    # token-loss pairs (sample, token) on caption tokens of both prompts, each with a random pixel mask
+    S = cfg.sample_size
+    pairs = torch.tensor([[0, 1], [0, 2], [0, 6], [1, 3], [1, int(enc.pooled_index[1]) - 1]])
+    masks = (torch.rand(len(pairs), S, S, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    targets = TokenTargets(pairs[:, 0].clone(), pairs[:, 1].clone(), masks)
+
     def run(text):
         model.zero_grad(set_to_none=True)
         out = training_losses(model, sched, x0, t, noise, text.hidden.double(), text.valid, text.pooled_index, edge,
-                              balance_loss=0.01)
+                              balance_loss=0.01, token_loss=0.05, token_targets=targets)
         out["total"].backward()
         return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     (full, g_full), (short, g_short) = run(enc), run(cut)
-    same = all(torch.allclose(full[k], short[k], rtol=1e-10, atol=1e-12) for k in ("total", "denoise", "edge", "balance"))
+    same = all(torch.allclose(full[k], short[k], rtol=1e-10, atol=1e-12)
+               for k in ("total", "denoise", "edge", "balance", "token"))
     if (attend_padding, count_padding) == (False, False):
         assert same
         assert g_full.keys() == g_short.keys()
