@@ -123,6 +123,10 @@ class TrainConfig:
     # of the lr towards 0 at train.steps, starting at the fraction lr_decay_start of the run (after the warm-up)
     lr_decay: str = "none"
     lr_decay_start: float = 0.0
+    # which noise levels a step draws (not in the paper, erratum E90): 1 = t uniform over 0..T-1 (the paper's DDPM
+    # loss); s > 1 draws t = floor(T s u / (1 + (s - 1) u)), u ~ U[0, 1) (SD3's time shift on t / T), more high-noise
+    # steps (where a sample's layout is decided), s < 1 fewer (raphael_ref/diffusion/timestep_shift.py)
+    t_shift: float = 1.0
     batch_size: int = 2000  # Table 2 (global batch)
     # micro-steps per optimizer step (gradient accumulation): each rank runs batch_size / (world x grad_accum)
     # samples per forward/backward; batch_size stays the global batch of one optimizer step
@@ -461,6 +465,9 @@ class RaphaelConfig:
             bad("train.lr_decay", f"{t.lr_decay!r} would start at step {max(t.warmup_steps, round(t.lr_decay_start * t.steps))}"
                 f" (after the warm-up of {t.warmup_steps} and at train.lr_decay_start={t.lr_decay_start} of "
                 f"train.steps={t.steps}), so it never happens; lower train.warmup_steps or train.lr_decay_start")
+        if isinstance(t.t_shift, bool) or not (math.isfinite(t.t_shift) and t.t_shift > 0):
+            bad("train.t_shift", f"must be a finite number > 0 (1: t uniform, the paper's; > 1: more high-noise steps), "
+                f"got {t.t_shift}")
         unit("train.focal_alpha", t.focal_alpha)
         finite_at_least("train.focal_gamma", t.focal_gamma, 0.0)
         unit("train.caption_dropout", t.caption_dropout)  # 1.0: no text at all (an unconditional control model)

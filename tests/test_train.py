@@ -467,3 +467,35 @@ def test_run_with_phrases_apart_text(tmp_path):
     ckpt = T.latest_checkpoint(out)
     assert json.loads((ckpt / "config.json").read_text())["model"]["text_phrases_apart"] is True
     assert sorted((out / "samples").glob("*.png"))
+
+
+def test_draw_timesteps_uniform_is_randint_and_shifted_is_e90():
+    """train.t_shift (E90): shift 1 draws exactly what every earlier run drew (torch.randint on the run's generator);
+    another shift draws float64 u from the same generator and maps it through shifted_timesteps. The per-sample
+    streams (train.rng = sample) do the same per stream."""
+    from raphael_ref.diffusion import shifted_timesteps
+
+    tr = _train_module()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(tr.draw_timesteps(g1, 64, 1000, 1.0), torch.randint(0, 1000, (64,), generator=g2))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    t = tr.draw_timesteps(g1, 4096, 1000, 3.0)
+    assert torch.equal(t, shifted_timesteps(torch.rand(4096, generator=g2, dtype=torch.float64), 1000, 3.0))
+    assert 0.6 < float((t >= 600).double().mean()) < 0.73  # 2/3 expected (uniform: 0.4); 7 se either side
+    a, b = tr.SampleDraws(0, [0, 1, 2]), tr.SampleDraws(0, [0, 1, 2])
+    assert torch.equal(a.timesteps(1000), torch.stack([torch.randint(0, 1000, (), generator=g) for g in b.gens]))
+    a, b = tr.SampleDraws(0, [0, 1, 2]), tr.SampleDraws(0, [0, 1, 2])
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in b.gens])
+    assert torch.equal(a.timesteps(1000, 3.0), shifted_timesteps(u, 1000, 3.0))
+
+
+def test_run_with_t_shift_records_it_and_draws_other_timesteps(tmp_path):
+    """A run with train.t_shift = 3 trains, records the shift in its config, and its losses differ from the same run
+    with uniform t from the first step on (the same data, noise generator and seed: only the t draws differ)."""
+    runs = {}
+    for shift in (1, 3):
+        out = tmp_path / f"s{shift}"
+        _ok(_run(_args("train.steps=2", "train.ckpt_every=2", "sample.every=0", f"train.t_shift={shift}", out=out)))
+        assert json.loads((out / "config.json").read_text())["train"]["t_shift"] == shift
+        runs[shift] = _losses(out)
+    assert runs[1][0][1] != runs[3][0][1]

@@ -45,7 +45,7 @@ from raphael_ref.checkpoint import check_state_dict  # noqa: E402
 from raphael_ref.config import PRESETS, load_config  # noqa: E402
 from raphael_ref.data.buckets import BUCKETS, scaled_buckets  # noqa: E402
 from raphael_ref.data.loader import make_train_loader  # noqa: E402
-from raphael_ref.diffusion import NoiseSchedule  # noqa: E402
+from raphael_ref.diffusion import NoiseSchedule, shifted_timesteps  # noqa: E402
 from raphael_ref.gates import per_sample_noise, sample_stream_seed  # noqa: E402
 from raphael_ref.models import RaphaelUNet, SpatialTransformer, count_parameters, format_count, schedule_for  # noqa: E402
 from raphael_ref.monitoring import (  # noqa: E402
@@ -268,11 +268,23 @@ class SampleDraws:
         coins = [float(torch.rand((), generator=g)) for g in self.gens]  # one coin per sample, even at p = 0 or 1
         return ["" if u < p else c for u, c in zip(coins, captions)]
 
-    def timesteps(self, T: int) -> torch.Tensor:
-        return torch.stack([torch.randint(0, T, (), generator=g) for g in self.gens])  # (B,)
+    def timesteps(self, T: int, shift: float = 1.0) -> torch.Tensor:
+        if shift == 1.0:  # uniform: the draws of every run before train.t_shift existed
+            return torch.stack([torch.randint(0, T, (), generator=g) for g in self.gens])  # (B,)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.gens])  # (B,) in [0, 1)
+        return shifted_timesteps(u, T, shift)  # (B,) E90
 
     def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g) for g in self.gens])  # (B, *shape)
+
+
+def draw_timesteps(gen: torch.Generator, B: int, T: int, shift: float = 1.0) -> torch.Tensor:
+    """(B,) training timesteps from the run's generator (train.rng = "rank"): uniform over 0..T-1 for shift 1
+    (torch.randint, the draws of every run before train.t_shift existed), else E90's shifted draw of float64
+    u ~ U[0, 1)."""
+    if shift == 1.0:
+        return torch.randint(0, T, (B,), generator=gen)
+    return shifted_timesteps(torch.rand(B, generator=gen, dtype=torch.float64), T, shift)
 
 
 def grad_sync(net: torch.nn.Module, sync: bool):
@@ -683,10 +695,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 edges = edge_detector(images) if edge_detector is not None else None  # (B, 1, H, W) in [0, 1]
             B = x0.shape[0]
             if draws is None:
-                t = torch.randint(0, schedule.T, (B,), generator=gen).to(device)  # (B,) uniform over 0..T-1
+                t = draw_timesteps(gen, B, schedule.T, tc.t_shift).to(device)  # (B,)
                 noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, h, w)
             else:
-                t = draws.timesteps(schedule.T).to(device)  # (B,)
+                t = draws.timesteps(schedule.T, tc.t_shift).to(device)  # (B,)
                 noise = draws.noise(tuple(x0.shape[1:])).to(device)  # (B, C, h, w)
             # gradient accumulation (train.grad_accum = K): the per-rank batch, its frozen features, t and noise
             # are made exactly as for K = 1 and cut into K consecutive micro-batches of B / K, so K micro-steps

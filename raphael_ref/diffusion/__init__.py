@@ -29,6 +29,7 @@ from raphael_ref.diffusion.schedule import (
     make_betas,
     rescale_zero_terminal_snr,
 )
+from raphael_ref.diffusion.timestep_shift import shift_time, shifted_timestep_probs, shifted_timesteps
 
 __all__ = [
     "DEFAULT_KIND", "DEFAULT_SPACING", "KNOWN_KINDS", "LOSS_REDUCTIONS", "SPACINGS", "VARIANCE_KINDS",
@@ -36,5 +37,5 @@ __all__ = [
     "ddim_timesteps", "draw_noise", "eps_from_v", "gather_float64", "lookup", "loss_eps", "make_betas",
     "p_mean_from_eps", "p_mean_from_eps_via_x0", "posterior_std", "posterior_step",
     "predict_x0_from_eps", "q_posterior_mean_variance", "q_sample", "rescale_zero_terminal_snr",
-    "v_target",
+    "shift_time", "shifted_timestep_probs", "shifted_timesteps", "v_target",
 ]
