@@ -90,9 +90,9 @@ def test_empirical_frequencies_match_the_probs(T, s):
     assert bool(((got - want).abs() <= 5 * se + 1e-12).all()), (got, want)
 
 
-def test_toy_binding_shift_three_puts_two_thirds_of_the_draws_above_0_6_T():
-    """The number the preset's comment and E90 quote: P(t >= 0.6 T) = 1 - u(0.6) = 2/3 at s = 3 (uniform: 0.4), and
-    P(t < 0.2 T) = u(0.2) = 1/13."""
+def test_shift_three_puts_two_thirds_of_the_draws_above_0_6_T():
+    """The numbers the spec entry and E90 quote for the measured shift: P(t >= 0.6 T) = 1 - u(0.6) = 2/3 at s = 3
+    (uniform: 0.4), and P(t < 0.2 T) = u(0.2) = 1/13 (uniform: 0.2)."""
     p = shifted_timestep_probs(1000, 3.0)
     assert math.isclose(float(p[600:].sum()), 2 / 3, rel_tol=1e-12)
     assert math.isclose(float(p[:200].sum()), 1 / 13, rel_tol=1e-12)

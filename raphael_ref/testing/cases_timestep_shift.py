@@ -1,6 +1,6 @@
 """Golden of the shifted timestep draw (spec id ``train.t_shift``; raphael_ref/diffusion/timestep_shift.py, E90):
 t = floor(T s u / (1 + (s - 1) u)) for 256 uniform draws u plus the ends u = 0 and the largest float64 below 1, at
-s = 1 (uniform), 3 (the toy-binding preset) and 1/3, T = 1000; and the index probabilities p_s(i) for T = 1000 at
+s = 1 (uniform), 3 (the shift measured in E90) and 1/3, T = 1000; and the index probabilities p_s(i) for T = 1000 at
 s = 3 and for T = 10 at s = 2. u stays float64 in every dtype run (the draw is float64 by definition), so the
 outputs are exact in every dtype.
 """
