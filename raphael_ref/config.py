@@ -777,9 +777,6 @@ def toy_binding() -> RaphaelConfig:
     # 0.05, not E87's 0.02: with the v output the position-word loss needs the larger weight (0.02: position 0.41;
     # 0.05: 0.59, three seeds each; 0.08 measured no better: docs/results/toy_v_prediction.md, sections 7, 8)
     cfg.train.token_loss, cfg.train.token_words = 0.05, ("position",)
-    # 1400 steps of 8 images, not the toy's 800 of 16 (E91): a step of 8 costs 0.56 of a step of 16 on the CPU, so the
-    # same 10 minutes buy 1.75x the steps, and at this budget position is limited by steps, not by images seen
-    cfg.train.batch_size, cfg.train.steps = 8, 1400
     return cfg.validate()
 
 
