@@ -465,9 +465,12 @@ class RaphaelConfig:
             bad("train.lr_decay", f"{t.lr_decay!r} would start at step {max(t.warmup_steps, round(t.lr_decay_start * t.steps))}"
                 f" (after the warm-up of {t.warmup_steps} and at train.lr_decay_start={t.lr_decay_start} of "
                 f"train.steps={t.steps}), so it never happens; lower train.warmup_steps or train.lr_decay_start")
-        if isinstance(t.t_shift, bool) or not (math.isfinite(t.t_shift) and t.t_shift > 0):
-            bad("train.t_shift", f"must be a finite number > 0 (1: t uniform, the paper's; > 1: more high-noise steps), "
-                f"got {t.t_shift}")
+        from raphael_ref.diffusion.timestep_shift import check_shift
+
+        try:
+            check_shift(t.t_shift)
+        except ValueError as e:
+            bad("train.t_shift", f"{e} (> 1: more high-noise steps)")
         unit("train.focal_alpha", t.focal_alpha)
         finite_at_least("train.focal_gamma", t.focal_gamma, 0.0)
         unit("train.caption_dropout", t.caption_dropout)  # 1.0: no text at all (an unconditional control model)

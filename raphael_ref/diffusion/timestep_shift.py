@@ -35,6 +35,11 @@ def check_shift(shift) -> float:
     return float(shift)
 
 
+def _check_steps(T) -> None:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T must be an int >= 1, got {T!r}")
+
+
 def shift_time(u: Tensor, shift: float) -> Tensor:
     """tau(u) = s u / (1 + (s - 1) u): u in [0, 1] -> [0, 1], increasing; s = 1 is the identity."""
     s = check_shift(shift)
@@ -46,8 +51,7 @@ def shifted_timesteps(u: Tensor, T: int, shift: float) -> Tensor:
 
     The clamp only catches tau(u) = 1, which float64 rounding can reach for u within an ulp of 1.
     """
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T must be an int >= 1, got {T!r}")
+    _check_steps(T)
     if not isinstance(u, Tensor) or u.dtype != torch.float64:
         raise ValueError(f"u must be a float64 tensor of uniform draws in [0, 1), got "
                          f"{u.dtype if isinstance(u, Tensor) else type(u).__name__}")
@@ -58,8 +62,7 @@ def shifted_timesteps(u: Tensor, T: int, shift: float) -> Tensor:
 
 def shifted_timestep_probs(T: int, shift: float) -> Tensor:
     """p_s(i) = u((i + 1) / T) - u(i / T) with u(tau) = tau / (s - (s - 1) tau): (T,) float64, sums to 1."""
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T must be an int >= 1, got {T!r}")
+    _check_steps(T)
     s = check_shift(shift)
     edges = torch.arange(T + 1, dtype=torch.float64) / T  # tau at the index boundaries 0, 1/T, .., 1
     u = edges / (s - (s - 1) * edges)
