@@ -327,11 +327,12 @@ def check_tensorboard() -> None:
 
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The scalars of a ``log.jsonl`` record as TensorBoard tags: the losses, lr, speed and each block's
+    """The scalars of a ``log.jsonl`` record as TensorBoard tags: the losses, lr, gradient norm, speed and each block's
     normalised usage entropy (``expert_usage/<moe>_entropy_norm/block_XX``); non-finite and null values are
     left out."""
     out: dict[str, float] = {}
-    for key in ("loss", "denoise", "edge", "balance", "lr", "sec_per_step", "images_per_sec", "skipped"):
+    for key in ("loss", "denoise", "edge", "balance", "token", "lr", "grad_norm", "grad_norm_max", "sec_per_step",
+                "images_per_sec", "skipped"):
         v = record.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[f"train/{key}"] = float(v)

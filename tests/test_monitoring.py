@@ -572,10 +572,11 @@ def test_tensorboard_missing_is_a_clear_error_before_the_run_folder(tmp_path, ca
 def test_tensorboard_scalars_mirror_the_log_record():
     usage = ExpertUsage(2, 2, 2, min_items=1)
     usage.update([_aux(torch.tensor([[0, 1]]), torch.tensor([1]), j) for j in range(2)])
-    rec = {"step": 5, "loss": 0.5, "denoise": 0.4, "edge": 0.1, "lr": 1e-3, "sec_per_step": 0.2,
-           "images_per_sec": 20.0, "balance": None, "expert_usage": usage.summary()}
+    rec = {"step": 5, "loss": 0.5, "denoise": 0.4, "edge": 0.1, "lr": 1e-3, "grad_norm": 0.25, "grad_norm_max": 0.5,
+           "token": 0.3, "sec_per_step": 0.2, "images_per_sec": 20.0, "balance": None, "expert_usage": usage.summary()}
     tags = MON.tensorboard_scalars(rec)
     assert tags["train/loss"] == 0.5 and tags["train/lr"] == 1e-3 and "train/balance" not in tags
+    assert tags["train/grad_norm"] == 0.25 and tags["train/grad_norm_max"] == 0.5 and tags["train/token"] == 0.3
     assert tags["expert_usage/space_entropy_norm/block_01"] == pytest.approx(1.0)
     assert tags["expert_usage/time_entropy_norm/block_00"] == 0.0 and tags["expert_usage/time_collapsed_blocks"] == 2
 
@@ -590,7 +591,7 @@ def test_tensorboard_writer_writes_the_scalars(tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ("train/loss", "train/denoise", "train/edge", "train/lr", "train/sec_per_step",
+    for tag in ("train/loss", "train/denoise", "train/edge", "train/lr", "train/grad_norm", "train/sec_per_step",
                 "expert_usage/space_entropy_norm/block_00", "expert_usage/time_entropy_norm/block_15"):
         assert tag in tags, tags
     loss = [e.value for e in acc.Scalars("train/loss")]

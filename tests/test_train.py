@@ -499,3 +499,49 @@ def test_run_with_t_shift_records_it_and_draws_other_timesteps(tmp_path):
         assert json.loads((out / "config.json").read_text())["train"]["t_shift"] == shift
         runs[shift] = _losses(out)
     assert runs[1][0][1] != runs[3][0][1]
+
+
+def test_log_records_the_gradient_norm_of_its_window_and_keeps_it_across_a_resume(tmp_path, monkeypatch):
+    """Each log line holds the mean and the max over its window of the norm clip_grad_norm_ returned (before
+    clipping) at every step; a resume from a checkpoint in the middle of a window logs what the uninterrupted run
+    logs, because the window's (sum, max) is saved in state.json."""
+    train = _train_module()
+    real, norms = train.grad_norm, []
+
+    def recording(model, clip):
+        n = real(model, clip)
+        norms.append(float(n))
+        return n
+
+    monkeypatch.setattr(train, "grad_norm", recording)
+    sets = [*MICRO, "train.log_every=2", "train.ckpt_every=3", "sample.every=0"]
+
+    def run(out, steps, resume=False):
+        argv = ["--out", str(out)] + (["--resume"] if resume else [])
+        for s in (sets if not resume else []) + [f"train.steps={steps}"]:
+            argv += ["--set", s]
+        assert train.main(argv) == 0
+
+    def records(out):
+        return [{k: v for k, v in r.items() if k not in ("sec_per_step", "images_per_sec")}
+                for r in T.read_log(out / "log.jsonl")]
+
+    run(tmp_path / "full", 4)
+    full = records(tmp_path / "full")
+    assert [r["step"] for r in full] == [2, 4] and len(norms) == 4 and all(0 < n < math.inf for n in norms)
+    for r, pair in zip(full, (norms[:2], norms[2:])):
+        assert r["grad_norm"] == pytest.approx(sum(pair) / 2, rel=1e-12)
+        assert r["grad_norm_max"] == max(pair)
+    assert len(set(norms)) == 4  # a constant norm would let a wrong window pass
+    # the same 4 steps, killed after step 4 was logged but before its checkpoint: the resume starts from the
+    # checkpoint of step 3, inside the window that step 4 logs
+    import shutil
+
+    half = tmp_path / "half"
+    run(half, 4)
+    shutil.rmtree(half / "checkpoints" / "step_0000004")
+    (half / "checkpoints" / "latest").write_text("step_0000003\n")
+    window = json.loads((half / "checkpoints" / "step_0000003" / "state.json").read_text())["grad_norm_window"]
+    assert window == [norms[6], norms[6]]  # this run's step 3: the sum and max of a window of one step
+    run(half, 4, resume=True)
+    assert records(tmp_path / "half") == full

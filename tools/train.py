@@ -287,6 +287,13 @@ def draw_timesteps(gen: torch.Generator, B: int, T: int, shift: float = 1.0) -> 
     return shifted_timesteps(torch.rand(B, generator=gen, dtype=torch.float64), T, shift)
 
 
+def add_grad_norm(grad_window: torch.Tensor, norm: torch.Tensor) -> None:
+    """Adds one applied step's gradient norm (before clipping) to the log window's (sum, max), on the device."""
+    norm = norm.detach().to(grad_window.dtype)
+    grad_window[0] += norm
+    grad_window[1] = torch.maximum(grad_window[1], norm)
+
+
 def grad_sync(net: torch.nn.Module, sync: bool):
     """Context of one micro-step (forward and backward): ``sync=False`` keeps the gradients local (accumulated
     on each rank, no communication: DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``); the
@@ -481,6 +488,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     balance_window = torch.zeros((), dtype=torch.float64, device=device)
     token = tc.token_loss > 0  # the optional token-attention loss (E82): its sum over the window
     token_window = torch.zeros((), dtype=torch.float64, device=device)
+    # the global gradient norm before clipping over the log window: (sum, max) of the steps applied
+    grad_window = torch.zeros(2, dtype=torch.float64, device=device)
     token_at = 5 + int(balance)  # its index in the per-step stats
     if resume_from is not None:
         if ck["format"] == "sharded":  # collective: each rank reads its part of every tensor (DCP reshards)
@@ -496,6 +505,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         usage.load_window_state(st.get("expert_usage"), rank)  # absent in older checkpoints: a fresh window
         balance_window.fill_(float(st.get("balance_window", 0.0)))
         token_window.fill_(float(st.get("token_window", 0.0)))
+        grad_window = torch.tensor(st.get("grad_norm_window", [0.0, 0.0]), dtype=torch.float64, device=device)
         rng_states = ck["rng"] if st["world_size"] == world else None
         if rng_states is None and tc.rng == "sample":
             say(rank, f"note: checkpoint written with {st['world_size']} ranks, resuming with {world}: train.rng = "
@@ -582,7 +592,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         rng = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()} if rank == 0 else None
         state = {"step": step, "data_start_step": step, "world_size": world, "window": window.tolist(),
                  "seed": tc.seed, "skipped_steps": skipped_steps, "expert_usage": usage_state,
-                 "balance_window": float(balance_window), "token_window": float(token_window)} if rank == 0 else None
+                 "balance_window": float(balance_window), "token_window": float(token_window),
+                 "grad_norm_window": grad_window.tolist()} if rank == 0 else None
         if sharded:  # collective; a NonFiniteError is raised on every rank
             try:
                 path = T.save_sharded_checkpoint(run_dir, step, model=model, ema=ema, optimizer=opt, cfg=cfg,
@@ -759,6 +770,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     opt.step()
                     T.update_ema(ema, model, tc.ema_decay)
                     window += torch.cat([stats[:3], one])
+                    add_grad_norm(grad_window, norm)
                     if balance:
                         balance_window += stats[5]
                     if token:
@@ -768,6 +780,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 nonfinite_at = torch.where(bad & (nonfinite_at < 0), step + 1, nonfinite_at)
                 T.update_ema(ema, model, tc.ema_decay, skip=nonfinite_at >= 0)
                 window += torch.cat([stats[:3], one])
+                add_grad_norm(grad_window, norm)
                 if balance:
                     balance_window += stats[5]
                 if token:
@@ -781,7 +794,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 n = int(w[3])
                 mean = (w[:3] / n).tolist() if n else [math.nan] * 3
                 dt = busy / max(1, busy_steps)
+                g = grad_window.cpu()
                 record = {"step": step, "loss": mean[0], "denoise": mean[1], "edge": mean[2], "lr": lr,
+                          "grad_norm": float(g[0]) / n if n else math.nan, "grad_norm_max": float(g[1]) if n else math.nan,
                           "sec_per_step": round(dt, 4), "images_per_sec": round(tc.batch_size / dt, 2)}
                 if skip_mode:
                     record["skipped"] = skipped_window
@@ -806,6 +821,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 window.zero_()
                 balance_window.zero_()
                 token_window.zero_()
+                grad_window.zero_()
                 usage.reset()
                 busy, busy_steps, skipped_window = 0.0, 0, 0
                 check_finite()
