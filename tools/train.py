@@ -790,11 +790,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             if bar is not None:
                 bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
-                w = window.cpu()  # the log line's host sync
+                w, g = torch.cat([window, grad_window]).cpu().split([4, 2])  # the log line's host sync
                 n = int(w[3])
                 mean = (w[:3] / n).tolist() if n else [math.nan] * 3
                 dt = busy / max(1, busy_steps)
-                g = grad_window.cpu()
                 record = {"step": step, "loss": mean[0], "denoise": mean[1], "edge": mean[2], "lr": lr,
                           "grad_norm": float(g[0]) / n if n else math.nan, "grad_norm_max": float(g[1]) if n else math.nan,
                           "sec_per_step": round(dt, 4), "images_per_sec": round(tc.batch_size / dt, 2)}
