@@ -45,12 +45,14 @@ __all__ = [
     "ToyClipConfig",
     "binding_probe",
     "build_toy_clip",
+    "cpu_fingerprint",
     "evaluate_retrieval",
     "image_embedding",
     "model_cfg",
     "pretrain_toy_clip",
     "register_toy_clip_extractor",
     "render_set",
+    "same_float_build",
     "save_open_clip_dir",
     "sha256_file",
     "tensor_sha256",
@@ -374,6 +376,55 @@ def pretrain_toy_clip(cfg: ToyClipConfig, *, progress: bool = True, log: Callabl
     metrics["final_loss_mean_last_20"] = float(np.mean(losses[-20:]))
     metrics["train_seconds"] = round(time.time() - t0, 1)
     return model, metrics
+
+
+# CPU features that decide which float kernels torch, oneDNN and MKL pick (and so their last bits)
+_KERNEL_ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                     "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_fingerprint() -> dict[str, Any]:
+    """What identifies this CPU for bit-for-bit reproduction of float results.
+
+    torch's CPU capability (AVX512, AVX2, ...) is not enough: two CPUs of one capability can differ in
+    the extensions oneDNN and MKL dispatch on (AMX, AVX512-BF16, VNNI) and in the cache sizes their
+    blocking follows, and then the same command gives weights that differ in their last bits (measured:
+    the shipped toy tower, retrained on another host of capability AVX512 with 1 thread, ends with
+    every tensor different and the same retrieval accuracy to 0.001). Read from /proc/cpuinfo and
+    /sys on Linux; elsewhere only ``platform.processor()``.
+    """
+    import platform
+
+    fp: dict[str, Any] = {"processor": platform.processor(), "isa": [], "cpuid": None, "caches": []}
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return fp
+    fields = {}
+    for line in info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    fp["processor"] = fields.get("model name", fp["processor"])
+    fp["cpuid"] = "/".join(fields.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping"))
+    flags = set(fields.get("flags", "").split())
+    fp["isa"] = [f for f in _KERNEL_ISA_FLAGS if f in flags]
+    caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+    for c in caches:
+        try:
+            fp["caches"].append(f"L{(c / 'level').read_text().strip()} {(c / 'type').read_text().strip()} "
+                                f"{(c / 'size').read_text().strip()}")
+        except OSError:
+            pass
+    return fp
+
+
+def same_float_build(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two PROVENANCE records come from builds and CPUs whose float results may be compared bit for
+    bit: the same torch, CPU capability, thread count and ``cpu`` fingerprint (``cpu_fingerprint``). A
+    record without a fingerprint (the shipped tower's was written before it existed) never matches."""
+    keys = ("torch", "cpu_capability", "threads", "cpu")
+    return all(k in a and k in b for k in keys) and all(a[k] == b[k] for k in keys) and bool(a["cpu"])
 
 
 def sha256_file(path: str | Path) -> str:

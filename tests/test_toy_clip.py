@@ -83,6 +83,26 @@ def test_tool_rejects_unwritable_out(tmp_path):
 # ------------------------------------------------------------------------ the shipped tower
 
 
+def test_provenance_records_the_cpu_and_compares_bits_only_on_the_same_one(tiny_run):
+    """The capability (AVX512, ...) does not fix the last bits of a float run; the fingerprint (model, the ISA
+    extensions oneDNN and MKL dispatch on, caches) is recorded, and bit-for-bit comparison needs all of it."""
+    prov = json.loads((tiny_run / TC.PROVENANCE_NAME).read_text())
+    fp = TC.cpu_fingerprint()
+    assert prov["cpu"] == json.loads(json.dumps(fp)) == TC.cpu_fingerprint()  # recorded, JSON-safe, stable
+    assert set(fp) == {"processor", "isa", "cpuid", "caches"}
+    assert set(fp["isa"]) <= set(TC._KERNEL_ISA_FLAGS)
+    assert TC.same_float_build(prov, dict(prov))
+    for key, other in [("torch", "0.0"), ("cpu_capability", "DEFAULT"), ("threads", prov["threads"] + 1),
+                       ("cpu", {**fp, "isa": [f for f in TC._KERNEL_ISA_FLAGS if f not in fp["isa"]]}),
+                       ("cpu", {**fp, "caches": ["L2 Unified 1024K"]})]:
+        changed = {**prov, key: other}
+        assert not TC.same_float_build(prov, changed) and not TC.same_float_build(changed, prov), key
+    older = {k: v for k, v in prov.items() if k != "cpu"}  # a record from before the fingerprint
+    assert not TC.same_float_build(older, prov) and not TC.same_float_build(older, dict(older))
+    shipped = json.loads((TC.TOY_CLIP_DIR / TC.PROVENANCE_NAME).read_text())
+    assert "cpu" not in shipped and not TC.same_float_build(shipped, prov)  # the slow test checks its accuracy
+
+
 def test_shipped_weights_match_their_provenance():
     prov = json.loads((TC.TOY_CLIP_DIR / TC.PROVENANCE_NAME).read_text())
     assert TC.sha256_file(TC.TOY_CLIP_DIR / TC.WEIGHTS_NAME) == prov["sha256"][TC.WEIGHTS_NAME]  # intact file
@@ -163,8 +183,9 @@ def test_extractor_resamples_other_sizes():
 
 @pytest.mark.slow
 def test_tool_reproduces_the_shipped_weights(tmp_path):
-    """The provenance command reproduces the shipped tower: bit for bit on the recorded CPU capability and
-    thread count, else to the recorded retrieval accuracy (the float kernels' last bits differ across CPUs)."""
+    """The provenance command reproduces the shipped tower: bit for bit on the recorded torch, CPU (capability
+    and fingerprint) and thread count, else to the recorded retrieval accuracy (the float kernels' last bits
+    differ across CPUs, even of one capability: TC.cpu_fingerprint)."""
     prov = json.loads((TC.TOY_CLIP_DIR / TC.PROVENANCE_NAME).read_text())
     args = shlex.split(prov["command"])[2:]
     if "--out" in args:
@@ -174,7 +195,7 @@ def test_tool_reproduces_the_shipped_weights(tmp_path):
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr
     new = json.loads((tmp_path / TC.PROVENANCE_NAME).read_text())
-    if (new["cpu_capability"], new["threads"], new["torch"]) == (prov["cpu_capability"], prov["threads"], prov["torch"]):
+    if TC.same_float_build(new, prov):
         assert new["tensor_sha256"] == prov["tensor_sha256"]
     assert abs(new["metrics"]["image_to_caption_top1"] - prov["metrics"]["image_to_caption_top1"]) < 0.03
 

@@ -8,9 +8,11 @@ The text tower has the toy preset's shape; the result is the toy preset's frozen
 (``model.text_encoder = "toy-clip"``), its toy CLIP score and its Frechet-distance features
 (raphael_ref/toy_clip.py). Writes ``open_clip_config.json``, ``open_clip_model.safetensors`` and
 ``PROVENANCE.json`` (this command, the seed, the settings, the metrics, the SHA-256 of the weights,
-the torch version, CPU capability and thread count that produced them). On CPU the run is
-deterministic for a given seed, torch build, CPU capability and thread count (``--threads``):
-``tensor_sha256`` (names, dtypes, shapes and bytes of the tensors) is then equal.
+the torch version, CPU capability, CPU fingerprint and thread count that produced them). On CPU the
+run is deterministic for a given seed, torch build, CPU and thread count (``--threads``):
+``tensor_sha256`` (names, dtypes, shapes and bytes of the tensors) is then equal. On another CPU of the
+same capability the last bits may differ (``toy_clip.cpu_fingerprint``), and the retrieval accuracy is
+what reproduces.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
         "tensor_sha256": TC.tensor_sha256(out / TC.WEIGHTS_NAME),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": TC.cpu_fingerprint(),  # the capability alone does not fix the last bits (TC.same_float_build)
         "threads": args.threads,
         "machine": platform.machine(),
     }
