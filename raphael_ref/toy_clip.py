@@ -388,10 +388,11 @@ def cpu_fingerprint() -> dict[str, Any]:
 
     torch's CPU capability (AVX512, AVX2, ...) is not enough: two CPUs of one capability can differ in
     the extensions oneDNN and MKL dispatch on (AMX, AVX512-BF16, VNNI) and in the cache sizes their
-    blocking follows, and then the same command gives weights that differ in their last bits (measured:
-    the shipped toy tower, retrained on another host of capability AVX512 with 1 thread, ends with
-    every tensor different and the same retrieval accuracy to 0.001). Read from /proc/cpuinfo and
-    /sys on Linux; elsewhere only ``platform.processor()``.
+    blocking follows, and then the same command gives weights that differ in their last bits. Measured:
+    the shipped toy tower, retrained by its provenance command in a later session (the same torch,
+    capability AVX512 and 1 thread; the VM's CPU is not recorded, so which of these changed is not
+    known), ends with every tensor different, twice alike, and the same retrieval accuracy to 0.001.
+    Read from /proc/cpuinfo and /sys on Linux; elsewhere only ``platform.processor()``.
     """
     import platform
 
