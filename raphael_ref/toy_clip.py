@@ -423,9 +423,10 @@ def cpu_fingerprint() -> dict[str, Any]:
 def same_float_build(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two PROVENANCE records come from builds and CPUs whose float results may be compared bit for
     bit: the same torch, CPU capability, thread count and ``cpu`` fingerprint (``cpu_fingerprint``). A
-    record without a fingerprint (the shipped tower's was written before it existed) never matches."""
+    record without a fingerprint (the shipped tower's was written before it existed), or with one that could
+    not read the CPU's id (no /proc/cpuinfo: only ``platform.processor()``, e.g. "arm"), never matches."""
     keys = ("torch", "cpu_capability", "threads", "cpu")
-    return all(k in a and k in b for k in keys) and all(a[k] == b[k] for k in keys) and bool(a["cpu"])
+    return all(k in a and k in b for k in keys) and all(a[k] == b[k] for k in keys) and bool(a["cpu"].get("cpuid"))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -92,11 +92,13 @@ def test_provenance_records_the_cpu_and_compares_bits_only_on_the_same_one(tiny_
     assert set(fp) == {"processor", "isa", "cpuid", "caches"}
     assert set(fp["isa"]) <= set(TC._KERNEL_ISA_FLAGS)
     assert TC.same_float_build(prov, dict(prov))
-    for key, other in [("torch", "0.0"), ("cpu_capability", "DEFAULT"), ("threads", prov["threads"] + 1),
+    for key, other in [("torch", "0.0"), ("cpu_capability", prov["cpu_capability"] + "-other"), ("threads", prov["threads"] + 1),
                        ("cpu", {**fp, "isa": [f for f in TC._KERNEL_ISA_FLAGS if f not in fp["isa"]]}),
                        ("cpu", {**fp, "caches": ["L2 Unified 1024K"]})]:
         changed = {**prov, key: other}
         assert not TC.same_float_build(prov, changed) and not TC.same_float_build(changed, prov), key
+    unread = {**prov, "cpu": {**fp, "cpuid": None}}  # no /proc/cpuinfo: the processor name alone is too coarse
+    assert not TC.same_float_build(unread, dict(unread))
     older = {k: v for k, v in prov.items() if k != "cpu"}  # a record from before the fingerprint
     assert not TC.same_float_build(older, prov) and not TC.same_float_build(older, dict(older))
     shipped = json.loads((TC.TOY_CLIP_DIR / TC.PROVENANCE_NAME).read_text())
